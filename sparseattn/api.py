@@ -1,0 +1,204 @@
+"""The unified entry point: ``sparse_attention(q, k, v, method=..., config=..., **overrides)``.
+
+Flow: validate -> resolve the method's config -> select (or take the caller's index) -> attend.
+Attention over a ``BlockIndex`` runs on the shared Triton kernel on a GPU and on the fp32
+reference on a CPU (the Triton interpreter is for tests, far too slow for real inputs).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+
+from .config import build_config, load_config
+from .index import BlockIndex, VerticalSlashIndex
+from .methods import get_method
+from .methods.full import dense_attention
+from .reference.attention import reference_block_sparse_attention, reference_vertical_slash_attention
+from .validation import check_choice, check_positive_int, check_qkv
+
+logger = logging.getLogger("sparseattn")
+
+_BACKENDS = {"auto", "triton", "reference"}
+_warned_cpu = False
+
+
+@dataclass(frozen=True)
+class AttentionStats:
+    """What a sparse call computed.
+
+    Attributes:
+        density: `[B, Hq]` fraction of the allowed (causal) blocks computed, per head; for
+            MInference's vertical-slash index, the fraction of allowed (query, key) pairs.
+        index: the ``BlockIndex`` / ``VerticalSlashIndex`` used, or None for dense attention.
+        method: the method's name.
+    """
+
+    density: torch.Tensor
+    index: BlockIndex | VerticalSlashIndex | None
+    method: str
+
+
+def _backend() -> str:
+    return check_choice("SPARSEATTN_BACKEND", os.environ.get("SPARSEATTN_BACKEND", "auto"), _BACKENDS)
+
+
+def _use_triton(q: torch.Tensor) -> bool:
+    global _warned_cpu
+    backend = _backend()
+    if backend == "reference":
+        return False
+    if backend == "triton":
+        return True
+    if q.is_cuda:
+        from .kernels import kernels_available
+
+        return kernels_available()
+    if not _warned_cpu:
+        logger.warning("sparseattn: no CUDA tensors; using the fp32 reference path (exact but slow)")
+        _warned_cpu = True
+    return False
+
+
+def resolve_config(method: str, config: Any = None, **overrides):
+    """The method's config from ``config`` (None, a config instance, a dict or a JSON path) and overrides."""
+    spec = get_method(method)
+    if spec.config_cls is None:
+        if overrides:
+            raise ValueError(f"method {method!r} takes no options, got {sorted(overrides)}")
+        return None
+    if config is None:
+        return build_config(spec.config_cls, {}, **overrides)
+    if isinstance(config, (str, os.PathLike)):
+        config = load_config(Path(config))[method]
+    if isinstance(config, spec.config_cls):
+        if not overrides:
+            return config
+        fields = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
+        return build_config(spec.config_cls, fields, **overrides)
+    if isinstance(config, Mapping):
+        return build_config(spec.config_cls, config, **overrides)
+    raise TypeError(
+        f"config for method {method!r} must be None, a {spec.config_cls.__name__}, a dict or a JSON path; "
+        f"got {type(config).__name__}"
+    )
+
+
+def _check_index(index, B, Hq, Lq, Lk):
+    if not isinstance(index, (BlockIndex, VerticalSlashIndex)):
+        raise TypeError(f"block_index must be a BlockIndex or VerticalSlashIndex, got {type(index).__name__}")
+    heads = index.indices.shape[:2] if isinstance(index, BlockIndex) else index.range_starts.shape[:2]
+    if tuple(heads) != (B, Hq) or (index.q_len, index.k_len) != (Lq, Lk):
+        raise ValueError(
+            f"block_index is for (batch, heads, q_len, k_len) = {(*tuple(heads), index.q_len, index.k_len)}, "
+            f"but the inputs are {(B, Hq, Lq, Lk)}"
+        )
+
+
+def attend(q, k, v, index, *, causal: bool = True, scale: float | None = None):
+    """Attention of validated inputs over ``index`` (None = dense)."""
+    if index is None:
+        return dense_attention(q, k, v, causal=causal, scale=scale)
+    if isinstance(index, VerticalSlashIndex):
+        if _use_triton(q):
+            from .kernels.vertical_slash import vertical_slash_attention
+
+            return vertical_slash_attention(q, k, v, index, scale=scale)
+        return reference_vertical_slash_attention(q, k, v, index, causal=causal, scale=scale)
+    if _use_triton(q):
+        from .kernels.block_sparse import block_sparse_attention
+
+        return block_sparse_attention(q, k, v, index, causal=causal, scale=scale)
+    return reference_block_sparse_attention(q, k, v, index, causal=causal, scale=scale)
+
+
+def _stats(index, method, B, Hq, causal, device):
+    if index is None:
+        density = torch.ones(B, Hq, device=device)
+    else:
+        density = index.density(causal)
+    return AttentionStats(density=density, index=index, method=method)
+
+
+def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, method: str = "xattention",
+                     config: Any = None, *, causal: bool = True, scale: float | None = None,
+                     block_index: BlockIndex | VerticalSlashIndex | None = None, return_stats: bool = False,
+                     cu_seqlens: torch.Tensor | None = None, **overrides):
+    """Sparse attention with any registered method.
+
+    Args:
+        q: `[B, Hq, Lq, D]`; the queries are the last `Lq` of the `Lk` positions.
+        k, v: `[B, Hkv, Lk, D]`, `Hq % Hkv == 0`.
+        method: a name in ``sparseattn.METHODS`` (``"xattention"``, ``"flexprefill"``,
+            ``"minference"``, ``"streaming"``, ``"full"``, or one you registered).
+        config: the method's config dataclass, a dict of its fields, or a JSON config path.
+        causal: causal attention (default True).
+        scale: softmax scale, default `1/sqrt(D)`.
+        block_index: a precomputed index; skips selection.
+        return_stats: also return :class:`AttentionStats` (per-head density and the index).
+        cu_seqlens: `[N + 1]` int32 cumulative lengths for packed sequences in `q [1, Hq, total, D]`
+            (`Lq == Lk` per sequence); each sequence is selected and attended on its own.
+        **overrides: fields of the method's config, e.g. ``threshold=0.9``.
+
+    Returns:
+        `[B, Hq, Lq, D]` in q's dtype, and the stats when ``return_stats``.
+
+    Example:
+        >>> import torch
+        >>> from sparseattn import sparse_attention
+        >>> q, k, v = torch.randn(1, 8, 700, 64), torch.randn(1, 2, 700, 64), torch.randn(1, 2, 700, 64)
+        >>> out, stats = sparse_attention(q, k, v, method="xattention", threshold=0.9, stride=8,
+        ...                               block_size=64, return_stats=True)
+        >>> out.shape, stats.density.shape
+        (torch.Size([1, 8, 700, 64]), torch.Size([1, 8]))
+    """
+    B, Hq, Hkv, Lq, Lk, D = check_qkv(q, k, v, causal=causal, names=("q", "k", "v"))
+    if not isinstance(causal, bool):
+        raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
+    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float)) or not scale > 0):
+        raise ValueError(f"scale must be a positive float or None, got {scale!r}")
+    if cu_seqlens is not None:
+        return _varlen(q, k, v, method, config, causal, scale, return_stats, cu_seqlens, block_index, overrides)
+    spec = get_method(method)
+    cfg = resolve_config(method, config, **overrides)
+    if block_index is None:
+        block_index = spec.select(q, k, cfg, causal=causal)
+    else:
+        _check_index(block_index, B, Hq, Lq, Lk)
+    out = attend(q, k, v, block_index, causal=causal, scale=scale)
+    if return_stats:
+        return out, _stats(block_index, method, B, Hq, causal, q.device)
+    return out
+
+
+def _varlen(q, k, v, method, config, causal, scale, return_stats, cu_seqlens, block_index, overrides):
+    """Packed sequences: select and attend each one alone (reads the lengths back once)."""
+    if block_index is not None:
+        raise ValueError("block_index cannot be combined with cu_seqlens; pass one index per sequence instead")
+    if q.shape[0] != 1:
+        raise ValueError(f"with cu_seqlens, q must be packed as [1, heads, total, head_dim], got batch {q.shape[0]}")
+    if q.shape[2] != k.shape[2]:
+        raise ValueError(f"with cu_seqlens, q and k must have the same total length, got {q.shape[2]} and {k.shape[2]}")
+    if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
+        raise ValueError("cu_seqlens must be a 1-D tensor [num_seqs + 1] of cumulative lengths starting at 0")
+    bounds = cu_seqlens.tolist()
+    if bounds[0] != 0 or bounds[-1] != q.shape[2] or any(b >= a for a, b in zip(bounds[1:], bounds[:-1])):
+        raise ValueError(
+            f"cu_seqlens must start at 0, increase strictly and end at the total length {q.shape[2]}; got {bounds}"
+        )
+    outs, densities = [], []
+    for start, end in zip(bounds[:-1], bounds[1:]):
+        res = sparse_attention(q[:, :, start:end], k[:, :, start:end], v[:, :, start:end], method, config,
+                               causal=causal, scale=scale, return_stats=True, **overrides)
+        outs.append(res[0])
+        densities.append(res[1].density)
+    out = torch.cat(outs, dim=2)
+    if return_stats:
+        return out, AttentionStats(density=torch.cat(densities, 0), index=None, method=method)
+    return out

@@ -1,0 +1,77 @@
+"""The method registry: every sparse-prefill method is a selector registered by name.
+
+A selector is ``select(q, k, config, *, causal) -> BlockIndex | VerticalSlashIndex | None``
+(``None`` means dense attention). The unified API (:func:`sparseattn.sparse_attention`), the
+transformers integration and the benchmarks look methods up here, so a user's own selector
+registered with :func:`register_method` works everywhere the built-in ones do.
+
+Example:
+    >>> import torch, sparseattn
+    >>> from sparseattn.index import BlockIndex, causal_block_mask
+    >>> def last_two_blocks(q, k, config, *, causal=True):
+    ...     B, H, Lq, _ = q.shape
+    ...     allowed = causal_block_mask(Lq, k.shape[2], 64, 64, causal)
+    ...     keep = allowed & (allowed.cumsum(-1) > allowed.sum(-1, keepdim=True) - 2)
+    ...     keep[:, 0] = True  # the sink
+    ...     return BlockIndex.from_mask(keep.expand(B, H, *keep.shape), block_q=64, block_k=64,
+    ...                                 q_len=Lq, k_len=k.shape[2])
+    >>> sparseattn.register_method("last_two_blocks", last_two_blocks, overwrite=True)
+    >>> q = k = v = torch.randn(1, 2, 300, 16)
+    >>> sparseattn.sparse_attention(q, k, v, method="last_two_blocks").shape
+    torch.Size([1, 2, 300, 16])
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+__all__ = ["MethodSpec", "METHODS", "register_method", "get_method"]
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """A registered method: its name, selector and (optional) config dataclass."""
+
+    name: str
+    select: Callable[..., Any]
+    config_cls: type | None = None
+    description: str = ""
+
+
+METHODS: dict[str, MethodSpec] = {}
+
+
+def register_method(name: str, select: Callable[..., Any], config_cls: type | None = None, *,
+                    description: str = "", overwrite: bool = False) -> MethodSpec:
+    """Register ``select`` under ``name``.
+
+    Args:
+        name: the method's name, as passed to ``sparse_attention(method=...)``.
+        select: ``select(q, k, config, *, causal) -> BlockIndex | VerticalSlashIndex | None``.
+            ``q [B, Hq, Lq, D]``, ``k [B, Hkv, Lk, D]``; ``config`` is an instance of
+            ``config_cls`` (or ``None`` when the method has no config).
+        config_cls: a (frozen) dataclass of the method's options; keyword overrides passed to
+            ``sparse_attention`` are its fields.
+        description: one line for ``sparseattn`` listings.
+        overwrite: replace an existing method of that name (otherwise that is an error).
+    """
+    if not isinstance(name, str) or not name.isidentifier():
+        raise ValueError(f"method name must be an identifier string, got {name!r}")
+    if not callable(select):
+        raise TypeError(f"select for method {name!r} must be callable, got {type(select).__name__}")
+    if name in METHODS and not overwrite:
+        raise ValueError(f"method {name!r} is already registered; pass overwrite=True to replace it")
+    spec = MethodSpec(name, select, config_cls, description)
+    METHODS[name] = spec
+    return spec
+
+
+def get_method(name: str) -> MethodSpec:
+    if name not in METHODS:
+        raise ValueError(f"unknown method {name!r}; registered methods are {sorted(METHODS)}")
+    return METHODS[name]
+
+
+# Built-in methods register themselves on import.
+from . import full, xattention, flexprefill, minference, streaming  # noqa: E402,F401

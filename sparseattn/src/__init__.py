@@ -1,0 +1,1 @@
+"""Shims for the seed's documented imports (``sparseattn.src.Xattention`` and friends)."""
