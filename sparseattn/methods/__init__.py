@@ -15,7 +15,7 @@ Example:
     ...     keep[:, 0] = True  # the sink
     ...     return BlockIndex.from_mask(keep.expand(B, H, *keep.shape), block_q=64, block_k=64,
     ...                                 q_len=Lq, k_len=k.shape[2])
-    >>> sparseattn.register_method("last_two_blocks", last_two_blocks, overwrite=True)
+    >>> _ = sparseattn.register_method("last_two_blocks", last_two_blocks, overwrite=True)
     >>> q = k = v = torch.randn(1, 2, 300, 16)
     >>> sparseattn.sparse_attention(q, k, v, method="last_two_blocks").shape
     torch.Size([1, 2, 300, 16])

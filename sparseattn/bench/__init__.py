@@ -1,0 +1,1 @@
+"""Benchmark harness: inputs, peers, timing, suites and reports."""

@@ -1,0 +1,127 @@
+"""Baselines run in the same process as our kernels: the strongest dense and block-sparse peers.
+
+Each peer is ``make(q, k, v, causal, block_index) -> callable | None`` (None when the peer is not
+available here or cannot take the case). Setup that a real user would do once (compilation,
+building a FlexAttention BlockMask, expanding K/V for a backend without GQA) happens in ``make``
+and is excluded from timing; each peer's ``note`` says what that was.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+logger = logging.getLogger("sparseattn.bench")
+
+try:
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+except ImportError:  # pragma: no cover - torch < 2.3
+    SDPBackend = sdpa_kernel = None
+
+try:
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+except ImportError:  # pragma: no cover
+    flex_attention = create_block_mask = None
+
+try:
+    import flash_attn  # optional peer
+except ImportError:
+    flash_attn = None
+
+try:
+    import flashinfer  # optional peer
+except ImportError:
+    flashinfer = None
+
+
+@dataclass
+class Peer:
+    name: str
+    make: Callable
+    note: str = ""
+
+
+def _sdpa(backend):
+    def make(q, k, v, causal, block_index=None, grad=False):
+        if sdpa_kernel is None or not q.is_cuda:
+            return None
+        if q.shape[2] != k.shape[2]:
+            return None
+        def attempt(kk, vv, gqa):
+            def run():
+                with sdpa_kernel([backend]):
+                    return F.scaled_dot_product_attention(q, kk, vv, is_causal=causal, enable_gqa=gqa)
+            try:
+                run()
+                return run
+            except RuntimeError as err:
+                logger.info("SDPA %s rejected the case (enable_gqa=%s): %s", backend, gqa, err)
+                return None
+
+        gqa = q.shape[1] != k.shape[1]
+        run = attempt(k, v, gqa)
+        if run is None and gqa:
+            # A backend without GQA support: expand K/V once, outside the timed region (a stronger
+            # baseline than paying the copy on every call).
+            G = q.shape[1] // k.shape[1]
+            run = attempt(k.repeat_interleave(G, 1).detach().requires_grad_(grad),
+                          v.repeat_interleave(G, 1).detach().requires_grad_(grad), False)
+            if run is not None:
+                run.expanded_kv = True
+        return run
+
+    return make
+
+
+def _flex_compiled():
+    if flex_attention is None:
+        return None
+    if not hasattr(_flex_compiled, "fn"):
+        _flex_compiled.fn = torch.compile(flex_attention, dynamic=False)
+    return _flex_compiled.fn
+
+
+def _flex_dense(q, k, v, causal, block_index=None, grad=False):
+    fn = _flex_compiled()
+    if fn is None or not q.is_cuda:
+        return None
+    B, Hq, Lq, _ = q.shape
+    Lk = k.shape[2]
+    off = Lk - Lq
+    mask = None
+    if causal:
+        mask = create_block_mask(lambda b, h, qi, ki: ki <= qi + off, None, None, Lq, Lk, device=q.device)
+    return lambda: fn(q, k, v, block_mask=mask, enable_gqa=Hq != k.shape[1])
+
+
+def _flex_sparse(q, k, v, causal, block_index=None, grad=False):
+    fn = _flex_compiled()
+    if fn is None or block_index is None or not q.is_cuda or block_index.block_q != block_index.block_k:
+        return None
+    mask = block_index.to_block_mask(causal=causal)
+    return lambda: fn(q, k, v, block_mask=mask, enable_gqa=q.shape[1] != k.shape[1])
+
+
+def _flash_attn(q, k, v, causal, block_index=None, grad=False):
+    if flash_attn is None or not q.is_cuda:
+        return None
+    qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))  # flash-attn wants [B, L, H, D]
+    return lambda: flash_attn.flash_attn_func(qt, kt, vt, causal=causal)
+
+
+DENSE_PEERS = [
+    Peer("cudnn_sdpa", _sdpa(SDPBackend.CUDNN_ATTENTION) if SDPBackend else lambda *a, **k: None,
+         "SDPA, cuDNN backend (enable_gqa, or K/V expanded once outside timing if rejected)"),
+    Peer("fa2_sdpa", _sdpa(SDPBackend.FLASH_ATTENTION) if SDPBackend else lambda *a, **k: None,
+         "SDPA, FlashAttention-2 backend, enable_gqa"),
+    Peer("flex_dense", _flex_dense, "FlexAttention, torch.compile, causal BlockMask built once"),
+    Peer("flash_attn", _flash_attn, "flash-attn package (if installed)"),
+]
+
+SPARSE_PEERS = [
+    Peer("flex_sparse", _flex_sparse, "FlexAttention, torch.compile, BlockMask from the same BlockIndex"),
+]

@@ -1,0 +1,103 @@
+"""Markdown tables and PNG plots generated from a benchmark's JSON."""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from pathlib import Path
+
+
+def _fmt_len(L: int) -> str:
+    return f"{L // 1024}K" if L % 1024 == 0 else str(L)
+
+
+def kernel_table(result: dict) -> str:
+    """Dense and sparse tables: time (ms) per implementation and length, with the goal ratios."""
+    recs = result["records"]
+    lines = [f"Device: {result['machine'].get('device')}, torch {result['machine'].get('torch')}, "
+             f"triton {result['machine'].get('triton')}; shape {result['shape']}; median ms.", ""]
+    dense = defaultdict(dict)
+    for r in recs:
+        if r["case"] == "dense":
+            dense[r["L"]][r["impl"]] = r
+    impls = [i for i in ["cudnn_sdpa", "fa2_sdpa", "flex_dense", "flash_attn", "ours_dense"]
+             if any(i in row for row in dense.values())]
+    lines.append("| L | " + " | ".join(impls) + " | ours TFLOP/s | ours / cuDNN throughput |")
+    lines.append("|---|" + "---|" * (len(impls) + 2))
+    for L in sorted(dense):
+        row = dense[L]
+        cells = [f"{row[i]['ms']:.2f}" if i in row else "-" for i in impls]
+        ours = row.get("ours_dense")
+        cud = row.get("cudnn_sdpa")
+        ratio = f"{cud['ms'] / ours['ms']:.2f}" if ours and cud else "-"
+        tf = f"{ours['eff_tflops']:.0f}" if ours else "-"
+        lines.append(f"| {_fmt_len(L)} | " + " | ".join(cells) + f" | {tf} | {ratio} |")
+    sparse = defaultdict(dict)
+    for r in recs:
+        if r["case"] == "sparse":
+            sparse[(r["L"], r["target_density"])][r["impl"]] = r
+    if sparse:
+        lines += ["", "| L | density | ours (ms) | Flex same blocks (ms) | ours vs Flex | ours / (d x cuDNN dense) |",
+                  "|---|---|---|---|---|---|"]
+        for (L, d) in sorted(sparse):
+            row = sparse[(L, d)]
+            ours, flex = row.get("ours_sparse"), row.get("flex_sparse")
+            cud = dense[L].get("cudnn_sdpa")
+            dd = ours["density"] if ours else d
+            vs_flex = f"{flex['ms'] / ours['ms']:.2f}x" if ours and flex else "-"
+            goal = f"{ours['ms'] / (dd * cud['ms']):.2f}" if ours and cud else "-"
+            lines.append(f"| {_fmt_len(L)} | {100 * dd:.1f}% | {ours['ms']:.2f} | "
+                         f"{flex['ms'] if flex else float('nan'):.2f} | {vs_flex} | {goal} |")
+    bwd = defaultdict(dict)
+    for r in recs:
+        if r["case"] == "backward":
+            bwd[r["L"]][r["impl"]] = r
+    if bwd:
+        lines += ["", "| L | backward | ms | TFLOP/s |", "|---|---|---|---|"]
+        for L in sorted(bwd):
+            for impl, r in bwd[L].items():
+                lines.append(f"| {_fmt_len(L)} | {impl} | {r['ms']:.2f} | {r['eff_tflops']:.0f} |")
+    return "\n".join(lines)
+
+
+def kernel_plot(result: dict, path: Path) -> Path | None:
+    """Time vs length (log-log) per implementation, dense and sparse at 10%."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    series = defaultdict(list)
+    for r in result["records"]:
+        if r["case"] == "dense":
+            series[r["impl"]].append((r["L"], r["ms"]))
+        elif r["case"] == "sparse":
+            series[f"{r['impl']} @{int(100 * r['target_density'])}%"].append((r["L"], r["ms"]))
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for name, pts in sorted(series.items()):
+        pts.sort()
+        style = "-" if "ours" in name else "--"
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], style, marker="o", label=name)
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("sequence length")
+    ax.set_ylabel("forward time (ms, median)")
+    ax.set_title(f"Causal attention, {result['machine'].get('device')}, "
+                 f"GQA {result['shape']['q_heads']}/{result['shape']['kv_heads']}, D={result['shape']['head_dim']}")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def write_reports(json_path: str | Path) -> tuple[Path, Path | None]:
+    json_path = Path(json_path)
+    result = json.loads(json_path.read_text())
+    md = json_path.with_suffix(".md")
+    md.write_text(kernel_table(result) + "\n")
+    png = kernel_plot(result, json_path.with_suffix(".png"))
+    return md, png

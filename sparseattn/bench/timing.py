@@ -1,0 +1,66 @@
+"""Timing, FLOP accounting and the machine record shared by every benchmark."""
+
+from __future__ import annotations
+
+import platform
+import statistics
+
+import torch
+
+
+def time_ms(fn, *, min_runs: int = 5, max_runs: int = 100, budget_ms: float = 1500.0, warmup: int = 2) -> dict:
+    """Median wall time of ``fn`` on the GPU with CUDA events, after warm-up.
+
+    Runs as many times as fit ``budget_ms`` (between ``min_runs`` and ``max_runs``) and returns
+    ``{"ms": median, "min": ..., "max": ..., "runs": n}``.
+    """
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    fn()
+    end.record()
+    torch.cuda.synchronize()
+    estimate = max(start.elapsed_time(end), 1e-3)
+    runs = int(min(max_runs, max(min_runs, budget_ms // estimate)))
+    times = []
+    for _ in range(runs):
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return {"ms": statistics.median(times), "min": min(times), "max": max(times), "runs": runs}
+
+
+def causal_dense_flops(batch, q_heads, q_len, k_len, head_dim, causal=True) -> float:
+    """Forward FLOPs of dense attention: ``4 B H Lq Lk D``, about half of it when causal."""
+    if not causal:
+        return 4.0 * batch * q_heads * q_len * k_len * head_dim
+    off = k_len - q_len
+    pairs = q_len * off + q_len * (q_len + 1) / 2  # allowed (query, key) pairs
+    return 4.0 * batch * q_heads * pairs * head_dim
+
+
+def block_flops(block_index, head_dim) -> float:
+    """Forward FLOPs the kernel actually spends: ``4 D bq bk`` per kept block (partial blocks counted full)."""
+    return 4.0 * head_dim * block_index.block_q * block_index.block_k * float(block_index.counts.sum().item())
+
+
+def machine_record() -> dict:
+    import triton
+
+    rec = {"torch": torch.__version__, "triton": triton.__version__, "python": platform.python_version()}
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        rec.update(device=torch.cuda.get_device_name(), cuda=torch.version.cuda,
+                   sm_count=props.multi_processor_count, memory_gib=round(props.total_memory / 2**30, 1),
+                   cudnn=torch.backends.cudnn.version())
+    else:
+        rec["device"] = "cpu"
+    return rec
+
+
+def device_slug(name: str) -> str:
+    return "".join(c if c.isalnum() else "-" for c in name).strip("-").lower() or "cpu"

@@ -1,0 +1,60 @@
+"""The benchmark harness on a CPU: inputs, FLOP accounting and reports (timing itself needs a GPU)."""
+
+import json
+
+import pytest
+import torch
+
+from sparseattn.bench.inputs import llm_like_qkv, oracle_density, random_block_index
+from sparseattn.bench.report import write_reports
+from sparseattn.bench.timing import causal_dense_flops
+from sparseattn.index import causal_block_mask, diagonal_block_range
+
+
+@pytest.mark.parametrize("L,bs,d", [(1000, 64, 0.3), (4096, 64, 0.1), (4096, 128, 0.2), (300, 32, 0.5)])
+def test_random_block_index_density_and_forced_blocks(L, bs, d):
+    idx = random_block_index(2, 3, L, L, bs, d, device="cpu", seed=1)
+    mask = idx.to_mask()
+    allowed = causal_block_mask(L, L, bs, bs)
+    assert not (mask & ~allowed).any()
+    assert mask[..., 0].all()
+    first, last = diagonal_block_range(L, L, bs, bs)
+    rows = torch.arange(mask.shape[2])
+    assert mask[:, :, rows, last].all() and mask[:, :, rows, first].all()
+    got = idx.density().mean().item()  # d is above the forced floor (sink + diagonal) in every case
+    assert abs(got - d) < 0.35 * d + 0.02
+
+
+def test_llm_like_is_seeded_and_structured():
+    a = llm_like_qkv(1, 4, 2, 2048, 32, device="cpu", dtype=torch.float32, seed=3)
+    b = llm_like_qkv(1, 4, 2, 2048, 32, device="cpu", dtype=torch.float32, seed=3)
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    q, k, _ = a
+    assert q.shape == (1, 4, 2048, 32) and k.shape == (1, 2, 2048, 32)
+    dens = oracle_density(q, k, 64, 0.9, query_blocks=8)
+    rand_q, rand_k = torch.randn_like(q), torch.randn_like(k)
+    assert dens < 0.5 * oracle_density(rand_q, rand_k, 64, 0.9, query_blocks=8)
+
+
+def test_flops():
+    assert causal_dense_flops(1, 1, 4, 4, 1) == 4 * (1 + 2 + 3 + 4)
+    assert causal_dense_flops(1, 1, 4, 4, 1, causal=False) == 4 * 16
+
+
+def test_report_from_json(tmp_path):
+    rec = lambda **kw: dict(min=0, max=0, runs=5, eff_tflops=100.0, act_tflops=100.0, **kw)  # noqa: E731
+    result = {"machine": {"device": "Test GPU", "torch": "x", "triton": "y"},
+              "shape": {"q_heads": 32, "kv_heads": 8, "head_dim": 128},
+              "records": [rec(L=8192, case="dense", impl="cudnn_sdpa", density=1.0, ms=1.0),
+                          rec(L=8192, case="dense", impl="ours_dense", density=1.0, ms=1.25),
+                          rec(L=8192, case="sparse", impl="ours_sparse", target_density=0.1, density=0.12, ms=0.2),
+                          rec(L=8192, case="sparse", impl="flex_sparse", target_density=0.1, density=0.12, ms=0.4),
+                          rec(L=8192, case="backward", impl="ours_dense", density=1.0, ms=3.0)]}
+    path = tmp_path / "kernel.json"
+    path.write_text(json.dumps(result))
+    md, png = write_reports(path)
+    text = md.read_text()
+    assert "| 8K | 1.00 | 1.25 | 100 | 0.80 |" in text
+    assert "| 8K | 12.0% | 0.20 | 0.40 | 2.00x | 1.67 |" in text
+    if png is not None:
+        assert png.stat().st_size > 1000
