@@ -1,0 +1,963 @@
+"""The shared block-sparse attention kernel: forward and backward, dense mode, GQA, varlen.
+
+Four levels (STYLE.md): ``@triton.jit`` kernels -> host launchers (``block_sparse_forward``,
+``block_sparse_backward``) -> ``_BlockSparseAttention`` (autograd) -> ``block_sparse_attention``
+(validation and the full docstring).
+
+Layout. ``q [B, Hq, Lq, D]``, ``k, v [B, Hkv, Lk, D]``, any strides with a contiguous last dim.
+Query head ``h`` reads KV head ``h // (Hq // Hkv)``; K/V are never repeated. Queries are the last
+``Lq`` of the ``Lk`` positions. Varlen packs sequences as ``[1, H, total, D]`` with ``cu_seqlens``;
+each program finds its sequence's rows from ``cu_seqlens`` and exits when its tile lies past them.
+
+Tiles. A program owns ``BLOCK_M`` query rows and walks key tiles of ``BLOCK_N`` keys. In sparse
+mode ``BLOCK_M`` divides ``block_q`` and ``BLOCK_N`` divides ``block_k`` (both powers of two), so a
+selected key block is ``block_k // BLOCK_N`` consecutive key tiles and the math stays exact.
+
+Masking. Dense mode splits the key loop: full tiles first with no element mask, then the tiles
+that straddle the causal diagonal or the end of the keys, with a constexpr ``MASK``. Sparse mode
+walks the index in one loop and applies the element mask only to tiles whose scalar test says they
+straddle the diagonal or the end (loads stay outside the branch so the loop still pipelines).
+
+Backward. ``delta = rowsum(dO * O)``; dK/dV: one program per (key tile, KV head) that loops over
+the ``G`` query heads of its group and, through the key-major transpose of the index, over the
+query tiles that read the tile: dK/dV are written once, without atomics, so the backward is
+deterministic. dQ: one program per query tile, walking the same key tiles as the forward.
+
+No host synchronization in any launch path (CUDA-graph capturable), except computing
+``max_seqlen`` when a varlen caller does not pass it.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from ..index import BlockIndex, KeyMajorIndex
+
+__all__ = [
+    "AttentionConfigs",
+    "KernelConfig",
+    "alloc_output",
+    "block_sparse_attention",
+    "block_sparse_backward",
+    "block_sparse_forward",
+    "default_configs",
+    "key_major_index",
+]
+
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+_LOG2E = tl.constexpr(LOG2E)  # kernels may only read constexpr globals
+_LN2 = tl.constexpr(LN2)
+# Set to "1" (the tests do) to allocate every kernel output filled with NaN, so a row a kernel
+# forgets to write fails the comparison instead of passing on leftover memory.
+NAN_FILL_ENV = "SPARSEATTN_NAN_FILL"
+
+
+# ==================================================================================================
+# Triton kernels
+# ==================================================================================================
+
+
+@triton.jit
+def _dot(a, b, PREC: tl.constexpr):
+    # PREC = "ieee" for fp32 inputs (exact, as the fp32 tests need), "tf32" (the default) otherwise.
+    return tl.dot(a, b, input_precision=PREC)
+
+
+@triton.jit
+def _softmax_update(acc, l_i, m_i, qk, v, qk_scale, GUARD: tl.constexpr, DOT_PREC: tl.constexpr):
+    """One online-softmax step over a key tile. ``qk`` is the raw, masked (-inf) score tile; the
+    scale (with log2(e) folded in) is applied inside one FMA: ``exp2(qk * qk_scale - m)``.
+
+    ``GUARD``: the tile may hold rows that are fully masked so far (max = -inf); subtract 0
+    instead of -inf there so no NaN appears.
+    """
+    m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)  # [BLOCK_M], log2 units
+    if GUARD:
+        m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
+    else:
+        m_sub = m_new
+    p = tl.math.exp2(qk * qk_scale - m_sub[:, None])  # [BLOCK_M, BLOCK_N]
+    alpha = tl.math.exp2(m_i - m_sub)  # [BLOCK_M]
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, DOT_PREC)  # [BLOCK_M, BLOCK_D]
+    return acc, l_i, m_new
+
+
+@triton.jit
+def _fwd_tile(acc, l_i, m_i, q, k_base, v_base, start_n, k_tile_offs, v_tile_offs, offs_n, d_ok,
+              q_pos, k_bound, qk_scale, stride_kn, stride_vn,
+              MODE: tl.constexpr, IS_CAUSAL: tl.constexpr, PAD_D: tl.constexpr, DOT_PREC: tl.constexpr):
+    """Attend one key tile starting at ``start_n``.
+
+    MODE 0: full tile (in bounds, below the diagonal): no load mask, no element mask.
+    MODE 1: masked (tiles that reach the causal diagonal or the end of the keys).
+    """
+    k_pos = start_n + offs_n  # [BLOCK_N]
+    start = tl.cast(start_n, tl.int64)
+    k_ptrs = k_base + start * stride_kn + k_tile_offs  # [BLOCK_N, BLOCK_D]
+    v_ptrs = v_base + start * stride_vn + v_tile_offs
+    if MODE == 0:
+        if PAD_D:
+            k = tl.load(k_ptrs, mask=d_ok[None, :], other=0.0)
+        else:
+            k = tl.load(k_ptrs)
+    else:
+        k = tl.load(k_ptrs, mask=(k_pos[:, None] < k_bound) & d_ok[None, :], other=0.0)
+    qk = _dot(q, tl.trans(k), DOT_PREC)  # [BLOCK_M, BLOCK_N], unscaled
+    if MODE == 1:
+        keep = k_pos[None, :] < k_bound
+        if IS_CAUSAL:
+            keep = keep & (k_pos[None, :] <= q_pos[:, None])
+        qk = tl.where(keep, qk, float("-inf"))
+    if MODE == 0:
+        if PAD_D:
+            v = tl.load(v_ptrs, mask=d_ok[None, :], other=0.0)
+        else:
+            v = tl.load(v_ptrs)
+    else:
+        v = tl.load(v_ptrs, mask=(k_pos[:, None] < k_bound) & d_ok[None, :], other=0.0)
+    return _softmax_update(acc, l_i, m_i, qk, v, qk_scale, MODE != 0, DOT_PREC)
+
+
+@triton.jit
+def _fwd_kernel(
+    Q, K, V, Out, Lse, Indices, Counts, CuSeqlens,
+    stride_qb, stride_qh, stride_qm,
+    stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn,
+    stride_ob, stride_oh, stride_om,
+    stride_lb, stride_lh,
+    stride_ib, stride_ih, stride_iq, stride_ik,
+    stride_cb, stride_ch, stride_cq,
+    num_heads, group_size, q_len, k_len, qk_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    SEL_BLOCK_Q: tl.constexpr, SEL_BLOCK_K: tl.constexpr,
+    IS_CAUSAL: tl.constexpr, SPARSE: tl.constexpr, VARLEN: tl.constexpr, REVERSE: tl.constexpr,
+    DOT_PREC: tl.constexpr, MAX_MASKED: tl.constexpr,
+):
+    pid_bh = tl.program_id(0).to(tl.int64)
+    pid_m = tl.program_id(1)
+    if REVERSE:  # causal: the last query tiles carry the most keys; start them first
+        pid_m = tl.num_programs(1) - 1 - pid_m
+    b = pid_bh // num_heads
+    h = pid_bh % num_heads
+    kvh = h // group_size
+    if VARLEN:
+        seq_start = tl.load(CuSeqlens + b).to(tl.int64)
+        q_len = (tl.load(CuSeqlens + b + 1) - tl.load(CuSeqlens + b)).to(tl.int32)
+        k_len = q_len
+        q_base = Q + seq_start * stride_qm + h * stride_qh
+        k_base = K + seq_start * stride_kn + kvh * stride_kh
+        v_base = V + seq_start * stride_vn + kvh * stride_vh
+        o_base = Out + seq_start * stride_om + h * stride_oh
+        lse_base = Lse + seq_start + h * stride_lh
+    else:
+        q_base = Q + b * stride_qb + h * stride_qh
+        k_base = K + b * stride_kb + kvh * stride_kh
+        v_base = V + b * stride_vb + kvh * stride_vh
+        o_base = Out + b * stride_ob + h * stride_oh
+        lse_base = Lse + b * stride_lb + h * stride_lh
+    start_m = pid_m * BLOCK_M
+    if start_m >= q_len:
+        return
+    off = k_len - q_len  # absolute position of query row 0
+
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+    PAD_D: tl.constexpr = BLOCK_D != HEAD_DIM
+    row_ok = (start_m + offs_m) < q_len
+    q_pos = off + start_m + offs_m  # [BLOCK_M] absolute positions
+    q_ptrs = q_base + tl.cast(start_m, tl.int64) * stride_qm + offs_m[:, None] * stride_qm + offs_d[None, :]
+    q = tl.load(q_ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)  # [BLOCK_M, BLOCK_D]
+    k_tile_offs = offs_n[:, None] * stride_kn + offs_d[None, :]  # [BLOCK_N, BLOCK_D]
+    v_tile_offs = offs_n[:, None] * stride_vn + offs_d[None, :]
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    q_first = off + start_m
+    q_end = off + tl.minimum(start_m + BLOCK_M, q_len)  # one past the last real query position
+
+    if SPARSE:
+        SUB_N: tl.constexpr = SEL_BLOCK_K // BLOCK_N
+        qb = start_m // SEL_BLOCK_Q
+        row = Indices + b * stride_ib + h * stride_ih + qb * stride_iq
+        count = tl.load(Counts + b * stride_cb + h * stride_ch + qb * stride_cq)
+        # Selection blocks that need an element mask (they reach this tile's causal diagonal or
+        # the partial last key block) have the highest indices, so they are a suffix of the
+        # ascending row: walk the prefix with plain loads and no mask, like dense mode.
+        mask_from = k_len // SEL_BLOCK_K
+        if IS_CAUSAL:
+            mask_from = tl.minimum(mask_from, (q_first + 1) // SEL_BLOCK_K)
+        tail = count - 1 - tl.arange(0, MAX_MASKED)  # [MAX_MASKED] the last entries of the row
+        tail_blocks = tl.load(row + tail * stride_ik, mask=tail >= 0, other=-1)
+        n_plain = count - tl.sum((tail_blocks >= mask_from).to(tl.int32), axis=0)
+        for t in range(0, n_plain * SUB_N):
+            j = tl.load(row + (t // SUB_N) * stride_ik)
+            start_n = j * SEL_BLOCK_K + (t % SUB_N) * BLOCK_N
+            acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, k_base, v_base, start_n, k_tile_offs, v_tile_offs,
+                                      offs_n, d_ok, q_pos, k_len, qk_scale, stride_kn, stride_vn,
+                                      0, IS_CAUSAL, PAD_D, DOT_PREC)
+        for t in range(n_plain * SUB_N, count * SUB_N):
+            j = tl.load(row + (t // SUB_N) * stride_ik)
+            start_n = j * SEL_BLOCK_K + (t % SUB_N) * BLOCK_N
+            acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, k_base, v_base, start_n, k_tile_offs, v_tile_offs,
+                                      offs_n, d_ok, q_pos, k_len, qk_scale, stride_kn, stride_vn,
+                                      1, IS_CAUSAL, PAD_D, DOT_PREC)
+    else:
+        if IS_CAUSAL:
+            n_full = tl.minimum((q_first + 1) // BLOCK_N, k_len // BLOCK_N)
+            n_end = tl.cdiv(q_end, BLOCK_N)
+        else:
+            n_full = k_len // BLOCK_N
+            n_end = tl.cdiv(k_len, BLOCK_N)
+        for n in range(0, n_full):
+            acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, k_base, v_base, n * BLOCK_N, k_tile_offs, v_tile_offs,
+                                      offs_n, d_ok, q_pos, k_len, qk_scale, stride_kn, stride_vn,
+                                      0, IS_CAUSAL, PAD_D, DOT_PREC)
+        for n in range(n_full, n_end):
+            acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, k_base, v_base, n * BLOCK_N, k_tile_offs, v_tile_offs,
+                                      offs_n, d_ok, q_pos, k_len, qk_scale, stride_kn, stride_vn,
+                                      1, IS_CAUSAL, PAD_D, DOT_PREC)
+
+    # Rows with no allowed key (only rows past q_len, or an invalid index) write 0 and lse -inf.
+    l_safe = tl.where(l_i == 0.0, 1.0, l_i)
+    out = acc / l_safe[:, None]
+    lse = (m_i + tl.math.log2(l_safe)) * _LN2
+    o_ptrs = o_base + tl.cast(start_m, tl.int64) * stride_om + offs_m[:, None] * stride_om + offs_d[None, :]
+    tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+    tl.store(lse_base + start_m + offs_m, lse, mask=row_ok)
+
+
+@triton.jit
+def _bwd_preprocess_kernel(Out, DO, Delta, stride_ob, stride_oh, stride_om, stride_db, stride_dh, stride_dm,
+                           num_heads, rows,
+                           HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr):
+    """``delta[b, h, i] = sum_d dO * O`` in fp32 (``Delta`` is contiguous ``[B, H, rows]``)."""
+    pid_bh = tl.program_id(0).to(tl.int64)
+    start_m = tl.program_id(1) * BLOCK_M
+    b = pid_bh // num_heads
+    h = pid_bh % num_heads
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask = (offs_m[:, None] < rows) & (offs_d[None, :] < HEAD_DIM)
+    o = tl.load(Out + b * stride_ob + h * stride_oh + offs_m[:, None].to(tl.int64) * stride_om + offs_d[None, :],
+                mask=mask, other=0.0).to(tl.float32)
+    do = tl.load(DO + b * stride_db + h * stride_dh + offs_m[:, None].to(tl.int64) * stride_dm + offs_d[None, :],
+                 mask=mask, other=0.0).to(tl.float32)
+    tl.store(Delta + pid_bh * rows + offs_m, tl.sum(o * do, 1), mask=offs_m < rows)
+
+
+@triton.jit
+def _bwd_dkdv_tile(dk, dv, k, v, q_base, do_base, lse_base, delta_base, start_m, need_mask,
+                   offs_m, offs_d, d_ok, k_pos, q_len, off, qk_scale, stride_qm, stride_dom,
+                   MODE: tl.constexpr, IS_CAUSAL: tl.constexpr, DOT_PREC: tl.constexpr):
+    """Accumulate one query tile's contribution to the dK/dV of this key tile (transposed math)."""
+    rows = start_m + offs_m  # [BLOCK_M]
+    row_ok = rows < q_len
+    start = tl.cast(start_m, tl.int64)
+    q = tl.load(q_base + start * stride_qm + offs_m[:, None] * stride_qm + offs_d[None, :],
+                mask=row_ok[:, None] & d_ok[None, :], other=0.0)  # [BLOCK_M, BLOCK_D]
+    do = tl.load(do_base + start * stride_dom + offs_m[:, None] * stride_dom + offs_d[None, :],
+                 mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    # lse = +inf makes p = 0 for rows past q_len and for rows the forward found empty (lse = -inf).
+    lse = tl.load(lse_base + rows, mask=row_ok, other=float("inf")) * _LOG2E
+    lse = tl.where(lse == float("-inf"), float("inf"), lse)
+    delta = tl.load(delta_base + rows, mask=row_ok, other=0.0)
+    qk_t = _dot(k, tl.trans(q), DOT_PREC) * qk_scale  # [BLOCK_N, BLOCK_M]
+    p_t = tl.math.exp2(qk_t - lse[None, :])
+    if MODE == 1:
+        if IS_CAUSAL:
+            p_t = tl.where(k_pos[:, None] <= (off + rows)[None, :], p_t, 0.0)
+    elif MODE == 2:
+        if need_mask:
+            p_t = tl.where(k_pos[:, None] <= (off + rows)[None, :], p_t, 0.0)
+    dv += _dot(p_t.to(do.dtype), do, DOT_PREC)  # [BLOCK_N, BLOCK_D]
+    dp_t = _dot(v, tl.trans(do), DOT_PREC)  # [BLOCK_N, BLOCK_M]
+    ds_t = p_t * (dp_t - delta[None, :])
+    dk += _dot(ds_t.to(q.dtype), q, DOT_PREC)
+    return dk, dv
+
+
+@triton.jit
+def _bwd_dkdv_kernel(
+    Q, K, V, DO, Lse, Delta, DK, DV, KIndices, KCounts, CuSeqlens,
+    stride_qb, stride_qh, stride_qm,
+    stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn,
+    stride_dob, stride_doh, stride_dom,
+    stride_dkb, stride_dkh, stride_dkn,
+    stride_dvb, stride_dvh, stride_dvn,
+    stride_lb, stride_lh,
+    stride_ib, stride_ih, stride_ik, stride_iq,
+    stride_cb, stride_ch, stride_ck,
+    num_kv_heads, group_size, q_len, k_len, qk_scale, sm_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    SEL_BLOCK_Q: tl.constexpr, SEL_BLOCK_K: tl.constexpr,
+    IS_CAUSAL: tl.constexpr, SPARSE: tl.constexpr, VARLEN: tl.constexpr, DOT_PREC: tl.constexpr,
+):
+    pid_bh = tl.program_id(0).to(tl.int64)
+    pid_n = tl.program_id(1)
+    b = pid_bh // num_kv_heads
+    kvh = pid_bh % num_kv_heads
+    if VARLEN:
+        seq_start = tl.load(CuSeqlens + b).to(tl.int64)
+        q_len = (tl.load(CuSeqlens + b + 1) - tl.load(CuSeqlens + b)).to(tl.int32)
+        k_len = q_len
+        q_row0 = seq_start * stride_qm
+        do_row0 = seq_start * stride_dom
+        lse_row0 = seq_start
+        k_base = K + seq_start * stride_kn + kvh * stride_kh
+        v_base = V + seq_start * stride_vn + kvh * stride_vh
+        dk_base = DK + seq_start * stride_dkn + kvh * stride_dkh
+        dv_base = DV + seq_start * stride_dvn + kvh * stride_dvh
+    else:
+        q_row0 = b * stride_qb
+        do_row0 = b * stride_dob
+        lse_row0 = b * stride_lb
+        k_base = K + b * stride_kb + kvh * stride_kh
+        v_base = V + b * stride_vb + kvh * stride_vh
+        dk_base = DK + b * stride_dkb + kvh * stride_dkh
+        dv_base = DV + b * stride_dvb + kvh * stride_dvh
+    start_n = pid_n * BLOCK_N
+    if start_n >= k_len:
+        return
+    off = k_len - q_len
+
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+    k_pos = start_n + offs_n
+    col_ok = k_pos < k_len
+    start = tl.cast(start_n, tl.int64)
+    k = tl.load(k_base + start * stride_kn + offs_n[:, None] * stride_kn + offs_d[None, :],
+                mask=col_ok[:, None] & d_ok[None, :], other=0.0)  # [BLOCK_N, BLOCK_D]
+    v = tl.load(v_base + start * stride_vn + offs_n[:, None] * stride_vn + offs_d[None, :],
+                mask=col_ok[:, None] & d_ok[None, :], other=0.0)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+
+    for g in range(0, group_size):  # the query heads that share this KV head
+        h = kvh * group_size + g
+        q_base = Q + q_row0 + h * stride_qh
+        do_base = DO + do_row0 + h * stride_doh
+        lse_base = Lse + lse_row0 + h * stride_lh
+        delta_base = Delta + lse_row0 + h * stride_lh
+        if SPARSE:
+            SUB_M: tl.constexpr = SEL_BLOCK_Q // BLOCK_M
+            kb = start_n // SEL_BLOCK_K
+            row = KIndices + b * stride_ib + h * stride_ih + kb * stride_ik
+            count = tl.load(KCounts + b * stride_cb + h * stride_ch + kb * stride_ck)
+            for t in range(0, count * SUB_M):
+                i = tl.load(row + (t // SUB_M) * stride_iq)
+                start_m = i * SEL_BLOCK_Q + (t % SUB_M) * BLOCK_M
+                if IS_CAUSAL:
+                    need_mask = off + start_m < start_n + BLOCK_N - 1
+                else:
+                    need_mask = False
+                dk, dv = _bwd_dkdv_tile(dk, dv, k, v, q_base, do_base, lse_base, delta_base, start_m, need_mask,
+                                        offs_m, offs_d, d_ok, k_pos, q_len, off, qk_scale, stride_qm, stride_dom,
+                                        2, IS_CAUSAL, DOT_PREC)
+        else:
+            num_m = tl.cdiv(q_len, BLOCK_M)
+            if IS_CAUSAL:
+                # Query tiles before m_first see none of these keys; from m_full on they see all.
+                m_first = tl.maximum(start_n - off, 0) // BLOCK_M
+                m_full = tl.cdiv(tl.maximum(start_n + BLOCK_N - 1 - off, 0), BLOCK_M)
+                m_mid = tl.minimum(tl.maximum(m_full, m_first), num_m)
+            else:
+                m_first = 0
+                m_mid = 0
+            for m in range(m_first, m_mid):
+                dk, dv = _bwd_dkdv_tile(dk, dv, k, v, q_base, do_base, lse_base, delta_base, m * BLOCK_M, True,
+                                        offs_m, offs_d, d_ok, k_pos, q_len, off, qk_scale, stride_qm, stride_dom,
+                                        1, IS_CAUSAL, DOT_PREC)
+            for m in range(m_mid, num_m):
+                dk, dv = _bwd_dkdv_tile(dk, dv, k, v, q_base, do_base, lse_base, delta_base, m * BLOCK_M, False,
+                                        offs_m, offs_d, d_ok, k_pos, q_len, off, qk_scale, stride_qm, stride_dom,
+                                        0, IS_CAUSAL, DOT_PREC)
+
+    dk = dk * sm_scale
+    out_mask = col_ok[:, None] & d_ok[None, :]
+    tl.store(dk_base + start * stride_dkn + offs_n[:, None] * stride_dkn + offs_d[None, :],
+             dk.to(DK.dtype.element_ty), mask=out_mask)
+    tl.store(dv_base + start * stride_dvn + offs_n[:, None] * stride_dvn + offs_d[None, :],
+             dv.to(DV.dtype.element_ty), mask=out_mask)
+
+
+@triton.jit
+def _bwd_dq_tile(dq, q, do, lse, delta, k_base, v_base, start_n, need_mask, k_tile_offs, v_tile_offs, offs_n,
+                 d_ok, q_pos, k_len, qk_scale, stride_kn, stride_vn,
+                 MODE: tl.constexpr, IS_CAUSAL: tl.constexpr, PAD_D: tl.constexpr, DOT_PREC: tl.constexpr):
+    """Accumulate one key tile's contribution to this query tile's dQ (MODE as in ``_fwd_tile``)."""
+    k_pos = start_n + offs_n
+    start = tl.cast(start_n, tl.int64)
+    k_ptrs = k_base + start * stride_kn + k_tile_offs
+    v_ptrs = v_base + start * stride_vn + v_tile_offs
+    if MODE == 0:
+        if PAD_D:
+            k = tl.load(k_ptrs, mask=d_ok[None, :], other=0.0)
+            v = tl.load(v_ptrs, mask=d_ok[None, :], other=0.0)
+        else:
+            k = tl.load(k_ptrs)
+            v = tl.load(v_ptrs)
+    else:
+        kv_ok = (k_pos[:, None] < k_len) & d_ok[None, :]
+        k = tl.load(k_ptrs, mask=kv_ok, other=0.0)
+        v = tl.load(v_ptrs, mask=kv_ok, other=0.0)
+    qk = _dot(q, tl.trans(k), DOT_PREC) * qk_scale  # [BLOCK_M, BLOCK_N]
+    p = tl.math.exp2(qk - lse[:, None])
+    if MODE == 1:
+        keep = k_pos[None, :] < k_len
+        if IS_CAUSAL:
+            keep = keep & (k_pos[None, :] <= q_pos[:, None])
+        p = tl.where(keep, p, 0.0)
+    elif MODE == 2:
+        if need_mask:
+            keep = k_pos[None, :] < k_len
+            if IS_CAUSAL:
+                keep = keep & (k_pos[None, :] <= q_pos[:, None])
+            p = tl.where(keep, p, 0.0)
+    dp = _dot(do, tl.trans(v), DOT_PREC)  # [BLOCK_M, BLOCK_N]
+    ds = p * (dp - delta[:, None])
+    dq += _dot(ds.to(k.dtype), k, DOT_PREC)  # [BLOCK_M, BLOCK_D]
+    return dq
+
+
+@triton.jit
+def _bwd_dq_kernel(
+    Q, K, V, DO, Lse, Delta, DQ, Indices, Counts, CuSeqlens,
+    stride_qb, stride_qh, stride_qm,
+    stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn,
+    stride_dob, stride_doh, stride_dom,
+    stride_dqb, stride_dqh, stride_dqm,
+    stride_lb, stride_lh,
+    stride_ib, stride_ih, stride_iq, stride_ik,
+    stride_cb, stride_ch, stride_cq,
+    num_heads, group_size, q_len, k_len, qk_scale, sm_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    SEL_BLOCK_Q: tl.constexpr, SEL_BLOCK_K: tl.constexpr,
+    IS_CAUSAL: tl.constexpr, SPARSE: tl.constexpr, VARLEN: tl.constexpr, REVERSE: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+):
+    pid_bh = tl.program_id(0).to(tl.int64)
+    pid_m = tl.program_id(1)
+    if REVERSE:
+        pid_m = tl.num_programs(1) - 1 - pid_m
+    b = pid_bh // num_heads
+    h = pid_bh % num_heads
+    kvh = h // group_size
+    if VARLEN:
+        seq_start = tl.load(CuSeqlens + b).to(tl.int64)
+        q_len = (tl.load(CuSeqlens + b + 1) - tl.load(CuSeqlens + b)).to(tl.int32)
+        k_len = q_len
+        q_base = Q + seq_start * stride_qm + h * stride_qh
+        k_base = K + seq_start * stride_kn + kvh * stride_kh
+        v_base = V + seq_start * stride_vn + kvh * stride_vh
+        do_base = DO + seq_start * stride_dom + h * stride_doh
+        dq_base = DQ + seq_start * stride_dqm + h * stride_dqh
+        lse_base = Lse + seq_start + h * stride_lh
+        delta_base = Delta + seq_start + h * stride_lh
+    else:
+        q_base = Q + b * stride_qb + h * stride_qh
+        k_base = K + b * stride_kb + kvh * stride_kh
+        v_base = V + b * stride_vb + kvh * stride_vh
+        do_base = DO + b * stride_dob + h * stride_doh
+        dq_base = DQ + b * stride_dqb + h * stride_dqh
+        lse_base = Lse + b * stride_lb + h * stride_lh
+        delta_base = Delta + b * stride_lb + h * stride_lh
+    start_m = pid_m * BLOCK_M
+    if start_m >= q_len:
+        return
+    off = k_len - q_len
+
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+    PAD_D: tl.constexpr = BLOCK_D != HEAD_DIM
+    rows = start_m + offs_m
+    row_ok = rows < q_len
+    q_pos = off + rows
+    start = tl.cast(start_m, tl.int64)
+    io_mask = row_ok[:, None] & d_ok[None, :]
+    q = tl.load(q_base + start * stride_qm + offs_m[:, None] * stride_qm + offs_d[None, :], mask=io_mask, other=0.0)
+    do = tl.load(do_base + start * stride_dom + offs_m[:, None] * stride_dom + offs_d[None, :], mask=io_mask,
+                 other=0.0)
+    lse = tl.load(lse_base + rows, mask=row_ok, other=float("inf")) * _LOG2E
+    lse = tl.where(lse == float("-inf"), float("inf"), lse)
+    delta = tl.load(delta_base + rows, mask=row_ok, other=0.0)
+    k_tile_offs = offs_n[:, None] * stride_kn + offs_d[None, :]
+    v_tile_offs = offs_n[:, None] * stride_vn + offs_d[None, :]
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    q_first = off + start_m
+    q_end = off + tl.minimum(start_m + BLOCK_M, q_len)
+
+    if SPARSE:
+        SUB_N: tl.constexpr = SEL_BLOCK_K // BLOCK_N
+        qb = start_m // SEL_BLOCK_Q
+        row = Indices + b * stride_ib + h * stride_ih + qb * stride_iq
+        count = tl.load(Counts + b * stride_cb + h * stride_ch + qb * stride_cq)
+        for t in range(0, count * SUB_N):
+            j = tl.load(row + (t // SUB_N) * stride_ik)
+            start_n = j * SEL_BLOCK_K + (t % SUB_N) * BLOCK_N
+            need_mask = start_n + BLOCK_N > k_len
+            if IS_CAUSAL:
+                need_mask = need_mask | (start_n + BLOCK_N - 1 > q_first)
+            dq = _bwd_dq_tile(dq, q, do, lse, delta, k_base, v_base, start_n, need_mask, k_tile_offs, v_tile_offs,
+                              offs_n, d_ok, q_pos, k_len, qk_scale, stride_kn, stride_vn,
+                              2, IS_CAUSAL, PAD_D, DOT_PREC)
+    else:
+        if IS_CAUSAL:
+            n_full = tl.minimum((q_first + 1) // BLOCK_N, k_len // BLOCK_N)
+            n_end = tl.cdiv(q_end, BLOCK_N)
+        else:
+            n_full = k_len // BLOCK_N
+            n_end = tl.cdiv(k_len, BLOCK_N)
+        for n in range(0, n_full):
+            dq = _bwd_dq_tile(dq, q, do, lse, delta, k_base, v_base, n * BLOCK_N, False, k_tile_offs, v_tile_offs,
+                              offs_n, d_ok, q_pos, k_len, qk_scale, stride_kn, stride_vn,
+                              0, IS_CAUSAL, PAD_D, DOT_PREC)
+        for n in range(n_full, n_end):
+            dq = _bwd_dq_tile(dq, q, do, lse, delta, k_base, v_base, n * BLOCK_N, True, k_tile_offs, v_tile_offs,
+                              offs_n, d_ok, q_pos, k_len, qk_scale, stride_kn, stride_vn,
+                              1, IS_CAUSAL, PAD_D, DOT_PREC)
+
+    dq = dq * sm_scale
+    tl.store(dq_base + start * stride_dqm + offs_m[:, None] * stride_dqm + offs_d[None, :],
+             dq.to(DQ.dtype.element_ty), mask=io_mask)
+
+
+# ==================================================================================================
+# Host launchers
+# ==================================================================================================
+
+
+@dataclass(frozen=True)
+class KernelConfig:
+    """Tile sizes and launch parameters of one kernel.
+
+    In sparse mode ``block_m`` / ``block_n`` are capped at the index's ``block_q`` / ``block_k``
+    (so a tile never spans two selection blocks); in dense mode they are used as given.
+    """
+
+    block_m: int
+    block_n: int
+    num_warps: int = 4
+    num_stages: int = 2
+
+    def __post_init__(self):
+        for name in ("block_m", "block_n"):
+            value = getattr(self, name)
+            if value < 16 or value & (value - 1):
+                raise ValueError(f"KernelConfig.{name} must be a power of two >= 16, got {value}")
+
+
+@dataclass(frozen=True)
+class AttentionConfigs:
+    """Configs of the three kernels: forward, backward dK/dV and backward dQ."""
+
+    forward: KernelConfig
+    backward_dkdv: KernelConfig
+    backward_dq: KernelConfig
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def default_configs(head_dim: int, dtype: torch.dtype, interpret: bool | None = None) -> AttentionConfigs:
+    """The fixed config table: one entry per (head_dim, dtype) class; the only place tiles are chosen.
+
+    GPU entries target the H100 (triton 3.6); a benchmark can sweep others by passing ``config=``
+    to :func:`block_sparse_forward` / :func:`block_sparse_backward`. Under ``TRITON_INTERPRET=1``
+    tiles are small so the interpreter stays fast.
+    """
+    if interpret is None:
+        interpret = _interpreting()
+    if interpret:
+        tile = KernelConfig(32, 32, num_warps=4, num_stages=1)
+        return AttentionConfigs(tile, tile, tile)
+    if dtype == torch.float32:  # exact fp32 dots run on CUDA cores: small tiles (tests, not speed)
+        small = KernelConfig(16, 16, num_warps=4, num_stages=1)
+        return AttentionConfigs(KernelConfig(32, 32, num_warps=4 if head_dim <= 64 else 8, num_stages=1), small, small)
+    # fp16/bf16 on H100 (register and shared-memory use checked with ptxas for sm_90a; no spills
+    # except a few bytes in the D=256 dQ kernel).
+    if head_dim <= 64:
+        return AttentionConfigs(
+            forward=KernelConfig(128, 64, num_warps=4, num_stages=3),
+            backward_dkdv=KernelConfig(32, 128, num_warps=8, num_stages=2),
+            backward_dq=KernelConfig(128, 64, num_warps=8, num_stages=2),
+        )
+    if head_dim <= 128:
+        return AttentionConfigs(
+            forward=KernelConfig(128, 64, num_warps=8, num_stages=3),
+            backward_dkdv=KernelConfig(32, 64, num_warps=8, num_stages=2),
+            backward_dq=KernelConfig(128, 64, num_warps=8, num_stages=2),
+        )
+    # head_dim 256: correct first; smaller tiles keep shared memory and registers in budget.
+    return AttentionConfigs(
+        forward=KernelConfig(64, 32, num_warps=8, num_stages=2),
+        backward_dkdv=KernelConfig(32, 32, num_warps=8, num_stages=1),
+        backward_dq=KernelConfig(32, 32, num_warps=8, num_stages=1),
+    )
+
+
+def alloc_output(like: torch.Tensor, shape=None, dtype=None) -> torch.Tensor:
+    """An output buffer: ``empty`` normally, NaN-filled when ``SPARSEATTN_NAN_FILL=1`` (tests).
+
+    Without ``shape`` it copies ``like``'s layout (``empty_like``), so outputs keep q's strides.
+    """
+    poison = os.environ.get(NAN_FILL_ENV) == "1"
+    if shape is None:
+        return torch.full_like(like, float("nan"), dtype=dtype) if poison else torch.empty_like(like, dtype=dtype)
+    dtype = dtype or like.dtype
+    if poison:
+        return torch.full(shape, float("nan"), dtype=dtype, device=like.device)
+    return torch.empty(shape, dtype=dtype, device=like.device)
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _padded_head_dim(head_dim: int) -> int:
+    return max(16, triton.next_power_of_2(head_dim))
+
+
+def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _sparse_tiles(cfg: KernelConfig, block_index: BlockIndex | None) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, SEL_BLOCK_Q, SEL_BLOCK_K); the selection blocks are 1 (unused) when dense."""
+    if block_index is None:
+        return cfg.block_m, cfg.block_n, 1, 1
+    return (min(cfg.block_m, block_index.block_q), min(cfg.block_n, block_index.block_k),
+            block_index.block_q, block_index.block_k)
+
+
+def _varlen_dims(q, cu_seqlens, max_seqlen):
+    """(batch for the grid, q_len, k_len) in both layouts."""
+    if cu_seqlens is None:
+        return q.shape[0], q.shape[2], None
+    if max_seqlen is None:  # one host read; pass max_seqlen to stay capturable
+        max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max().item())
+    return cu_seqlens.numel() - 1, max_seqlen, max_seqlen
+
+
+def block_sparse_forward(q, k, v, block_index: BlockIndex | None = None, *, causal: bool = True,
+                         scale: float | None = None, cu_seqlens: torch.Tensor | None = None,
+                         max_seqlen: int | None = None, config: KernelConfig | None = None):
+    """Launch the forward kernel on validated inputs; returns ``(out, lse)``.
+
+    ``out`` has q's shape, dtype and (when dense) strides; ``lse [B, Hq, Lq]`` fp32 natural log
+    (``[1, Hq, total]`` for varlen). ``config`` overrides the table (for sweeps).
+    """
+    q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
+    _, Hq, Lq, D = q.shape
+    Hkv, Lk = k.shape[1], k.shape[2]
+    scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
+    cfg = config or default_configs(D, q.dtype, interpret=q.device.type == "cpu").forward
+    BLOCK_M, BLOCK_N, SEL_Q, SEL_K = _sparse_tiles(cfg, block_index)
+    batch, grid_len, varlen_len = _varlen_dims(q, cu_seqlens, max_seqlen)
+    out = alloc_output(q)
+    lse = alloc_output(q, (q.shape[0], Hq, Lq), torch.float32)
+    if Lq == 0:
+        return out, lse
+    indices, counts = _index_tensors(block_index, q.device)
+    grid = (batch * Hq, triton.cdiv(grid_len, BLOCK_M))
+    _fwd_kernel[grid](
+        q, k, v, out, lse, indices, counts, cu_seqlens if cu_seqlens is not None else counts,
+        *_bhl(q), *_bhl(k), *_bhl(v), *_bhl(out), lse.stride(0), lse.stride(1),
+        *indices.stride(), *counts.stride(),
+        Hq, Hq // Hkv, varlen_len or Lq, varlen_len or Lk, scale * LOG2E,
+        HEAD_DIM=D, BLOCK_D=_padded_head_dim(D), BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
+        SEL_BLOCK_Q=SEL_Q, SEL_BLOCK_K=SEL_K,
+        IS_CAUSAL=causal, SPARSE=block_index is not None, VARLEN=cu_seqlens is not None, REVERSE=causal,
+        DOT_PREC=_dot_precision(q.dtype), MAX_MASKED=_max_masked_blocks(BLOCK_M, SEL_K),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    return out, lse
+
+
+def _max_masked_blocks(block_m: int, sel_block_k: int) -> int:
+    """Bound on the selection blocks one query tile can need masks for, as a power of two.
+
+    The tile's positions span at most ``cdiv(block_m, sel_block_k) + 1`` key blocks (the causal
+    diagonal), and the partial last key block is among them or is the only one (non-causal).
+    """
+    return triton.next_power_of_2(-(-block_m // sel_block_k) + 1)
+
+
+def _bhl(t: torch.Tensor) -> tuple[int, int, int]:
+    """Strides of the batch, head and sequence dims of a `[B, H, L, D]` tensor."""
+    return t.stride(0), t.stride(1), t.stride(2)
+
+
+def _index_tensors(index, device):
+    """(indices, counts) of a Block/KeyMajor index, or 1-element dummies (never read) in dense mode."""
+    if index is None:
+        dummy = torch.empty(1, 1, 1, 1, dtype=torch.int32, device=device)
+        return dummy, dummy[0]
+    return index.indices, index.counts
+
+
+def key_major_index(block_index: BlockIndex) -> KeyMajorIndex:
+    """Transpose a ``BlockIndex`` on its device with no host sync: for each key block, the query
+    blocks that read it, ascending. ``indices [B, H, nk, nq]`` int32 (-1 padded), ``counts [B, H, nk]``.
+
+    Built from the block mask with a cumulative-sum scatter (no sort); works on ``B*H`` slices of
+    bounded size so the temporaries stay small at long context.
+    """
+    indices, counts = block_index.indices, block_index.counts
+    B, H, nq, width = indices.shape
+    nk = block_index.num_k_blocks
+    device = indices.device
+    flat_idx = indices.reshape(B * H, nq, width)
+    flat_cnt = counts.reshape(B * H, nq)
+    out_idx = torch.empty(B * H, nk, nq, dtype=torch.int32, device=device)
+    out_cnt = torch.empty(B * H, nk, dtype=torch.int32, device=device)
+    chunk = max(1, (1 << 24) // max(1, nq * (nk + 1)))
+    q_ids = torch.arange(nq, dtype=torch.int32, device=device)
+    for s in range(0, B * H, chunk):
+        idx = flat_idx[s:s + chunk]
+        valid = torch.arange(width, device=device) < flat_cnt[s:s + chunk, :, None]
+        # Invalid entries scatter into an extra column nk that is cut off afterwards.
+        target = torch.where(valid, idx.long(), torch.full_like(idx, nk, dtype=torch.long))
+        mask = torch.zeros(idx.shape[0], nq, nk + 1, dtype=torch.bool, device=device)
+        mask.scatter_(-1, target, True)
+        mask_t = mask[:, :, :nk].transpose(1, 2)  # [c, nk, nq]
+        out_cnt[s:s + chunk] = mask_t.sum(-1, dtype=torch.int32)
+        slot = torch.cumsum(mask_t.to(torch.int32), dim=-1, dtype=torch.int32) - 1
+        slot = torch.where(mask_t, slot, torch.full_like(slot, nq)).long()
+        packed = torch.full((idx.shape[0], nk, nq + 1), -1, dtype=torch.int32, device=device)
+        packed.scatter_(-1, slot, q_ids.expand(idx.shape[0], nk, nq))
+        out_idx[s:s + chunk] = packed[:, :, :nq]
+    return KeyMajorIndex(out_idx.view(B, H, nk, nq), out_cnt.view(B, H, nk), block_index.block_q,
+                         block_index.block_k, block_index.q_len, block_index.k_len)
+
+
+def block_sparse_backward(do, q, k, v, out, lse, block_index: BlockIndex | None = None, *, causal: bool = True,
+                          scale: float | None = None, cu_seqlens: torch.Tensor | None = None,
+                          max_seqlen: int | None = None, configs: AttentionConfigs | None = None,
+                          key_major: KeyMajorIndex | None = None):
+    """Launch the backward kernels; returns ``(dq, dk, dv)`` in the input dtypes."""
+    q, k, v, out, do = (_last_dim_contiguous(t) for t in (q, k, v, out, do))
+    _, Hq, Lq, D = q.shape
+    Hkv, Lk = k.shape[1], k.shape[2]
+    scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
+    configs = configs or default_configs(D, q.dtype, interpret=q.device.type == "cpu")
+    batch, grid_len, varlen_len = _varlen_dims(q, cu_seqlens, max_seqlen)
+    BLOCK_D = _padded_head_dim(D)
+    dq, dk, dv = alloc_output(q), alloc_output(k), alloc_output(v)
+    if Lq == 0:
+        return dq, dk.zero_(), dv.zero_()
+    common = dict(HEAD_DIM=D, BLOCK_D=BLOCK_D, IS_CAUSAL=causal, SPARSE=block_index is not None,
+                  VARLEN=cu_seqlens is not None, DOT_PREC=_dot_precision(q.dtype))
+    cu = cu_seqlens if cu_seqlens is not None else lse
+
+    delta = alloc_output(lse)  # same [B, Hq, Lq] fp32 contiguous layout as lse
+    pre_m = 32 if q.device.type == "cpu" else 64
+    _bwd_preprocess_kernel[(q.shape[0] * Hq, triton.cdiv(Lq, pre_m))](
+        out, do, delta, *_bhl(out), *_bhl(do), Hq, Lq, HEAD_DIM=D, BLOCK_D=BLOCK_D, BLOCK_M=pre_m,
+    )
+
+    if block_index is not None and key_major is None:
+        key_major = key_major_index(block_index)
+    cfg = configs.backward_dkdv
+    BLOCK_M, BLOCK_N, SEL_Q, SEL_K = _sparse_tiles(cfg, block_index)
+    k_idx, k_cnt = _index_tensors(key_major, q.device)
+    grid = (batch * Hkv, triton.cdiv(varlen_len or Lk, BLOCK_N))
+    _bwd_dkdv_kernel[grid](
+        q, k, v, do, lse, delta, dk, dv, k_idx, k_cnt, cu,
+        *_bhl(q), *_bhl(k), *_bhl(v), *_bhl(do), *_bhl(dk), *_bhl(dv), lse.stride(0), lse.stride(1),
+        *k_idx.stride(), *k_cnt.stride(),
+        Hkv, Hq // Hkv, varlen_len or Lq, varlen_len or Lk, scale * LOG2E, scale,
+        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, SEL_BLOCK_Q=SEL_Q, SEL_BLOCK_K=SEL_K,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **common,
+    )
+
+    cfg = configs.backward_dq
+    BLOCK_M, BLOCK_N, SEL_Q, SEL_K = _sparse_tiles(cfg, block_index)
+    indices, counts = _index_tensors(block_index, q.device)
+    grid = (batch * Hq, triton.cdiv(grid_len, BLOCK_M))
+    _bwd_dq_kernel[grid](
+        q, k, v, do, lse, delta, dq, indices, counts, cu,
+        *_bhl(q), *_bhl(k), *_bhl(v), *_bhl(do), *_bhl(dq), lse.stride(0), lse.stride(1),
+        *indices.stride(), *counts.stride(),
+        Hq, Hq // Hkv, varlen_len or Lq, varlen_len or Lk, scale * LOG2E, scale,
+        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, SEL_BLOCK_Q=SEL_Q, SEL_BLOCK_K=SEL_K, REVERSE=causal,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **common,
+    )
+    return dq, dk, dv
+
+
+# ==================================================================================================
+# Autograd
+# ==================================================================================================
+
+
+class _BlockSparseAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, indices, counts, index_meta, causal, scale, cu_seqlens, max_seqlen):
+        block_index = None if indices is None else BlockIndex(indices, counts, *index_meta)
+        out, lse = block_sparse_forward(q, k, v, block_index, causal=causal, scale=scale,
+                                        cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
+        ctx.save_for_backward(q, k, v, out, lse, indices, counts, cu_seqlens)
+        ctx.index_meta, ctx.causal, ctx.scale, ctx.max_seqlen = index_meta, causal, scale, max_seqlen
+        ctx.mark_non_differentiable(lse)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, _dlse):
+        q, k, v, out, lse, indices, counts, cu_seqlens = ctx.saved_tensors
+        block_index = None if indices is None else BlockIndex(indices, counts, *ctx.index_meta)
+        dq, dk, dv = block_sparse_backward(dout, q, k, v, out, lse, block_index, causal=ctx.causal,
+                                           scale=ctx.scale, cu_seqlens=cu_seqlens, max_seqlen=ctx.max_seqlen)
+        return dq, dk, dv, None, None, None, None, None, None, None
+
+
+# ==================================================================================================
+# Public function
+# ==================================================================================================
+
+
+def _is_pow2_at_least_16(x: int) -> bool:
+    return x >= 16 and x & (x - 1) == 0
+
+
+def _validate(q, k, v, block_index, causal, scale, cu_seqlens, max_seqlen):
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 4:
+            raise ValueError(f"{name} must be a 4-D tensor [B, H, L, D], got "
+                             f"{tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}")
+    if not (q.dtype == k.dtype == v.dtype) or q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise TypeError(f"q, k, v must share one dtype among float16/bfloat16/float32, got {q.dtype}, {k.dtype}, "
+                        f"{v.dtype}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
+    if q.device.type == "cpu" and not _interpreting():
+        raise RuntimeError("block_sparse_attention runs Triton kernels: it needs CUDA tensors, or TRITON_INTERPRET=1 "
+                           "for CPU tensors (slow; sparseattn.sparse_attention falls back to the reference on CPU)")
+    if k.shape != v.shape:
+        raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
+    B, Hq, Lq, D = q.shape
+    Bk, Hkv, Lk, Dk = k.shape
+    if Bk != B or Dk != D:
+        raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)} must agree on batch and head_dim")
+    if D > 256:
+        raise ValueError(f"head_dim must be <= 256, got {D}")
+    if Hkv == 0 or Hq % Hkv != 0:
+        raise ValueError(f"query heads ({Hq}) must be a multiple of key/value heads ({Hkv})")
+    if causal and Lq > Lk:
+        raise ValueError(f"q has {Lq} positions but k only {Lk}: with causal=True the queries are the last Lq "
+                         f"of the Lk positions, so Lq <= Lk")
+    if scale is not None and not (isinstance(scale, (int, float)) and not isinstance(scale, bool) and scale > 0):
+        raise ValueError(f"scale must be a positive float or None, got {scale!r}")
+    if cu_seqlens is not None:
+        if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2 \
+                or cu_seqlens.dtype != torch.int32:
+            raise ValueError("cu_seqlens must be a 1-D int32 tensor [num_seqs + 1] of cumulative lengths")
+        if cu_seqlens.device != q.device:
+            raise ValueError(f"cu_seqlens is on {cu_seqlens.device}, q on {q.device}")
+        if B != 1 or Lq != Lk:
+            raise ValueError(f"with cu_seqlens, q and k must be packed as [1, H, total, D] with one total length; "
+                             f"got q {tuple(q.shape)}, k {tuple(k.shape)}")
+        if not causal:
+            raise ValueError("cu_seqlens supports causal attention only (causal=True)")
+        if max_seqlen is not None and (not isinstance(max_seqlen, int) or max_seqlen <= 0):
+            raise ValueError(f"max_seqlen must be a positive int, got {max_seqlen!r}")
+    elif max_seqlen is not None:
+        raise ValueError("max_seqlen is only meaningful with cu_seqlens")
+    if block_index is None:
+        return
+    if not isinstance(block_index, BlockIndex):
+        raise TypeError(f"block_index must be a BlockIndex or None, got {type(block_index).__name__}")
+    for name in ("block_q", "block_k"):
+        if not _is_pow2_at_least_16(getattr(block_index, name)):
+            raise ValueError(f"block_index.{name} must be a power of two >= 16, got {getattr(block_index, name)}")
+    if block_index.device != q.device or block_index.counts.device != q.device:
+        raise ValueError(f"block_index is on {block_index.device}, q on {q.device}")
+    num_seqs = B if cu_seqlens is None else cu_seqlens.numel() - 1
+    if block_index.batch != num_seqs or block_index.num_heads != Hq:
+        raise ValueError(f"block_index has (batch, heads) = {(block_index.batch, block_index.num_heads)}, expected "
+                         f"{(num_seqs, Hq)} ({'sequences' if cu_seqlens is not None else 'batch'}, query heads)")
+    if cu_seqlens is None:
+        if (block_index.q_len, block_index.k_len) != (Lq, Lk):
+            raise ValueError(f"block_index is for (q_len, k_len) = {(block_index.q_len, block_index.k_len)}, "
+                             f"inputs have {(Lq, Lk)}")
+    else:
+        if block_index.q_len != block_index.k_len:
+            raise ValueError("with cu_seqlens the block_index must have q_len == k_len (per-sequence blocks)")
+        if max_seqlen is not None and (triton.cdiv(max_seqlen, block_index.block_q) != block_index.num_q_blocks
+                                       or max_seqlen > block_index.k_len):
+            raise ValueError(f"with cu_seqlens the block_index must have nq = ceil(max_seqlen / block_q) = "
+                             f"{triton.cdiv(max_seqlen, block_index.block_q)} and k_len >= max_seqlen; got "
+                             f"nq = {block_index.num_q_blocks}, k_len = {block_index.k_len}")
+
+
+def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_index: BlockIndex | None = None,
+                           *, causal: bool = True, scale: float | None = None, return_lse: bool = False,
+                           cu_seqlens: torch.Tensor | None = None, max_seqlen: int | None = None,
+                           deterministic: bool = False):
+    """Exact softmax attention over the key blocks of a ``BlockIndex`` (or all of them: dense mode).
+
+    Args:
+        q: `[B, Hq, Lq, D]` (fp16/bf16 on GPU; fp32 too, and CPU tensors under ``TRITON_INTERPRET=1``);
+            the queries are the last `Lq` of the `Lk` positions (`Lq <= Lk` when causal). Any
+            strides; head_dim <= 256.
+        k, v: `[B, Hkv, Lk, D]`, `Hq % Hkv == 0`; query head `h` reads KV head `h // (Hq // Hkv)`.
+        block_index: for query block `i` of `block_index.block_q` rows, the key blocks of
+            `block_index.block_k` keys it attends to (`[B, Hq, nq, max_k]` ascending + counts);
+            `None` (default) = dense attention, the fast path with no index.
+        causal: mask `key_pos > query_pos` (default True).
+        scale: softmax scale, default `1 / sqrt(D)`.
+        return_lse: also return the natural-log log-sum-exp `[B, Hq, Lq]` fp32.
+        cu_seqlens: `[N + 1]` int32 cumulative lengths of N sequences packed in `q, k, v [1, H, total, D]`
+            (causal within each sequence). A ``block_index`` then has one row per sequence
+            (`B == N`, `nq = ceil(max_seqlen / block_q)`, query-relative blocks).
+        max_seqlen: longest sequence with ``cu_seqlens``; pass it to avoid a host sync.
+        deterministic: accepted for API compatibility; the backward is always deterministic
+            (dK/dV are accumulated per KV head without atomics).
+
+    Returns:
+        `out` with q's shape and dtype; with ``return_lse``, `(out, lse)`.
+        Differentiable in q, k, v (dq, dk, dv over the same blocks).
+
+    Example:
+        >>> import torch
+        >>> from sparseattn.index import BlockIndex
+        >>> from sparseattn.kernels.block_sparse import block_sparse_attention
+        >>> dev = "cuda" if torch.cuda.is_available() else "cpu"  # CPU needs TRITON_INTERPRET=1
+        >>> dt = torch.bfloat16 if dev == "cuda" else torch.float32
+        >>> q = torch.randn(1, 4, 100, 64, device=dev, dtype=dt)
+        >>> k, v = torch.randn(2, 1, 2, 100, 64, device=dev, dtype=dt)
+        >>> index = BlockIndex.dense(1, 4, 100, 100, 64, 64, device=dev)
+        >>> out = block_sparse_attention(q, k, v, index)
+        >>> ref = torch.nn.functional.scaled_dot_product_attention(
+        ...     q.float(), k.float().repeat_interleave(2, 1), v.float().repeat_interleave(2, 1), is_causal=True)
+        >>> bool(((out.float() - ref).norm() / ref.norm()) < 1e-2)
+        True
+    """
+    _validate(q, k, v, block_index, causal, scale, cu_seqlens, max_seqlen)
+    if block_index is None:
+        indices = counts = None
+        meta = None
+    else:
+        indices, counts = block_index.indices, block_index.counts
+        meta = (block_index.block_q, block_index.block_k, block_index.q_len, block_index.k_len)
+    if cu_seqlens is not None and max_seqlen is None and block_index is not None:
+        max_seqlen = block_index.q_len
+    out, lse = _BlockSparseAttention.apply(q, k, v, indices, counts, meta, causal, scale, cu_seqlens, max_seqlen)
+    return (out, lse) if return_lse else out
