@@ -19,6 +19,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AttentionStats",
+    "load_llama",
+    "patch",
     "BlockIndex",
     "FlexPrefillConfig",
     "Flexprefill_prefill",
@@ -37,3 +39,16 @@ __all__ = [
     "register_method",
     "sparse_attention",
 ]
+
+
+def __getattr__(name):
+    # Lazy: these import transformers, which `import sparseattn` alone should not pay for.
+    if name == "patch":
+        from .integrations.transformers import patch
+
+        return patch
+    if name == "load_llama":
+        from .models import load_llama
+
+        return load_llama
+    raise AttributeError(f"module 'sparseattn' has no attribute {name!r}")

@@ -140,7 +140,7 @@ def _fwd_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     SEL_BLOCK_Q: tl.constexpr, SEL_BLOCK_K: tl.constexpr,
     IS_CAUSAL: tl.constexpr, SPARSE: tl.constexpr, VARLEN: tl.constexpr, REVERSE: tl.constexpr,
-    DOT_PREC: tl.constexpr, MAX_MASKED: tl.constexpr,
+    DOT_PREC: tl.constexpr, MAX_MASKED: tl.constexpr, SPLIT_MASKED: tl.constexpr,
 ):
     pid_bh = tl.program_id(0).to(tl.int64)
     pid_m = tl.program_id(1)
@@ -200,6 +200,8 @@ def _fwd_kernel(
         tail = count - 1 - tl.arange(0, MAX_MASKED)  # [MAX_MASKED] the last entries of the row
         tail_blocks = tl.load(row + tail * stride_ik, mask=tail >= 0, other=-1)
         n_plain = count - tl.sum((tail_blocks >= mask_from).to(tl.int32), axis=0)
+        if not SPLIT_MASKED:
+            n_plain = 0
         for t in range(0, n_plain * SUB_N):
             j = tl.load(row + (t // SUB_N) * stride_ik)
             start_n = j * SEL_BLOCK_K + (t % SUB_N) * BLOCK_N
@@ -555,6 +557,7 @@ class KernelConfig:
     block_n: int
     num_warps: int = 4
     num_stages: int = 2
+    split_masked: bool = True  # sparse forward: unmasked prefix loop + masked suffix loop (else one masked loop)
 
     def __post_init__(self):
         for name in ("block_m", "block_n"):
@@ -600,9 +603,11 @@ def default_configs(head_dim: int, dtype: torch.dtype, interpret: bool | None = 
             backward_dq=KernelConfig(128, 64, num_warps=8, num_stages=2),
         )
     if head_dim <= 128:
+        # Measured on the H100 (benchmarks/NOTES.md, sweep): 128x128 forward tiles are 0.82x cuDNN
+        # dense vs 0.78x for 128x64; dK/dV with 4 warps and 3 stages halves the backward time.
         return AttentionConfigs(
-            forward=KernelConfig(128, 64, num_warps=8, num_stages=3),
-            backward_dkdv=KernelConfig(32, 64, num_warps=8, num_stages=2),
+            forward=KernelConfig(128, 128, num_warps=8, num_stages=3),
+            backward_dkdv=KernelConfig(32, 64, num_warps=4, num_stages=3),
             backward_dq=KernelConfig(128, 64, num_warps=8, num_stages=2),
         )
     # head_dim 256: correct first; smaller tiles keep shared memory and registers in budget.
@@ -686,7 +691,7 @@ def block_sparse_forward(q, k, v, block_index: BlockIndex | None = None, *, caus
         SEL_BLOCK_Q=SEL_Q, SEL_BLOCK_K=SEL_K,
         IS_CAUSAL=causal, SPARSE=block_index is not None, VARLEN=cu_seqlens is not None, REVERSE=causal,
         DOT_PREC=_dot_precision(q.dtype), MAX_MASKED=_max_masked_blocks(BLOCK_M, SEL_K),
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        SPLIT_MASKED=cfg.split_masked, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return out, lse
 
