@@ -1,5 +1,5 @@
-"""Triton kernels: the shared block-sparse attention (forward + backward) and MInference's
-vertical-slash variant.
+"""Triton kernels: the shared block-sparse attention (forward + backward), MInference's
+vertical-slash variant, and XAttention's fused block-mass estimation.
 
 Triton is imported lazily, so ``import sparseattn`` works where Triton is missing (e.g. macOS);
 ``kernels_available()`` says whether the kernels can run here.
@@ -26,6 +26,8 @@ __all__ = [
     "key_major_index",
     "vertical_slash_attention",
     "vertical_slash_forward",
+    "xattention_estimate",
+    "xattention_select_fast",
 ]
 
 _LAZY = {
@@ -38,6 +40,8 @@ _LAZY = {
     "key_major_index": "block_sparse",
     "vertical_slash_attention": "vertical_slash",
     "vertical_slash_forward": "vertical_slash",
+    "xattention_estimate": "estimate",
+    "xattention_select_fast": "estimate",
 }
 
 

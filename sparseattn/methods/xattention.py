@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from ..index import BlockIndex
+from ..kernels import kernels_available
 from ..reference.xattention import xattention_select
 from ..validation import check_block_size, check_choice, check_unit_interval, check_qkv
 from . import register_method
@@ -36,8 +37,17 @@ class XAttentionConfig:
 
 
 def select_blocks(q: torch.Tensor, k: torch.Tensor, config: XAttentionConfig, *, causal: bool = True) -> BlockIndex:
-    """XAttention's block selection for `q [B, Hq, Lq, D]`, `k [B, Hkv, Lk, D]`."""
+    """XAttention's block selection for `q [B, Hq, Lq, D]`, `k [B, Hkv, Lk, D]`.
+
+    On a GPU the fused Triton estimator (``kernels.estimate``) computes the block masses in one
+    pass; on a CPU the fp32 reference does. Both apply the same threshold rule.
+    """
     check_unit_interval("threshold", config.threshold, num_heads=q.shape[1])
+    if q.is_cuda and kernels_available():
+        from ..kernels.estimate import xattention_select_fast
+
+        return xattention_select_fast(q, k, threshold=config.threshold, stride=config.stride,
+                                      block_size=config.block_size, causal=causal)
     return xattention_select(q, k, threshold=config.threshold, stride=config.stride,
                              block_size=config.block_size, causal=causal)
 
