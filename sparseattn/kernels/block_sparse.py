@@ -691,7 +691,9 @@ def block_sparse_forward(q, k, v, block_index: BlockIndex | None = None, *, caus
         SEL_BLOCK_Q=SEL_Q, SEL_BLOCK_K=SEL_K,
         IS_CAUSAL=causal, SPARSE=block_index is not None, VARLEN=cu_seqlens is not None, REVERSE=causal,
         DOT_PREC=_dot_precision(q.dtype), MAX_MASKED=_max_masked_blocks(BLOCK_M, SEL_K),
-        SPLIT_MASKED=cfg.split_masked, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        # Measured (NOTES.md, run 3): the split pays when a tile is a whole selection block and
+        # costs 15% when each block is several tiles; split only in the first case.
+        SPLIT_MASKED=cfg.split_masked and BLOCK_N == SEL_K, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return out, lse
 

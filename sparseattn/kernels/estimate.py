@@ -290,7 +290,9 @@ class EstimateConfig:
 def default_estimate_configs(head_dim: int, dtype: torch.dtype, device: torch.device) -> list[EstimateConfig]:
     """Configs to try in order; a config that runs out of shared memory falls through to the next.
 
-    Not tuned on the GPU yet: ``benchmarks/bench_xattention.py --sweep`` times the alternatives.
+    D = 128 is tuned on the H100 (``benchmarks/bench_xattention.py --sweep``, benchmarks/NOTES.md):
+    64x128 tiles with 4 warps beat 128x128 with 8 warps at 128K (14.4 vs 15.8 ms at S=16,
+    24.0 vs 25.2 ms at S=8). D = 64 is untuned.
     """
     if device.type != "cuda":  # the interpreter: numpy cost grows with the number of tl ops, not tile size
         return [EstimateConfig(block_m=32, block_n=32, num_warps=1, num_stages=1)]
@@ -299,7 +301,7 @@ def default_estimate_configs(head_dim: int, dtype: torch.dtype, device: torch.de
     if head_dim <= 64:
         return [EstimateConfig(128, 128, 8, 3), EstimateConfig(128, 64, 4, 3), EstimateConfig(64, 64, 4, 2)]
     # D = 128: a stage is (128 + 128) x 128 bf16 = 64 KB of shared memory.
-    return [EstimateConfig(128, 128, 8, 3), EstimateConfig(128, 128, 8, 2), EstimateConfig(128, 64, 4, 2),
+    return [EstimateConfig(64, 128, 4, 3), EstimateConfig(128, 128, 8, 3), EstimateConfig(128, 64, 4, 2),
             EstimateConfig(64, 64, 4, 2)]
 
 
