@@ -223,8 +223,10 @@ class BlockIndex:
     def to_block_mask(self, num_kv_heads: int | None = None, causal: bool = True):
         """FlexAttention ``BlockMask`` over the same blocks, with the causal element mask.
 
-        The mask_mod applies causality, bottom-right aligned when ``q_len < k_len`` (queries are the
-        last positions); FlexAttention masks the partial last blocks itself via ``seq_lengths``.
+        With ``causal``, blocks strictly below each row's diagonal blocks need no element mask:
+        they are passed as FlexAttention's *full* blocks (a prefix of each ascending row), the
+        rest as partial blocks that get the causal ``mask_mod`` (bottom-right aligned when
+        ``q_len < k_len``). FlexAttention masks the partial last blocks itself via ``seq_lengths``.
         """
         from torch.nn.attention.flex_attention import BlockMask
 
@@ -233,17 +235,24 @@ class BlockIndex:
         def causal_mod(b, h, q_idx, kv_idx):
             return kv_idx <= q_idx + offset
 
-        counts = self.counts
+        nk = self.num_k_blocks
         indices = torch.where(self.indices < 0, torch.zeros_like(self.indices), self.indices)
-        width = indices.shape[-1]
-        if width < self.num_k_blocks:  # FlexAttention sizes its transpose from this width
-            indices = torch.nn.functional.pad(indices, (0, self.num_k_blocks - width))
+        if indices.shape[-1] < nk:  # FlexAttention sizes its transpose from this width
+            indices = torch.nn.functional.pad(indices, (0, nk - indices.shape[-1]))
+        if not causal:
+            return BlockMask.from_kv_blocks(self.counts, indices, BLOCK_SIZE=(self.block_q, self.block_k),
+                                            seq_lengths=(self.q_len, self.k_len))
+        first, _ = diagonal_block_range(self.q_len, self.k_len, self.block_q, self.block_k, device=self.device)
+        # Full blocks end before the first diagonal block and before a partial last key block.
+        full_limit = torch.clamp(first, max=self.k_len // self.block_k)  # [nq]
+        valid = torch.arange(indices.shape[-1], device=self.device) < self.counts.unsqueeze(-1)
+        n_full = (valid & (indices < full_limit[:, None])).sum(-1, dtype=torch.int32)  # [B, H, nq]
+        shift = torch.arange(nk, device=self.device) + n_full.unsqueeze(-1).long()
+        partial = torch.gather(indices, -1, shift.clamp(max=nk - 1))
         return BlockMask.from_kv_blocks(
-            counts,
-            indices,
-            BLOCK_SIZE=(self.block_q, self.block_k),
-            mask_mod=causal_mod if causal else None,
-            seq_lengths=(self.q_len, self.k_len),
+            (self.counts - n_full).contiguous(), partial.to(torch.int32).contiguous(),
+            full_kv_num_blocks=n_full.contiguous(), full_kv_indices=indices.contiguous(),
+            BLOCK_SIZE=(self.block_q, self.block_k), mask_mod=causal_mod, seq_lengths=(self.q_len, self.k_len),
         )
 
     def density(self, causal: bool = True) -> torch.Tensor:

@@ -45,6 +45,14 @@ def correctness_gate(q_heads=32, kv_heads=8, head_dim=128, seq_len=1536, block_s
     return result
 
 
+def _check_peer(name, out, ours, tol=2e-2) -> float:
+    """A peer that computes something else is no baseline: compare it with our (gated) output."""
+    err = _rel(out, ours)
+    if not err < tol:
+        raise RuntimeError(f"peer {name} disagrees with our kernel (rel. error {err:.2e}); not timing it")
+    return err
+
+
 def _record(records, **fields):
     records.append(fields)
     logger.info("%s", fields)
@@ -67,13 +75,16 @@ def run_kernel_suite(lengths=DEFAULT_LENGTHS, densities=DEFAULT_DENSITIES, *, ba
             progress(f"L={L}")
         q, k, v = random_qkv(batch, q_heads, kv_heads, L, head_dim, dtype=dtype, seed=L)
         dense_flops = causal_dense_flops(batch, q_heads, L, L, head_dim)
+        ours_out = block_sparse_attention(q, k, v, None, causal=True)
         for peer in DENSE_PEERS:
             fn = peer.make(q, k, v, True)
             if fn is None:
                 continue
+            err = _check_peer(peer.name, fn(), ours_out)
             t = time_ms(fn)
-            _record(records, L=L, case="dense", impl=peer.name, density=1.0, **t,
+            _record(records, L=L, case="dense", impl=peer.name, density=1.0, **t, err_vs_ours=err,
                     eff_tflops=dense_flops / t["ms"] / 1e9, act_tflops=dense_flops / t["ms"] / 1e9)
+        del ours_out
         t = time_ms(lambda: block_sparse_attention(q, k, v, None, causal=True))
         _record(records, L=L, case="dense", impl="ours_dense", density=1.0, **t,
                 eff_tflops=dense_flops / t["ms"] / 1e9, act_tflops=dense_flops / t["ms"] / 1e9)
@@ -84,14 +95,17 @@ def run_kernel_suite(lengths=DEFAULT_LENGTHS, densities=DEFAULT_DENSITIES, *, ba
             t = time_ms(lambda: block_sparse_attention(q, k, v, idx, causal=True))
             _record(records, L=L, case="sparse", impl="ours_sparse", target_density=d, density=real_d, **t,
                     eff_tflops=dense_flops / t["ms"] / 1e9, act_tflops=act / t["ms"] / 1e9)
+            ours_out = block_sparse_attention(q, k, v, idx, causal=True)
             for peer in SPARSE_PEERS:
                 fn = peer.make(q, k, v, True, idx)
                 if fn is None:
                     continue
+                err = _check_peer(peer.name, fn(), ours_out)
                 t = time_ms(fn)
                 _record(records, L=L, case="sparse", impl=peer.name, target_density=d, density=real_d, **t,
+                        err_vs_ours=err,
                         eff_tflops=dense_flops / t["ms"] / 1e9, act_tflops=act / t["ms"] / 1e9)
-            del idx
+            del idx, ours_out
         del q, k, v
         torch.cuda.empty_cache()
     for L in backward_lengths:

@@ -15,6 +15,8 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from ..index import BlockIndex
+
 logger = logging.getLogger("sparseattn.bench")
 
 try:
@@ -23,9 +25,9 @@ except ImportError:  # pragma: no cover - torch < 2.3
     SDPBackend = sdpa_kernel = None
 
 try:
-    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    from torch.nn.attention.flex_attention import flex_attention
 except ImportError:  # pragma: no cover
-    flex_attention = create_block_mask = None
+    flex_attention = None
 
 try:
     import flash_attn  # optional peer
@@ -91,10 +93,12 @@ def _flex_dense(q, k, v, causal, block_index=None, grad=False):
         return None
     B, Hq, Lq, _ = q.shape
     Lk = k.shape[2]
-    off = Lk - Lq
     mask = None
     if causal:
-        mask = create_block_mask(lambda b, h, qi, ki: ki <= qi + off, None, None, Lq, Lk, device=q.device)
+        # The causal BlockMask from block coordinates (create_block_mask would evaluate the mask
+        # on all L x L pairs: 128 GiB at 128K): full blocks below the diagonal, causal mask_mod
+        # on the diagonal blocks; the same structure create_block_mask produces.
+        mask = BlockIndex.dense(1, 1, Lq, Lk, 128, 128, causal=True, device=q.device).to_block_mask()
     return lambda: fn(q, k, v, block_mask=mask, enable_gqa=Hq != k.shape[1])
 
 
@@ -118,10 +122,11 @@ DENSE_PEERS = [
          "SDPA, cuDNN backend (enable_gqa, or K/V expanded once outside timing if rejected)"),
     Peer("fa2_sdpa", _sdpa(SDPBackend.FLASH_ATTENTION) if SDPBackend else lambda *a, **k: None,
          "SDPA, FlashAttention-2 backend, enable_gqa"),
-    Peer("flex_dense", _flex_dense, "FlexAttention, torch.compile, causal BlockMask built once"),
+    Peer("flex_dense", _flex_dense, "FlexAttention, torch.compile, causal BlockMask (full + diagonal blocks) built once"),
     Peer("flash_attn", _flash_attn, "flash-attn package (if installed)"),
 ]
 
 SPARSE_PEERS = [
-    Peer("flex_sparse", _flex_sparse, "FlexAttention, torch.compile, BlockMask from the same BlockIndex"),
+    Peer("flex_sparse", _flex_sparse, "FlexAttention, torch.compile, BlockMask from the same BlockIndex "
+         "(blocks below the diagonal as full blocks, no mask_mod there)"),
 ]
