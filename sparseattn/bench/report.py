@@ -61,7 +61,7 @@ def kernel_table(result: dict) -> str:
 
 
 def kernel_plot(result: dict, path: Path) -> Path | None:
-    """Time vs length (log-log) per implementation, dense and sparse at 10%."""
+    """Two panels, time vs length (log-log): dense implementations; sparse at each density (ours solid, Flex dashed)."""
     try:
         import matplotlib
 
@@ -69,27 +69,41 @@ def kernel_plot(result: dict, path: Path) -> Path | None:
         import matplotlib.pyplot as plt
     except ImportError:
         return None
-    series = defaultdict(list)
+    dense, sparse = defaultdict(list), defaultdict(list)
     for r in result["records"]:
         if r["case"] == "dense":
-            series[r["impl"]].append((r["L"], r["ms"]))
+            dense[r["impl"]].append((r["L"], r["ms"]))
         elif r["case"] == "sparse":
-            series[f"{r['impl']} @{int(100 * r['target_density'])}%"].append((r["L"], r["ms"]))
-    fig, ax = plt.subplots(figsize=(8, 5))
-    for name, pts in sorted(series.items()):
+            sparse[(r["target_density"], r["impl"])].append((r["L"], r["ms"]))
+    fig, (ax_d, ax_s) = plt.subplots(1, 2, figsize=(12, 5), sharey=True)
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for i, (impl, pts) in enumerate(sorted(dense.items())):
         pts.sort()
-        style = "-" if "ours" in name else "--"
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], style, marker="o", label=name)
-    ax.set_xscale("log", base=2)
-    ax.set_yscale("log")
-    ax.set_xlabel("sequence length")
-    ax.set_ylabel("forward time (ms, median)")
-    ax.set_title(f"Causal attention, {result['machine'].get('device')}, "
-                 f"GQA {result['shape']['q_heads']}/{result['shape']['kv_heads']}, D={result['shape']['head_dim']}")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=7, ncol=2)
+        ax_d.plot([p[0] for p in pts], [p[1] for p in pts], "-" if impl.startswith("ours") else "--",
+                  marker="o", color=colors[i % len(colors)], label=impl, linewidth=2.5 if impl.startswith("ours") else 1.5)
+    cud = sorted(dense.get("cudnn_sdpa", []))
+    densities = sorted({d for d, _ in sparse})
+    for i, d in enumerate(densities):
+        for impl, style in (("ours_sparse", "-"), ("flex_sparse", "--")):
+            pts = sorted(sparse.get((d, impl), []))
+            if pts:
+                ax_s.plot([p[0] for p in pts], [p[1] for p in pts], style, marker="o", color=colors[i % len(colors)],
+                          label=f"{'ours' if impl.startswith('ours') else 'Flex'} @{100 * d:.0f}%")
+    if cud:
+        ax_s.plot([p[0] for p in cud], [p[1] for p in cud], ":", color="black", label="cuDNN dense")
+    for ax, title in ((ax_d, "dense causal"), (ax_s, "block-sparse, same BlockIndex (random blocks)")):
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("sequence length")
+        ax.set_title(title)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8, ncol=2)
+    ax_d.set_ylabel("forward time (ms, median)")
+    m, sh = result["machine"], result["shape"]
+    fig.suptitle(f"{m.get('device')}, GQA {sh['q_heads']}/{sh['kv_heads']}, D={sh['head_dim']}, "
+                 f"{sh.get('dtype', 'bf16')}, torch {m.get('torch')}, triton {m.get('triton')}")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
 
