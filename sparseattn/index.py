@@ -327,8 +327,39 @@ class VerticalSlashIndex:
         return elem
 
     def density(self, causal: bool = True) -> torch.Tensor:
-        """`[B, H]`: computed (query, key) pairs / allowed pairs, at token granularity."""
-        elem = self.to_element_mask(causal)
-        allowed = self.q_len * self.k_len if not causal else sum(
-            self.k_len - self.q_len + i + 1 for i in range(self.q_len))
-        return elem.sum((-1, -2)).float() / allowed
+        """`[B, H]`: computed (query, key) pairs / allowed pairs, at token granularity.
+
+        Exact and O(nq x (ranges + columns)): per query block, a range ``[s, e]`` contributes
+        ``sum_p |{k in [s, e], k <= p}|`` over the block's positions ``p``, in closed form.
+        """
+        device = self.range_starts.device
+        nq = self.range_starts.shape[2]
+        off = self.k_len - self.q_len
+        qb = torch.arange(nq, device=device, dtype=torch.int64)
+        p0 = (off + qb * self.block_q).view(1, 1, nq, 1)  # first / last position of each query block
+        p1 = (off + torch.clamp((qb + 1) * self.block_q, max=self.q_len) - 1).view(1, 1, nq, 1)
+        rows = p1 - p0 + 1
+
+        r_valid = torch.arange(self.range_starts.shape[-1], device=device) < self.range_counts.unsqueeze(-1)
+        start = self.range_starts.long().clamp_min(0)
+        end = torch.clamp(start + self.block_k, max=self.k_len) - 1  # inclusive
+        width = (end - start + 1).clamp_min(0)
+        if causal:
+            a, b = torch.maximum(p0, start), torch.minimum(p1, end)
+            n_mid = (b - a + 1).clamp_min(0)  # positions inside the range: p - s + 1 keys each
+            mid = n_mid * (a + b - 2 * start + 2) / 2  # sum over p in [a, b] of (p - s + 1)
+            n_after = (p1 - torch.maximum(p0, end + 1) + 1).clamp_min(0)  # positions past the range
+            range_pairs = mid + n_after * width
+        else:
+            range_pairs = (rows * width).double()
+        range_pairs = torch.where(r_valid, range_pairs.double(), torch.zeros((), dtype=torch.float64, device=device))
+
+        c_valid = torch.arange(self.columns.shape[-1], device=device) < self.column_counts.unsqueeze(-1)
+        col = self.columns.long()
+        col_pairs = (p1 - torch.maximum(p0, col) + 1).clamp_min(0) if causal else rows.expand_as(col)
+        col_pairs = torch.where(c_valid, col_pairs.double(), torch.zeros((), dtype=torch.float64, device=device))
+
+        total = range_pairs.sum((-1, -2)) + col_pairs.sum((-1, -2))
+        Lq, Lk = self.q_len, self.k_len
+        allowed = Lq * (Lk - Lq) + Lq * (Lq + 1) / 2 if causal else Lq * Lk
+        return (total / allowed).float()

@@ -118,3 +118,16 @@ def test_invalid_lengths():
         BlockIndex(z, z[..., 0], 16, 16, 40, 40)
     with pytest.raises(ValueError, match="block_q"):
         BlockIndex(z, z[..., 0], 0, 16, 16, 16)
+
+
+@pytest.mark.parametrize("Lq,Lk,causal", [(100, 100, True), (37, 250, True), (64, 64, False), (1, 70, True)])
+def test_vertical_slash_density_closed_form(Lq, Lk, causal):
+    from sparseattn.reference.minference import minference_select
+
+    g = torch.Generator().manual_seed(Lq + Lk)
+    q, k = torch.randn(2, 4, Lq, 16, generator=g), torch.randn(2, 2, Lk, 16, generator=g)
+    vs = minference_select(q, k, vertical_size=7, slash_size=5, last_q=16, block_size=16, causal=causal)
+    elem = vs.to_element_mask(causal)
+    allowed = (torch.arange(Lk)[None, :] <= torch.arange(Lq)[:, None] + Lk - Lq) if causal else torch.ones(Lq, Lk, dtype=torch.bool)
+    expect = elem.sum((-1, -2)).double() / allowed.sum()
+    assert torch.allclose(vs.density(causal).double(), expect, atol=1e-6)
