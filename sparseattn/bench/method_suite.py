@@ -1,0 +1,82 @@
+"""End-to-end method suite: every registered method (built-in or yours) against cuDNN dense.
+
+For each length, on the LLM-like synthetic input (``inputs.llm_like_qkv``): the dense baseline
+(cuDNN SDPA), then per method the selection time, the attention time over that selection, the
+end-to-end time of ``sparse_attention`` (selection + index building + attention), the density and
+the output's relative error against dense. Any method in ``sparseattn.METHODS`` can be named.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from ..api import attend, resolve_config, sparse_attention
+from ..methods import get_method
+from .inputs import llm_like_qkv
+from .peers import DENSE_PEERS
+from .timing import machine_record, time_ms
+
+logger = logging.getLogger("sparseattn.bench")
+
+DEFAULT_METHODS = ["xattention", "flexprefill", "minference", "streaming"]
+
+
+def _rel(a, b) -> float:
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+def run_method_suite(methods=DEFAULT_METHODS, lengths=(32768, 131072), *, q_heads=32, kv_heads=8, head_dim=128,
+                     overrides: dict | None = None, progress=None) -> dict:
+    """Time each method end to end; ``overrides`` maps a method name to config overrides."""
+    overrides = overrides or {}
+    result = {"suite": "methods", "machine": machine_record(), "input": "llm_like_qkv (seeded, defaults)",
+              "shape": dict(batch=1, q_heads=q_heads, kv_heads=kv_heads, head_dim=head_dim, dtype="bfloat16",
+                            causal=True),
+              "configs": {}, "records": []}
+    for L in lengths:
+        if progress:
+            progress(f"L={L}")
+        q, k, v = llm_like_qkv(1, q_heads, kv_heads, L, head_dim, seed=L)
+        dense_fn = DENSE_PEERS[0].make(q, k, v, True)
+        dense_out = dense_fn()
+        t_dense = time_ms(dense_fn)["ms"]
+        result["records"].append(dict(L=L, method="dense_cudnn", e2e_ms=t_dense, density=1.0, rel_err=0.0))
+        for name in methods:
+            spec = get_method(name)
+            cfg = resolve_config(name, None, **overrides.get(name, {}))
+            result["configs"][name] = repr(cfg)
+            index = spec.select(q, k, cfg, causal=True)
+            density = 1.0 if index is None else float(index.density().mean().item())
+            out = attend(q, k, v, index)
+            err = _rel(out, dense_out)
+            del out
+            t_sel = time_ms(lambda: spec.select(q, k, cfg, causal=True))["ms"]
+            t_att = time_ms(lambda: attend(q, k, v, index))["ms"]
+            t_e2e = time_ms(lambda: sparse_attention(q, k, v, method=name, config=cfg))["ms"]
+            rec = dict(L=L, method=name, select_ms=t_sel, attend_ms=t_att, e2e_ms=t_e2e, density=density,
+                       rel_err=err, speedup=t_dense / t_e2e, select_pct_of_dense=100 * t_sel / t_dense)
+            result["records"].append(rec)
+            logger.info("%s", rec)
+            if progress:
+                progress(f"  {name}: e2e {t_e2e:.2f} ms ({t_dense / t_e2e:.2f}x), density {100 * density:.1f}%")
+            del index
+            torch.cuda.empty_cache()
+        del q, k, v, dense_out
+        torch.cuda.empty_cache()
+    return result
+
+
+def method_table(result: dict) -> str:
+    lines = [f"Device: {result['machine'].get('device')}; input {result['input']}; shape {result['shape']}; median ms.",
+             "", "| L | method | density | select | attend | end to end | speedup vs cuDNN | select % of dense | rel. error |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in result["records"]:
+        L = f"{r['L'] // 1024}K"
+        if r["method"] == "dense_cudnn":
+            lines.append(f"| {L} | cuDNN dense | 100% | - | - | {r['e2e_ms']:.2f} | 1.00x | - | 0 |")
+            continue
+        lines.append(f"| {L} | {r['method']} | {100 * r['density']:.1f}% | {r['select_ms']:.2f} | {r['attend_ms']:.2f} | "
+                     f"{r['e2e_ms']:.2f} | {r['speedup']:.2f}x | {r['select_pct_of_dense']:.1f}% | {r['rel_err']:.2e} |")
+    return "\n".join(lines)
