@@ -2,7 +2,6 @@
 
 import os
 
-import pytest
 import torch
 
 HAS_CUDA = torch.cuda.is_available()
