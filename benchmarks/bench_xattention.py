@@ -65,7 +65,7 @@ def fidelity(q, k, S, threshold):
     mass = xattention_estimate(q, k, stride=S, block_size=BLOCK)
     ref_mass = xattention_block_mass(q, k, stride=S, block_size=BLOCK)
     mass_err = ((mass - ref_mass).norm() / ref_mass.norm()).item()
-    del mass, ref_mass
+    mass = ref_mass = None  # release device memory before the next case
     ours = xattention_select_fast(q, k, threshold=threshold, stride=S, block_size=BLOCK).to_mask()
     ref = xattention_select(q, k, threshold=threshold, stride=S, block_size=BLOCK).to_mask()
     L = q.shape[2]
@@ -160,9 +160,9 @@ def bench_length(L, strides, threshold, with_reference, with_fidelity):
                 r["e2e_ms"] = time_ms(e2e)["ms"]
             except Exception as err:  # noqa: BLE001 - record the other module's failure, keep our numbers
                 r["e2e_error"] = f"{type(err).__name__}: {str(err)[:300]}"
-        del index
+        index = None  # release device memory before the next case
         row[f"S{S}"] = r
-    del q, k, v, dense
+    q = k = v = dense = None  # release device memory before the next case
     torch.cuda.empty_cache()
     return row
 
@@ -225,7 +225,7 @@ def main(argv=None):
         q, k, _ = llm_like_qkv(1, HEADS, KV_HEADS, max(lengths), HEAD_DIM, device="cuda", seed=0)
         for S in strides:
             sweep += sweep_configs(q, k, S)
-        del q, k
+        q = k = None  # release device memory before the next case
         for s in sweep:
             print("sweep", json.dumps(s))
     record = {"machine": machine_record(), "input": "llm_like_qkv defaults, seed 0", "gate": gate,

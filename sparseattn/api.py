@@ -21,7 +21,7 @@ from .index import BlockIndex, VerticalSlashIndex
 from .methods import get_method
 from .methods.full import dense_attention
 from .reference.attention import reference_block_sparse_attention, reference_vertical_slash_attention
-from .validation import check_choice, check_positive_int, check_qkv
+from .validation import check_choice, check_qkv
 
 logger = logging.getLogger("sparseattn")
 

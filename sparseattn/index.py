@@ -24,7 +24,6 @@ covered by the ranges).
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch

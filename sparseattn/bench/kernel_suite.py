@@ -9,11 +9,9 @@ first and the suite refuses to report speedups if it fails.
 from __future__ import annotations
 
 import logging
-import math
 
 import torch
 
-from ..index import BlockIndex
 from ..reference.attention import reference_attention, reference_block_sparse_attention
 from .inputs import random_block_index, random_qkv
 from .peers import DENSE_PEERS, SPARSE_PEERS
@@ -84,7 +82,7 @@ def run_kernel_suite(lengths=DEFAULT_LENGTHS, densities=DEFAULT_DENSITIES, *, ba
             t = time_ms(fn)
             _record(records, L=L, case="dense", impl=peer.name, density=1.0, **t, err_vs_ours=err,
                     eff_tflops=dense_flops / t["ms"] / 1e9, act_tflops=dense_flops / t["ms"] / 1e9)
-        del ours_out
+        ours_out = None  # release device memory before the next case
         t = time_ms(lambda: block_sparse_attention(q, k, v, None, causal=True))
         _record(records, L=L, case="dense", impl="ours_dense", density=1.0, **t,
                 eff_tflops=dense_flops / t["ms"] / 1e9, act_tflops=dense_flops / t["ms"] / 1e9)
@@ -105,8 +103,8 @@ def run_kernel_suite(lengths=DEFAULT_LENGTHS, densities=DEFAULT_DENSITIES, *, ba
                 _record(records, L=L, case="sparse", impl=peer.name, target_density=d, density=real_d, **t,
                         err_vs_ours=err,
                         eff_tflops=dense_flops / t["ms"] / 1e9, act_tflops=act / t["ms"] / 1e9)
-            del idx, ours_out
-        del q, k, v
+            idx = ours_out = None  # release device memory before the next case
+        q = k = v = None  # release device memory before the next case
         torch.cuda.empty_cache()
     for L in backward_lengths:
         if progress:
@@ -125,7 +123,7 @@ def run_kernel_suite(lengths=DEFAULT_LENGTHS, densities=DEFAULT_DENSITIES, *, ba
             t = time_ms(lambda: out.backward(grad, retain_graph=True))
             _record(records, L=L, case="backward", impl=name, density=1.0, **t,
                     eff_tflops=bwd_flops / t["ms"] / 1e9, act_tflops=bwd_flops / t["ms"] / 1e9)
-            del out
-        del q, k, v, grad
+            out = None  # release device memory before the next case
+        q = k = v = grad = None  # release device memory before the next case
         torch.cuda.empty_cache()
     return result

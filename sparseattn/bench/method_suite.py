@@ -51,7 +51,7 @@ def run_method_suite(methods=DEFAULT_METHODS, lengths=(32768, 131072), *, q_head
             density = 1.0 if index is None else float(index.density().mean().item())
             out = attend(q, k, v, index)
             err = _rel(out, dense_out)
-            del out
+            out = None  # release device memory before the next case
             t_sel = time_ms(lambda: spec.select(q, k, cfg, causal=True))["ms"]
             t_att = time_ms(lambda: attend(q, k, v, index))["ms"]
             t_e2e = time_ms(lambda: sparse_attention(q, k, v, method=name, config=cfg))["ms"]
@@ -61,9 +61,9 @@ def run_method_suite(methods=DEFAULT_METHODS, lengths=(32768, 131072), *, q_head
             logger.info("%s", rec)
             if progress:
                 progress(f"  {name}: e2e {t_e2e:.2f} ms ({t_dense / t_e2e:.2f}x), density {100 * density:.1f}%")
-            del index
+            index = None  # release device memory before the next case
             torch.cuda.empty_cache()
-        del q, k, v, dense_out
+        q = k = v = dense_out = None  # release device memory before the next case
         torch.cuda.empty_cache()
     return result
 

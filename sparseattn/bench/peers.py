@@ -12,7 +12,6 @@ import logging
 from dataclasses import dataclass
 from typing import Callable
 
-import torch
 import torch.nn.functional as F
 
 from ..index import BlockIndex

@@ -336,7 +336,7 @@ def block_mass_forward(q: torch.Tensor, k: torch.Tensor, *, stride: int, block_s
         ``out``, every element written.
     """
     B, Hq, Lq, D = q.shape
-    Hkv, Lk = k.shape[1], k.shape[2]
+    Lk = k.shape[2]
     S, bs = stride, block_size
     per_block = bs // S
     nq, nk = _cdiv(Lq, bs), _cdiv(Lk, bs)
