@@ -21,7 +21,7 @@ from .index import BlockIndex, VerticalSlashIndex
 from .methods import get_method
 from .methods.full import dense_attention
 from .reference.attention import reference_block_sparse_attention, reference_vertical_slash_attention
-from .validation import check_choice, check_qkv
+from .validation import check_choice, check_qkv, check_scale
 
 logger = logging.getLogger("sparseattn")
 
@@ -161,8 +161,7 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, method: 
     B, Hq, Hkv, Lq, Lk, D = check_qkv(q, k, v, causal=causal, names=("q", "k", "v"))
     if not isinstance(causal, bool):
         raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
-    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float)) or not scale > 0):
-        raise ValueError(f"scale must be a positive float or None, got {scale!r}")
+    check_scale(scale)
     if cu_seqlens is not None:
         return _varlen(q, k, v, method, config, causal, scale, return_stats, cu_seqlens, block_index, overrides)
     spec = get_method(method)

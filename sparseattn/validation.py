@@ -54,6 +54,15 @@ def check_qkv(q, k, v, *, causal: bool = True, names=("query_states", "key_state
     return B, Hq, Hkv, Lq, Lk, D
 
 
+def check_scale(scale):
+    """A softmax scale: a positive finite float, or None for ``1/sqrt(head_dim)``."""
+    if scale is None:
+        return None
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not math.isfinite(scale) or scale <= 0:
+        raise ValueError(f"scale must be a positive float or None, got {scale!r}")
+    return float(scale)
+
+
 def check_unit_interval(name: str, value, *, allow_tensor: bool = True, num_heads: int | None = None,
                         low_open: bool = True):
     """A threshold in (0, 1] (or [0, 1] with ``low_open=False``): float, or a per-head tensor."""

@@ -37,6 +37,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..validation import check_qkv, check_scale
 from ..index import BlockIndex, KeyMajorIndex
 
 __all__ = [
@@ -845,33 +846,13 @@ def _is_pow2_at_least_16(x: int) -> bool:
 
 
 def _validate(q, k, v, block_index, causal, scale, cu_seqlens, max_seqlen):
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(t, torch.Tensor) or t.dim() != 4:
-            raise ValueError(f"{name} must be a 4-D tensor [B, H, L, D], got "
-                             f"{tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}")
-    if not (q.dtype == k.dtype == v.dtype) or q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-        raise TypeError(f"q, k, v must share one dtype among float16/bfloat16/float32, got {q.dtype}, {k.dtype}, "
-                        f"{v.dtype}")
-    if not (q.device == k.device == v.device):
-        raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
+    B, Hq, Hkv, Lq, Lk, D = check_qkv(q, k, v, causal=causal, names=("q", "k", "v"))
+    check_scale(scale)
     if q.device.type == "cpu" and not _interpreting():
         raise RuntimeError("block_sparse_attention runs Triton kernels: it needs CUDA tensors, or TRITON_INTERPRET=1 "
                            "for CPU tensors (slow; sparseattn.sparse_attention falls back to the reference on CPU)")
-    if k.shape != v.shape:
-        raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
-    B, Hq, Lq, D = q.shape
-    Bk, Hkv, Lk, Dk = k.shape
-    if Bk != B or Dk != D:
-        raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)} must agree on batch and head_dim")
     if D > 256:
         raise ValueError(f"head_dim must be <= 256, got {D}")
-    if Hkv == 0 or Hq % Hkv != 0:
-        raise ValueError(f"query heads ({Hq}) must be a multiple of key/value heads ({Hkv})")
-    if causal and Lq > Lk:
-        raise ValueError(f"q has {Lq} positions but k only {Lk}: with causal=True the queries are the last Lq "
-                         f"of the Lk positions, so Lq <= Lk")
-    if scale is not None and not (isinstance(scale, (int, float)) and not isinstance(scale, bool) and scale > 0):
-        raise ValueError(f"scale must be a positive float or None, got {scale!r}")
     if cu_seqlens is not None:
         if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2 \
                 or cu_seqlens.dtype != torch.int32:

@@ -19,6 +19,7 @@ import triton
 import triton.language as tl
 
 from ..index import VerticalSlashIndex
+from ..validation import check_qkv, check_scale
 from .block_sparse import (
     _LN2,
     LOG2E,
@@ -151,29 +152,13 @@ def vertical_slash_forward(q, k, v, vs_index: VerticalSlashIndex, *, scale: floa
 
 
 def _validate(q, k, v, vs_index, scale):
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(t, torch.Tensor) or t.dim() != 4:
-            raise ValueError(f"{name} must be a 4-D tensor [B, H, L, D]")
-    if not (q.dtype == k.dtype == v.dtype) or q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-        raise TypeError(f"q, k, v must share one dtype among float16/bfloat16/float32, got {q.dtype}, {k.dtype}, "
-                        f"{v.dtype}")
-    if not (q.device == k.device == v.device):
-        raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
+    B, Hq, Hkv, Lq, Lk, D = check_qkv(q, k, v, causal=True, names=("q", "k", "v"))
+    check_scale(scale)
     if q.device.type == "cpu" and not _interpreting():
         raise RuntimeError("vertical_slash_attention runs a Triton kernel: it needs CUDA tensors, or "
                            "TRITON_INTERPRET=1 for CPU tensors")
-    if k.shape != v.shape:
-        raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
-    B, Hq, Lq, D = q.shape
-    Bk, Hkv, Lk, Dk = k.shape
-    if Bk != B or Dk != D or D > 256:
-        raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)} must agree on batch and head_dim (<= 256)")
-    if Hkv == 0 or Hq % Hkv != 0:
-        raise ValueError(f"query heads ({Hq}) must be a multiple of key/value heads ({Hkv})")
-    if Lq > Lk:
-        raise ValueError(f"q has {Lq} positions but k only {Lk}; queries are the last Lq positions, so Lq <= Lk")
-    if scale is not None and not (isinstance(scale, (int, float)) and not isinstance(scale, bool) and scale > 0):
-        raise ValueError(f"scale must be a positive float or None, got {scale!r}")
+    if D > 256:
+        raise ValueError(f"head_dim must be <= 256, got {D}")
     if not isinstance(vs_index, VerticalSlashIndex):
         raise TypeError(f"vs_index must be a VerticalSlashIndex, got {type(vs_index).__name__}")
     for name in ("block_q", "block_k"):
