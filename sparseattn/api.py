@@ -20,7 +20,7 @@ from .config import build_config, load_config
 from .index import BlockIndex, VerticalSlashIndex
 from .methods import get_method
 from .methods.full import dense_attention
-from .reference.attention import reference_block_sparse_attention, reference_vertical_slash_attention
+from .reference.attention import reference_vertical_slash_attention
 from .validation import check_choice, check_qkv, check_scale
 
 logger = logging.getLogger("sparseattn")
@@ -115,7 +115,34 @@ def attend(q, k, v, index, *, causal: bool = True, scale: float | None = None):
         from .kernels.block_sparse import block_sparse_attention
 
         return block_sparse_attention(q, k, v, index, causal=causal, scale=scale)
-    return reference_block_sparse_attention(q, k, v, index, causal=causal, scale=scale)
+    return _masked_sdpa(q, k, v, index, causal=causal, scale=scale)
+
+
+_MASK_CHUNK_ELEMENTS = 1 << 26
+
+
+def _masked_sdpa(q, k, v, index: BlockIndex, *, causal: bool, scale: float | None):
+    """CPU path: SDPA over the index's element mask, built one query chunk at a time.
+
+    Exact (same softmax over the same pairs as the kernel; tested against the fp32 reference) and
+    several times faster on a CPU than the reference's explicit matmuls.
+    """
+    B, Hq, Lq, _ = q.shape
+    Lk = k.shape[2]
+    blocks = index.to_mask()  # [B, Hq, nq, nk]
+    col_block = torch.arange(Lk, device=q.device) // index.block_k
+    kpos = torch.arange(Lk, device=q.device)
+    step = max(index.block_q, _MASK_CHUNK_ELEMENTS // max(1, B * Hq * Lk) // index.block_q * index.block_q)
+    out = torch.empty_like(q)
+    for r0 in range(0, Lq, step):
+        r1 = min(Lq, r0 + step)
+        rows = torch.arange(r0, r1, device=q.device)
+        mask = blocks[:, :, rows // index.block_q][..., col_block]  # [B, Hq, rows, Lk]
+        if causal:
+            mask = mask & (kpos[None, :] <= rows[:, None] + (Lk - Lq))
+        out[:, :, r0:r1] = torch.nn.functional.scaled_dot_product_attention(
+            q[:, :, r0:r1], k, v, attn_mask=mask, scale=scale, enable_gqa=Hq != k.shape[1])
+    return out
 
 
 def _stats(index, method, B, Hq, causal, device):

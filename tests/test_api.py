@@ -132,3 +132,16 @@ def test_seed_readme_examples_shape_and_dtype():
                                               slash_size=6096, adaptive_budget=0.1),
                 sparseattn.Full_prefill(q, q, q)):
         assert out.shape == q.shape and out.dtype == q.dtype and torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("B,Hq,Hkv,Lq,Lk,bs", [(1, 4, 2, 300, 300, 32), (2, 6, 3, 77, 500, 64), (1, 2, 2, 1, 90, 16)])
+def test_cpu_masked_sdpa_path_equals_reference(B, Hq, Hkv, Lq, Lk, bs, monkeypatch):
+    from sparseattn import api
+    from sparseattn.bench.inputs import random_block_index
+    from sparseattn.reference.attention import reference_block_sparse_attention
+
+    q, k, v = qkv(B=B, Hq=Hq, Hkv=Hkv, Lq=Lq, Lk=Lk)
+    idx = random_block_index(B, Hq, Lq, Lk, bs, 0.4, device="cpu", seed=2)
+    monkeypatch.setattr(api, "_MASK_CHUNK_ELEMENTS", 4096)  # several chunks
+    got = api._masked_sdpa(q, k, v, idx, causal=True, scale=None)
+    assert rel(got, reference_block_sparse_attention(q, k, v, idx)) < 1e-5
