@@ -89,10 +89,11 @@ def cmd_demo(args) -> int:
 
     wall = time.perf_counter()
     device = _device(args.device)
-    context = args.context or (8192 if device.type == "cuda" else 2048)
-    if not 256 <= context <= MAX_DEMO_CONTEXT:
-        raise UsageError(f"--context must be in [256, {MAX_DEMO_CONTEXT}] tokens (the default model's context "
-                         f"is 8192), got {context}")
+    # The prompt plus the answer must fit the model's 8192 positions.
+    context = args.context or (MAX_DEMO_CONTEXT - 256 if device.type == "cuda" else 2048)
+    if not 256 <= context <= MAX_DEMO_CONTEXT - args.max_new_tokens:
+        raise UsageError(f"--context must be in [256, {MAX_DEMO_CONTEXT - args.max_new_tokens}] tokens (the default "
+                         f"model's 8192 positions hold the prompt and --max-new-tokens), got {context}")
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = [m for m in methods if m not in METHODS or m == "full"]
     if unknown or not methods:
@@ -252,8 +253,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="a real model answers a long passkey prompt, dense and with every method")
     demo.add_argument("--model", default="default", help="a Hugging Face model folder, a .gguf file, or 'default' "
                       "(the embedded SmolLM2-135M-Instruct, downloaded once)")
-    demo.add_argument("--context", type=int, default=None, help="prompt tokens (default 2048 on a CPU, 8192 on a "
-                      "GPU; at most 8192)")
+    demo.add_argument("--context", type=int, default=None, help="prompt tokens (default 2048 on a CPU, 7936 on a "
+                      "GPU; the prompt plus the answer must fit 8192)")
     demo.add_argument("--methods", default=",".join(DEMO_METHODS),
                       help="comma-separated sparse methods to compare with dense")
     demo.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")

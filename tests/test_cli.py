@@ -210,8 +210,8 @@ def test_cli_demo_end_to_end(model_dir, tmp_path, capsys):
 
 @pytest.mark.parametrize("argv, match", [
     (["--methods", "xattention,nope"], "unknown method(s) ['nope']"),
-    (["--context", "100"], "--context must be in [256, 8192]"),
-    (["--context", "9000"], "--context must be in [256, 8192]"),
+    (["--context", "100"], "--context must be in [256, 8180]"),
+    (["--context", "9000"], "--context must be in [256, 8180]"),
     (["--depth", "2"], "--depth must be in [0, 1]"),
     (["--set", "threshold=0.9"], "METHOD.KEY=VALUE"),
     (["--set", "minference.vertical_size=0"], "vertical_size must be > 0"),
