@@ -194,7 +194,7 @@ def test_unsupported_attention_kwargs_raise():
 
     q = torch.randn(1, 4, 8, 16)
     k = v = torch.randn(1, 2, 8, 16)
-    with pytest.raises(NotImplementedError, match="soft-capping"):
+    with pytest.raises(ValueError, match="soft-capping"):
         integration.sparse_attention_forward(Module(), q, k, v, None, softcap=30.0)
 
 

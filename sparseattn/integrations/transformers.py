@@ -285,7 +285,7 @@ def sparse_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: 
     """
     for name, what in _UNSUPPORTED_KWARGS.items():
         if kwargs.get(name) is not None:
-            raise NotImplementedError(
+            raise ValueError(
                 f"attn_implementation={IMPLEMENTATION!r} does not implement {what} ({type(module).__name__} passed "
                 f"{name}=...); load this model with attn_implementation='sdpa' or 'eager'"
             )
