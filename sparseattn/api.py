@@ -106,10 +106,14 @@ def attend(q, k, v, index, *, causal: bool = True, scale: float | None = None):
     if index is None:
         return dense_attention(q, k, v, causal=causal, scale=scale)
     if isinstance(index, VerticalSlashIndex):
-        if _use_triton(q):
+        # The vertical-slash kernel is causal-only; a non-causal call takes the exact reference.
+        if causal and _use_triton(q):
             from .kernels.vertical_slash import vertical_slash_attention
 
             return vertical_slash_attention(q, k, v, index, scale=scale)
+        if not causal and q.is_cuda:
+            logger.warning("sparseattn: the vertical-slash kernel is causal-only; non-causal MInference runs the "
+                           "exact fp32 reference (slow, O(Lq x Lk) memory)")
         return reference_vertical_slash_attention(q, k, v, index, causal=causal, scale=scale)
     if _use_triton(q):
         from .kernels.block_sparse import block_sparse_attention

@@ -145,3 +145,17 @@ def test_cpu_masked_sdpa_path_equals_reference(B, Hq, Hkv, Lq, Lk, bs, monkeypat
     monkeypatch.setattr(api, "_MASK_CHUNK_ELEMENTS", 4096)  # several chunks
     got = api._masked_sdpa(q, k, v, idx, causal=True, scale=None)
     assert rel(got, reference_block_sparse_attention(q, k, v, idx)) < 1e-5
+
+
+def test_noncausal_vertical_slash_never_reaches_the_causal_kernel(monkeypatch):
+    from sparseattn import api
+    from sparseattn.reference.minference import minference_select
+
+    calls = []
+    monkeypatch.setattr(api, "_use_triton", lambda q: calls.append("asked") or True)
+    q, k, v = qkv(Lq=100, Lk=100)
+    idx = minference_select(q, k, vertical_size=8, slash_size=8, last_q=16, block_size=16, causal=False)
+    out = api.attend(q, k, v, idx, causal=False)
+    assert calls == []  # the causal-only kernel was not even considered
+    expect = reference_attention(q, k, v, causal=False, mask=idx.to_element_mask(causal=False))
+    assert rel(out, expect) < 1e-5
