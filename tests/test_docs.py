@@ -24,7 +24,7 @@ def test_readme_block_runs(code, monkeypatch):
     exec(compile("import torch\n" + code, "README.md", "exec"), namespace)
 
 
-DOC_MODULES = ["sparseattn.index", "sparseattn.api", "sparseattn.integrations.transformers", "sparseattn.config", "sparseattn.methods",
+DOC_MODULES = ["sparseattn.index", "sparseattn.api", "sparseattn.bench.capture", "sparseattn.integrations.transformers", "sparseattn.config", "sparseattn.methods",
                "sparseattn.methods.xattention", "sparseattn.methods.flexprefill", "sparseattn.methods.minference",
                "sparseattn.methods.full", "sparseattn.reference.attention"]
 
