@@ -222,7 +222,7 @@ def cmd_bench(args) -> int:
         backward = [int(x) for x in args.backward_lengths.split(",")] if args.backward_lengths else []
         result = run_kernel_suite(lengths, densities, q_heads=args.q_heads, kv_heads=args.kv_heads,
                                   head_dim=args.head_dim, block_size=args.block_size, backward_lengths=backward,
-                                  progress=progress)
+                                  share_blocks_in_group=args.share_blocks_in_group, progress=progress)
     else:
         from .bench.method_suite import method_table as table
         from .bench.method_suite import run_method_suite
@@ -293,6 +293,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--kv-heads", type=int, default=8)
     bench.add_argument("--head-dim", type=int, default=128)
     bench.add_argument("--block-size", type=int, default=128)
+    bench.add_argument("--share-blocks-in-group", action="store_true",
+                       help="kernel suite: draw random blocks once per GQA group instead of once per head")
     bench.add_argument("--out", default="benchmarks/results")
     bench.add_argument("--name", default=None, help="file name (default: the suite's name)")
     bench.set_defaults(func=cmd_bench)

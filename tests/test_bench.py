@@ -58,3 +58,10 @@ def test_report_from_json(tmp_path):
     assert "| 8K | 12.0% | 0.20 | 0.40 | 2.00x | 1.67 |" in text
     if png is not None:
         assert png.stat().st_size > 1000
+
+
+def test_random_block_index_shared_in_group():
+    idx = random_block_index(1, 8, 1000, 1000, 64, 0.3, device="cpu", seed=1, group_size=4)
+    mask = idx.to_mask()
+    assert torch.equal(mask[:, 0], mask[:, 3]) and torch.equal(mask[:, 4], mask[:, 7])
+    assert not torch.equal(mask[:, 0], mask[:, 4])

@@ -23,11 +23,13 @@ def random_qkv(batch, q_heads, kv_heads, seq_len, head_dim, *, dtype=torch.bfloa
 
 
 def random_block_index(batch, heads, q_len, k_len, block_size, density, *, device="cuda", seed=0,
-                       causal=True) -> BlockIndex:
+                       causal=True, group_size: int = 1) -> BlockIndex:
     """Random causal blocks at about ``density`` of the causal blocks, plus block 0 and the diagonal.
 
     Each allowed block is kept with probability chosen so that the expected total, forced blocks
     included, is ``density`` of the allowed blocks. Built on the device with no host loop.
+    ``group_size > 1`` draws one pattern per group of consecutive heads (a GQA group sharing its
+    selection), instead of one per head.
     """
     allowed = causal_block_mask(q_len, k_len, block_size, block_size, causal, device=device)
     nq, nk = allowed.shape
@@ -40,7 +42,10 @@ def random_block_index(batch, heads, q_len, k_len, block_size, density, *, devic
     n_allowed, n_forced = allowed.sum().item(), forced.sum().item()
     p = max(0.0, min(1.0, (density * n_allowed - n_forced) / max(1, n_allowed - n_forced)))
     g = torch.Generator(device=device).manual_seed(seed)
-    rand = torch.rand(batch, heads, nq, nk, generator=g, device=device) < p
+    if heads % group_size:
+        raise ValueError(f"heads ({heads}) must be a multiple of group_size ({group_size})")
+    rand = torch.rand(batch, heads // group_size, nq, nk, generator=g, device=device) < p
+    rand = rand.repeat_interleave(group_size, dim=1)
     mask = (rand & allowed) | forced
     return BlockIndex.from_mask(mask, block_q=block_size, block_k=block_size, q_len=q_len, k_len=k_len)
 

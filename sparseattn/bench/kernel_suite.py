@@ -59,13 +59,18 @@ def _record(records, **fields):
 
 def run_kernel_suite(lengths=DEFAULT_LENGTHS, densities=DEFAULT_DENSITIES, *, batch=1, q_heads=32, kv_heads=8,
                      head_dim=128, block_size=128, dtype=torch.bfloat16, backward_lengths=(8192, 32768),
-                     progress=None) -> dict:
-    """Run the suite and return the JSON-able result (machine, shapes, records, gate)."""
+                     share_blocks_in_group=False, progress=None) -> dict:
+    """Run the suite and return the JSON-able result (machine, shapes, records, gate).
+
+    ``share_blocks_in_group``: the random blocks are drawn once per GQA group (all query heads of a
+    KV head select the same blocks) instead of once per head.
+    """
     from ..kernels.block_sparse import block_sparse_attention
 
     result = {"suite": "kernel", "machine": machine_record(), "gate": correctness_gate(q_heads, kv_heads, head_dim),
               "shape": dict(batch=batch, q_heads=q_heads, kv_heads=kv_heads, head_dim=head_dim,
-                            dtype=str(dtype).replace("torch.", ""), causal=True, block_size=block_size),
+                            dtype=str(dtype).replace("torch.", ""), causal=True, block_size=block_size,
+                            blocks_shared_in_gqa_group=share_blocks_in_group),
               "peers": {p.name: p.note for p in DENSE_PEERS + SPARSE_PEERS}, "records": []}
     records = result["records"]
     for L in lengths:
@@ -87,7 +92,8 @@ def run_kernel_suite(lengths=DEFAULT_LENGTHS, densities=DEFAULT_DENSITIES, *, ba
         _record(records, L=L, case="dense", impl="ours_dense", density=1.0, **t,
                 eff_tflops=dense_flops / t["ms"] / 1e9, act_tflops=dense_flops / t["ms"] / 1e9)
         for d in densities:
-            idx = random_block_index(batch, q_heads, L, L, block_size, d, seed=int(d * 1000) + L, device=q.device)
+            idx = random_block_index(batch, q_heads, L, L, block_size, d, seed=int(d * 1000) + L, device=q.device,
+                                     group_size=q_heads // kv_heads if share_blocks_in_group else 1)
             real_d = float(idx.density().mean().item())
             act = block_flops(idx, head_dim)
             t = time_ms(lambda: block_sparse_attention(q, k, v, idx, causal=True))
