@@ -33,11 +33,13 @@ __all__ = [
     "KeyMajorIndex",
     "VerticalSlashIndex",
     "causal_block_mask",
+    "cdiv",
     "diagonal_block_range",
 ]
 
 
-def _cdiv(a: int, b: int) -> int:
+def cdiv(a: int, b: int) -> int:
+    """Ceiling division: the number of blocks of size ``b`` covering ``a`` items."""
     return -(-a // b)
 
 
@@ -48,7 +50,7 @@ def diagonal_block_range(q_len: int, k_len: int, block_q: int, block_k: int, dev
     with ``off = k_len - q_len``; its diagonal blocks are the key blocks containing those positions.
     Keeping them guarantees every query row sees at least its own key, so no row is empty.
     """
-    nq = _cdiv(q_len, block_q)
+    nq = cdiv(q_len, block_q)
     off = k_len - q_len
     rows = torch.arange(nq, device=device, dtype=torch.int64)
     first_pos = off + rows * block_q
@@ -58,7 +60,7 @@ def diagonal_block_range(q_len: int, k_len: int, block_q: int, block_k: int, dev
 
 def causal_block_mask(q_len: int, k_len: int, block_q: int, block_k: int, causal: bool = True, device=None):
     """``[nq, nk]`` bool: blocks holding at least one allowed (query, key) pair."""
-    nq, nk = _cdiv(q_len, block_q), _cdiv(k_len, block_k)
+    nq, nk = cdiv(q_len, block_q), cdiv(k_len, block_k)
     if not causal:
         return torch.ones(nq, nk, dtype=torch.bool, device=device)
     _, last = diagonal_block_range(q_len, k_len, block_q, block_k, device=device)
@@ -152,11 +154,11 @@ class BlockIndex:
     # ---- shape facts -------------------------------------------------------------------------
     @property
     def num_q_blocks(self) -> int:
-        return _cdiv(self.q_len, self.block_q)
+        return cdiv(self.q_len, self.block_q)
 
     @property
     def num_k_blocks(self) -> int:
-        return _cdiv(self.k_len, self.block_k)
+        return cdiv(self.k_len, self.block_k)
 
     @property
     def batch(self) -> int:
@@ -181,7 +183,7 @@ class BlockIndex:
         """
         if mask.dtype != torch.bool or mask.dim() != 4:
             raise ValueError(f"mask must be a [B, H, nq, nk] bool tensor, got {mask.dtype} {tuple(mask.shape)}")
-        nq, nk = _cdiv(q_len, block_q), _cdiv(k_len, block_k)
+        nq, nk = cdiv(q_len, block_q), cdiv(k_len, block_k)
         if tuple(mask.shape[2:]) != (nq, nk):
             raise ValueError(f"mask has blocks {tuple(mask.shape[2:])}, expected (nq, nk) = {(nq, nk)}")
         indices, counts = _pack_rows(mask, max_k)
@@ -277,7 +279,7 @@ class KeyMajorIndex:
 
     def to_mask(self) -> torch.Tensor:
         """Dense `[B, H, nk, nq]` bool mask (key-major)."""
-        return _unpack_rows(self.indices, self.counts, _cdiv(self.q_len, self.block_q))
+        return _unpack_rows(self.indices, self.counts, cdiv(self.q_len, self.block_q))
 
 
 @dataclass(frozen=True)

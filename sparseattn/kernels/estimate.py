@@ -64,7 +64,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..index import BlockIndex, causal_block_mask
+from ..index import BlockIndex, causal_block_mask, cdiv
 from ..reference.streaming import forced_block_mask
 from ..reference.xattention import CHUNK_ELEMENTS, _threshold_per_head, check_qk, keep_until_covered
 
@@ -310,10 +310,6 @@ def default_estimate_configs(head_dim: int, dtype: torch.dtype, device: torch.de
 _WORKING_CONFIG: dict[tuple, EstimateConfig] = {}
 
 
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
-
-
 def _alloc_mass(shape, device) -> torch.Tensor:
     if os.environ.get(NAN_FILL_ENV) == "1":
         return torch.full(shape, float("nan"), dtype=torch.float32, device=device)
@@ -339,7 +335,7 @@ def block_mass_forward(q: torch.Tensor, k: torch.Tensor, *, stride: int, block_s
     Lk = k.shape[2]
     S, bs = stride, block_size
     per_block = bs // S
-    nq, nk = _cdiv(Lq, bs), _cdiv(Lk, bs)
+    nq, nk = cdiv(Lq, bs), cdiv(Lk, bs)
     if out is None:
         out = _alloc_mass((B, Hq, nq, nk), q.device)
     key = (D, S, bs, q.dtype, q.device.type, q.device.index)
@@ -376,21 +372,21 @@ def _launch(q, k, out, S, per_block, causal, cfg: EstimateConfig, scratch_elemen
     if block_n * S * k.stride(2) + D >= 2**31:
         k = k.contiguous()
     kb_per_tile = block_n // per_block
-    n_tiles = _cdiv(nk, kb_per_tile)
+    n_tiles = cdiv(nk, kb_per_tile)
     nk_pad = n_tiles * kb_per_tile
-    rows = _cdiv(Lq, S)
-    m_tiles = _cdiv(rows, block_m)
+    rows = cdiv(Lq, S)
+    m_tiles = cdiv(rows, block_m)
     per_row = nk_pad + n_tiles  # scratch floats per reshaped row of one head
     heads = B * Hq
     # Split into the fewest launches whose scratch fits, then spread the work evenly over them: a
     # launch with a few heads left over would leave most SMs idle.
     if m_tiles * block_m * per_row <= scratch_elements:
         most = max(1, min(heads, scratch_elements // (m_tiles * block_m * per_row)))
-        heads_per_launch = _cdiv(heads, _cdiv(heads, most))
+        heads_per_launch = cdiv(heads, cdiv(heads, most))
         tiles_per_launch = m_tiles
     else:  # one head's rows do not fit: split the rows too
         most = max(1, scratch_elements // (block_m * per_row))
-        tiles_per_launch = _cdiv(m_tiles, _cdiv(m_tiles, most))
+        tiles_per_launch = cdiv(m_tiles, cdiv(m_tiles, most))
         heads_per_launch = 1
     scratch_rows = tiles_per_launch * block_m
     sums = torch.empty(heads_per_launch, scratch_rows, nk_pad, dtype=torch.float32, device=q.device)

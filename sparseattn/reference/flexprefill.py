@@ -6,16 +6,12 @@ import math
 
 import torch
 
-from sparseattn.index import BlockIndex, causal_block_mask
+from sparseattn.index import BlockIndex, causal_block_mask, cdiv
 from sparseattn.reference.minference import block_mean_pool, last_query_scores
 from sparseattn.reference.streaming import forced_block_mask
 from sparseattn.reference.xattention import CHUNK_ELEMENTS, check_qk, keep_until_covered
 
 __all__ = ["flexprefill_select"]
-
-
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
 
 
 def _sqrt_js_divergence(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
@@ -116,7 +112,7 @@ def flexprefill_select(q: torch.Tensor, k: torch.Tensor, *, gamma: float = 0.9, 
     if sparsity_ratio is not None and not (isinstance(sparsity_ratio, (int, float)) and 0 < sparsity_ratio <= 1):
         raise ValueError(f"flexprefill_select: sparsity_ratio must be None or in (0, 1], got {sparsity_ratio!r}")
     bs, G, device = block_size, Hq // Hkv, q.device
-    nq, nk = _cdiv(Lq, bs), _cdiv(Lk, bs)
+    nq, nk = cdiv(Lq, bs), cdiv(Lk, bs)
     n_hat = min(bs, Lq)
 
     # Steps 1-2: token vertical / slash distributions of q_hat, and the pattern decision.

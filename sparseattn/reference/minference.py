@@ -11,7 +11,7 @@ import math
 
 import torch
 
-from sparseattn.index import BlockIndex, VerticalSlashIndex, causal_block_mask
+from sparseattn.index import BlockIndex, VerticalSlashIndex, causal_block_mask, cdiv
 from sparseattn.reference.streaming import forced_block_mask, streaming_select
 from sparseattn.reference.xattention import CHUNK_ELEMENTS, check_qk
 
@@ -19,10 +19,6 @@ __all__ = ["minference_select", "a_shape_select", "block_sparse_select", "last_q
 
 FORCED_VERTICALS = 30  # first keys always kept as verticals (attention sinks)
 FORCED_SLASHES = 100  # most local diagonals (offsets 0..99) always kept
-
-
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
 
 
 def last_query_scores(q: torch.Tensor, k: torch.Tensor, num_last: int, causal: bool = True):
@@ -69,7 +65,7 @@ def last_query_scores(q: torch.Tensor, k: torch.Tensor, num_last: int, causal: b
 def block_mean_pool(x: torch.Tensor, block_size: int) -> torch.Tensor:
     """`[B, H, L, D]` -> `[B, H, ceil(L/bs), D]` fp32 mean over each block's valid rows."""
     B, H, L, D = x.shape
-    n = _cdiv(L, block_size)
+    n = cdiv(L, block_size)
     padded = torch.nn.functional.pad(x.float(), (0, 0, 0, n * block_size - L))
     sizes = torch.clamp(L - torch.arange(n, device=x.device) * block_size, max=block_size)
     return padded.view(B, H, n, block_size, D).sum(3) / sizes[:, None].float()
@@ -146,7 +142,7 @@ def minference_select(q: torch.Tensor, k: torch.Tensor, *, vertical_size: int = 
     # Descending offsets give ascending range starts in every query block.
     s_offsets = torch.sort(_top_positions(slash, ns) + min_offset, dim=-1, descending=True).values[:, :, None, :]
 
-    nq, nk = _cdiv(Lq, bs), _cdiv(Lk, bs)
+    nq, nk = cdiv(Lq, bs), cdiv(Lk, bs)
     # Each range adds at most two tiles, and at most nk tile starts fit in [0, Lk) spaced >= bs.
     width_r, big = min(2 * ns, nk), Lk + 2 * bs
     range_starts = torch.empty(B, Hq, nq, width_r, dtype=torch.int32, device=device)
@@ -236,7 +232,7 @@ def block_sparse_select(q: torch.Tensor, k: torch.Tensor, *, top_k: int, block_s
     if not isinstance(block_size, int) or block_size <= 0:
         raise ValueError(f"block_sparse_select: block_size must be a positive int, got {block_size!r}")
     bs, G, device = block_size, Hq // Hkv, q.device
-    nq, nk = _cdiv(Lq, bs), _cdiv(Lk, bs)
+    nq, nk = cdiv(Lq, bs), cdiv(Lk, bs)
     q_pool = block_mean_pool(q, bs).reshape(B, Hkv, G, nq, D)
     k_pool_t = block_mean_pool(k, bs).transpose(-1, -2)
     allowed = causal_block_mask(Lq, Lk, bs, bs, causal, device=device)

@@ -8,13 +8,9 @@ from __future__ import annotations
 
 import torch
 
-from sparseattn.index import BlockIndex, causal_block_mask, diagonal_block_range
+from sparseattn.index import BlockIndex, causal_block_mask, cdiv, diagonal_block_range
 
 __all__ = ["forced_block_mask", "streaming_select"]
-
-
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
 
 
 def forced_block_mask(q_len: int, k_len: int, block_size: int, causal: bool = True, device=None) -> torch.Tensor:
@@ -25,7 +21,7 @@ def forced_block_mask(q_len: int, k_len: int, block_size: int, causal: bool = Tr
     so the result is a subset of ``causal_block_mask`` whatever ``causal`` is.
     """
     first, last = diagonal_block_range(q_len, k_len, block_size, block_size, device=device)
-    cols = torch.arange(_cdiv(k_len, block_size), device=device, dtype=torch.int64)
+    cols = torch.arange(cdiv(k_len, block_size), device=device, dtype=torch.int64)
     forced = (cols[None, :] >= first[:, None]) & (cols[None, :] <= last[:, None])
     forced[:, 0] = True
     return forced & causal_block_mask(q_len, k_len, block_size, block_size, causal, device=device)
@@ -71,7 +67,7 @@ def streaming_select(q_len: int, k_len: int, batch: int, heads: int, *, sink: in
     if q_len > k_len:
         raise ValueError(f"streaming_select: q_len ({q_len}) must be <= k_len ({k_len})")
     bs = block_size
-    nq, nk = _cdiv(q_len, bs), _cdiv(k_len, bs)
+    nq, nk = cdiv(q_len, bs), cdiv(k_len, bs)
     rows = torch.arange(nq, device=device, dtype=torch.int64)
     first_pos = (k_len - q_len) + rows * bs
     last_pos = (k_len - q_len) + torch.clamp((rows + 1) * bs, max=q_len) - 1
@@ -86,7 +82,7 @@ def streaming_select(q_len: int, k_len: int, batch: int, heads: int, *, sink: in
     # Row width bound from shapes only: sink blocks + blocks a window span of
     # (window - 1 [+ window - 1 if not causal] + bs) keys can touch + block 0 + two diagonal blocks.
     span = window - 1 + bs + (0 if causal else max(window - 1, 0))
-    width = min(nk, _cdiv(sink, bs) + _cdiv(span, bs) + 1 + 3)
+    width = min(nk, cdiv(sink, bs) + cdiv(span, bs) + 1 + 3)
     single = BlockIndex.from_mask(mask[None, None], block_q=bs, block_k=bs, q_len=q_len, k_len=k_len, max_k=width)
     indices = single.indices.expand(batch, heads, -1, -1).contiguous()
     counts = single.counts.expand(batch, heads, -1).contiguous()

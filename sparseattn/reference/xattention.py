@@ -10,17 +10,13 @@ import math
 
 import torch
 
-from sparseattn.index import BlockIndex, causal_block_mask
+from sparseattn.index import BlockIndex, causal_block_mask, cdiv
 from sparseattn.reference.streaming import forced_block_mask
 
 __all__ = ["xattention_select", "xattention_block_mass", "keep_until_covered", "check_qk"]
 
 # Largest fp32 score tile one query chunk may hold (~256 MB).
 CHUNK_ELEMENTS = 1 << 26
-
-
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
 
 
 def check_qk(q: torch.Tensor, k: torch.Tensor, name: str) -> tuple[int, int, int, int, int, int]:
@@ -107,8 +103,8 @@ def xattention_block_mass(q: torch.Tensor, k: torch.Tensor, *, stride: int = 16,
         raise ValueError(f"xattention: block_size ({block_size!r}) must be a positive multiple of stride ({stride})")
     S, bs, G, device = stride, block_size, Hq // Hkv, q.device
     per_block = bs // S  # reshaped rows (and columns) per block
-    nq, nk = _cdiv(Lq, bs), _cdiv(Lk, bs)
-    nrq, nrk = _cdiv(Lq, S), _cdiv(Lk, S)
+    nq, nk = cdiv(Lq, bs), cdiv(Lk, bs)
+    nrq, nrk = cdiv(Lq, S), cdiv(Lk, S)
     qf = torch.nn.functional.pad(q.float(), (0, 0, 0, nrq * S - Lq))
     kf = torch.nn.functional.pad(k.float(), (0, 0, 0, nrk * S - Lk))
     # Reversing each stride group of q turns the antidiagonal sum into a plain dot product.
