@@ -19,6 +19,7 @@ Example:
     >>> q = k = v = torch.randn(1, 2, 300, 16)
     >>> sparseattn.sparse_attention(q, k, v, method="last_two_blocks").shape
     torch.Size([1, 2, 300, 16])
+    >>> _ = sparseattn.METHODS.pop("last_two_blocks")  # unregister
 """
 
 from __future__ import annotations
