@@ -113,7 +113,11 @@ def _flex_sparse(q, k, v, causal, block_index=None, grad=False):
     if fn is None or block_index is None or not q.is_cuda or block_index.block_q != block_index.block_k:
         return None
     mask = block_index.to_block_mask(causal=causal)
-    return lambda: fn(q, k, v, block_mask=mask, enable_gqa=q.shape[1] != k.shape[1])
+    options = None
+    if block_index.block_q < 128:
+        # Flex's default tiles (128 rows on the H100) must divide the BlockMask's blocks.
+        options = {"BLOCK_M": block_index.block_q, "BLOCK_N": block_index.block_k}
+    return lambda: fn(q, k, v, block_mask=mask, enable_gqa=q.shape[1] != k.shape[1], kernel_options=options)
 
 
 def _flash_attn(q, k, v, causal, block_index=None, grad=False):
