@@ -275,7 +275,7 @@ def test_cli_generate_dense(model_dir, monkeypatch, capsys, patch_calls):
 
 
 @pytest.mark.parametrize("argv, stdin, match", [
-    (["--method", "nope"], "hi", "unknown --method 'nope'; choose from ['flexprefill', 'full', 'minference'"),
+    (["--method", "nope"], "hi", "unknown --method 'nope'; choose from ['flexprefill', 'full', 'headmask', 'minference'"),
     (["--set", "threshold"], "hi", "--set takes key=value"),
     (["--set", "=3"], "hi", "--set takes key=value"),
     (["--set", "thresh=0.9"], "hi", "unknown XAttentionConfig option(s) ['thresh']"),

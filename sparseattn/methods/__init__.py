@@ -75,4 +75,4 @@ def get_method(name: str) -> MethodSpec:
 
 
 # Built-in methods register themselves on import.
-from . import full, xattention, flexprefill, minference, streaming  # noqa: E402,F401
+from . import full, xattention, flexprefill, minference, streaming, headmask  # noqa: E402,F401

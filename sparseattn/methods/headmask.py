@@ -1,0 +1,148 @@
+"""Head-mask attention: per KV head, full causal attention or streaming (sink + local window).
+
+The prefill side of trained head masks (PruLong / DuoAttention): a full head keeps every causal
+block, a streaming head keeps the blocks of the ``streaming`` method (key block 0 and the first
+``sink`` tokens, the last ``window`` tokens of each query, the diagonal), block-granular exactly as
+``method="streaming"``. With GQA all query heads of a KV head share its choice. The selector builds
+one ``BlockIndex`` with both kinds of rows, so the shared Triton kernel runs the whole layer in
+one launch; an all-full layer returns ``None`` (dense attention: cuDNN SDPA on a GPU).
+
+The mask of one layer is the config's ``full_heads``; a model's `[layers, kv_heads]` mask comes
+from :func:`sparseattn.headmask.load_head_mask`, and
+:mod:`sparseattn.integrations.headmask_attention` applies it per layer in a Hugging Face model
+(prefill here, decode with a KV cache that keeps only sink + window for streaming heads).
+
+Example:
+    >>> import torch
+    >>> from sparseattn.methods.headmask import head_mask_attention
+    >>> q = torch.randn(1, 4, 300, 16)
+    >>> k, v = torch.randn(1, 2, 300, 16), torch.randn(1, 2, 300, 16)
+    >>> out, stats = head_mask_attention(q, k, v, full_heads=[True, False], sink=16, window=64,
+    ...                                  block_size=64, return_stats=True)
+    >>> out.shape, [round(d, 2) for d in stats.density[0].tolist()]
+    (torch.Size([1, 4, 300, 16]), [1.0, 1.0, 0.8, 0.8])
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..index import BlockIndex, causal_block_mask
+from ..reference.streaming import streaming_select
+from ..validation import check_block_size, check_positive_int
+from . import register_method
+
+__all__ = ["HeadMaskConfig", "head_mask_attention", "select_blocks"]
+
+
+def _normalize_full_heads(value) -> tuple[bool, ...] | None:
+    if value is None:
+        return None
+    if isinstance(value, torch.Tensor):
+        if value.dim() != 1 or value.numel() == 0:
+            raise ValueError(f"full_heads must be a 1-D per-KV-head mask, got shape {tuple(value.shape)}")
+        if value.dtype != torch.bool and not ((value == 0) | (value == 1)).all():
+            raise ValueError(f"full_heads must hold only 0/1 or bools (1 = full head), got {value.tolist()}")
+        return tuple(bool(v) for v in value.tolist())
+    if isinstance(value, (list, tuple)):
+        if not value:
+            raise ValueError("full_heads must not be empty (one entry per KV head)")
+        out = []
+        for entry in value:
+            if isinstance(entry, bool) or (isinstance(entry, int) and entry in (0, 1)):
+                out.append(bool(entry))
+            else:
+                raise ValueError(f"full_heads entries must be bools or 0/1 (1 = full head), got {entry!r}")
+        return tuple(out)
+    raise TypeError(f"full_heads must be None, a list/tuple of bools or a 1-D tensor, got {type(value).__name__}")
+
+
+@dataclass(frozen=True)
+class HeadMaskConfig:
+    """Options of head-mask attention for one layer.
+
+    Args:
+        full_heads: per KV head, True (or 1) = full attention, False (0) = streaming; a list,
+            tuple or 1-D tensor of length ``Hkv`` (stored as a tuple of bools). ``None`` (default)
+            makes every head full, i.e. dense attention.
+        sink: first tokens a streaming head attends to (default 128, as ``streaming``).
+        window: most recent tokens a streaming head attends to, itself included (default 1024).
+        block_size: selection block (default 64); block-granular, so a streaming query may see up
+            to one block more than ``sink``/``window`` tokens (as the ``streaming`` method).
+    """
+
+    full_heads: torch.Tensor | tuple[bool, ...] | None = None
+    sink: int = 128
+    window: int = 1024
+    block_size: int = 64
+
+    def __post_init__(self):
+        object.__setattr__(self, "full_heads", _normalize_full_heads(self.full_heads))
+        check_positive_int("sink", self.sink, allow_zero=True)
+        check_positive_int("window", self.window)
+        check_block_size("block_size", self.block_size)
+
+
+def select_blocks(q: torch.Tensor, k: torch.Tensor, config: HeadMaskConfig, *,
+                  causal: bool = True) -> BlockIndex | None:
+    """Blocks of `q [B, Hq, Lq, D]` against `k [B, Hkv, Lk, D]`: all causal ones for full heads, sink + window
+    for streaming heads; ``None`` (dense) when every head is full.
+
+    Shapes only: no data-dependent host synchronization.
+    """
+    B, Hq, Lq, _ = q.shape
+    Hkv, Lk = k.shape[1], k.shape[2]
+    full = config.full_heads
+    if full is None or all(full):
+        return None
+    if len(full) != Hkv:
+        raise ValueError(f"full_heads has {len(full)} entries but k has {Hkv} KV heads; give one entry per KV head")
+    bs = config.block_size
+    stream = streaming_select(Lq, Lk, 1, 1, sink=config.sink, window=config.window, block_size=bs, causal=causal,
+                              device=q.device)
+    if not any(full):
+        return BlockIndex(stream.indices.expand(B, Hq, -1, -1).contiguous(),
+                          stream.counts.expand(B, Hq, -1).contiguous(), bs, bs, Lq, Lk)
+    allowed = causal_block_mask(Lq, Lk, bs, bs, causal, device=q.device)  # [nq, nk]
+    nk = allowed.shape[1]
+    dense = BlockIndex.from_mask(allowed[None, None], block_q=bs, block_k=bs, q_len=Lq, k_len=Lk, max_k=nk)
+    stream_indices = torch.nn.functional.pad(stream.indices, (0, nk - stream.indices.shape[-1]), value=-1)
+    group = Hq // Hkv
+    full_q = torch.tensor(full, dtype=torch.bool, device=q.device).repeat_interleave(group)  # [Hq], head h -> h // G
+    indices = torch.where(full_q[:, None, None], dense.indices[0], stream_indices[0])  # [Hq, nq, nk]
+    counts = torch.where(full_q[:, None], dense.counts[0], stream.counts[0])  # [Hq, nq]
+    return BlockIndex(indices.expand(B, -1, -1, -1).contiguous(), counts.expand(B, -1, -1).contiguous(),
+                      bs, bs, Lq, Lk)
+
+
+def head_mask_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, full_heads, *, sink: int = 128,
+                        window: int = 1024, block_size: int = 64, causal: bool = True, scale: float | None = None,
+                        return_stats: bool = False):
+    """Attention with full heads and streaming heads (one layer of a trained head mask).
+
+    Args:
+        q: `[B, Hq, Lq, D]`, the last `Lq` of `Lk` positions.
+        k, v: `[B, Hkv, Lk, D]`, `Hq % Hkv == 0`.
+        full_heads: `[Hkv]` bools or 0/1 (True = full head); all query heads of a KV head share it.
+        sink: sink tokens of streaming heads (default 128).
+        window: local-window tokens of streaming heads (default 1024).
+        block_size: selection block (default 64).
+        causal: causal attention (default True).
+        scale: softmax scale, default `1/sqrt(D)`.
+        return_stats: also return the :class:`sparseattn.AttentionStats` (per-head density, index).
+
+    Returns:
+        `[B, Hq, Lq, D]` in q's dtype (and the stats). GPU: the shared Triton kernel (cuDNN SDPA
+        when every head is full); CPU: the exact fallback of :func:`sparseattn.sparse_attention`.
+    """
+    from ..api import sparse_attention
+
+    config = HeadMaskConfig(full_heads=full_heads, sink=sink, window=window, block_size=block_size)
+    return sparse_attention(q, k, v, method="headmask", config=config, causal=causal, scale=scale,
+                            return_stats=return_stats)
+
+
+register_method("headmask", select_blocks, HeadMaskConfig,
+                description="trained head mask: full heads + streaming (sink + window) heads")
