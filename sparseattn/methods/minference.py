@@ -1,17 +1,70 @@
-"""MInference (Jiang et al., NeurIPS 2024): vertical-slash, A-shape and block-sparse head patterns."""
+"""MInference (Jiang et al., NeurIPS 2024): vertical-slash, A-shape and block-sparse head patterns.
+
+Selection: the vertical-and-slash index is built by ``kernels.minference_index`` (on a GPU: Triton
+estimation + closed-form index building, no host sync; on a CPU: fp32 estimation + the same
+building in torch), equal to the fp32 reference, which runs for non-causal calls. Per-head
+patterns (``head_patterns``) come from the offline search (``sparseattn.search``), stored as a
+versioned JSON file per model and loaded with :func:`load_minference_patterns`.
+
+Pattern file (``format: "sparseattn.minference_patterns"``, ``version: 1``)::
+
+    {"format": "sparseattn.minference_patterns", "version": 1,
+     "model": "SmolLM2-135M-Instruct", "aliases": ["smollm2", "default"],
+     "num_layers": 30, "num_heads": 9,
+     "entry": ["pattern", "v", "s", "recall"],
+     "search": {... how it was made: command, calibration text, length, budget, candidates ...},
+     "layers": {"0": {"0": ["vertical_and_slash", 64, 512, 0.97], "1": ["a_shape", 64, 256, 0.99], ...}, ...}}
+
+Each head entry is ``[pattern, v, s, recall]``: ``vertical_and_slash`` -> ``v`` verticals and ``s``
+slashes (tokens); ``a_shape`` -> ``v`` sink and ``s`` window tokens; ``block_sparse`` -> ``v`` key
+blocks per query block (``s`` unused, 0). ``recall`` is the exact attention mass the pattern kept
+on the calibration text (informative only). Heads are query heads, layers are ``layer_idx``.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import functools
+import json
+import math
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
 
 import torch
 
-from ..index import BlockIndex, VerticalSlashIndex
-from ..reference.minference import a_shape_select, block_sparse_select, minference_select
-from ..validation import check_block_size, check_choice, check_positive_int, check_unit_interval, check_qkv
+from ..index import BlockIndex, VerticalSlashIndex, cdiv, diagonal_block_range
+from ..reference.minference import a_shape_select, block_mean_pool, minference_select, per_head_sizes
+from ..reference.xattention import CHUNK_ELEMENTS, check_qk
+from ..validation import check_block_size, check_choice, check_positive_int, check_qkv, check_unit_interval
 from . import register_method
 
+__all__ = ["MInferenceConfig", "MInferencePatterns", "Minference_prefill", "PATTERNS", "block_sparse_select_fast",
+           "load_minference_patterns", "minference_layer_configs", "select_blocks"]
+
 PATTERNS = {"vertical_and_slash", "a_shape", "block_sparse"}
+PATTERN_FORMAT = "sparseattn.minference_patterns"
+PATTERN_VERSION = 1
+PATTERN_DIR = Path(__file__).resolve().parent.parent / "data" / "minference"
+
+
+def _head_pattern(entry, where: str) -> tuple[str, int, int]:
+    """``[pattern, v, s]`` or ``[pattern, v, s, score]`` -> a validated ``(pattern, v, s)``."""
+    if not isinstance(entry, (list, tuple)) or len(entry) not in (3, 4):
+        raise ValueError(f"{where} must be [pattern, v, s] or [pattern, v, s, score], got {entry!r}")
+    pattern, v, s = entry[:3]
+    check_choice(f"{where} pattern", pattern, PATTERNS)
+    for name, value in (("v", v), ("s", s)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(f"{where} {name} must be a non-negative int, got {value!r} in {entry!r}")
+    if pattern == "vertical_and_slash" and (v < 1 or s < 1):
+        raise ValueError(f"{where}: vertical_and_slash needs v >= 1 verticals and s >= 1 slashes, got {entry!r}")
+    if pattern == "a_shape" and s < 1:
+        raise ValueError(f"{where}: a_shape needs a window s >= 1 token, got {entry!r}")
+    if len(entry) == 4 and (isinstance(entry[3], bool) or not isinstance(entry[3], (int, float))):
+        raise ValueError(f"{where} score must be a number, got {entry[3]!r}")
+    return pattern, int(v), int(s)
 
 
 @dataclass(frozen=True)
@@ -28,6 +81,10 @@ class MInferenceConfig:
         block_size: query block of the index (default 64).
         sink, window: tokens of the ``a_shape`` pattern.
         top_k: key blocks per query block of the ``block_sparse`` pattern.
+        head_patterns: per query head ``(pattern, v, s)`` (see the module docstring; a 4th score
+            element is accepted and dropped), e.g. one layer of a searched pattern file
+            (:func:`minference_layer_configs`). When given, it replaces ``pattern`` and the sizes;
+            empty (default) means every head uses ``pattern``.
     """
 
     pattern: str = "vertical_and_slash"
@@ -39,6 +96,7 @@ class MInferenceConfig:
     sink: int = 128
     window: int = 1024
     top_k: int = 100
+    head_patterns: tuple[tuple[str, int, int], ...] = ()
 
     def __post_init__(self):
         check_choice("pattern", self.pattern, PATTERNS)
@@ -51,26 +109,369 @@ class MInferenceConfig:
         check_positive_int("sink", self.sink, allow_zero=True)
         check_positive_int("window", self.window)
         check_positive_int("top_k", self.top_k)
+        if not isinstance(self.head_patterns, (list, tuple)):
+            raise TypeError(f"head_patterns must be a list of [pattern, v, s] per query head, got "
+                            f"{type(self.head_patterns).__name__}")
+        heads = tuple(_head_pattern(e, f"head_patterns[{i}]") for i, e in enumerate(self.head_patterns))
+        object.__setattr__(self, "head_patterns", heads)
+        if heads and self.adaptive_budget is not None:
+            raise ValueError("adaptive_budget and head_patterns exclude each other: head_patterns sets every "
+                             "head's sizes")
 
 
-def select_blocks(q: torch.Tensor, k: torch.Tensor, config: MInferenceConfig, *,
-                  causal: bool = True) -> VerticalSlashIndex | BlockIndex:
-    """MInference's index for `q [B, Hq, Lq, D]`, `k [B, Hkv, Lk, D]` under ``config.pattern``."""
-    B, Hq, Lq, _ = q.shape
-    Lk = k.shape[2]
-    if config.pattern == "a_shape":
-        return a_shape_select(Lq, Lk, B, Hq, sink=config.sink, window=config.window,
-                              block_size=config.block_size, device=q.device)
-    if config.pattern == "block_sparse":
-        return block_sparse_select(q, k, top_k=config.top_k, block_size=config.block_size, causal=causal)
-    return minference_select(q, k, vertical_size=config.vertical_size, slash_size=config.slash_size,
+# ---- selection ------------------------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=256)
+def _device_ints(values: tuple, device: torch.device) -> torch.Tensor:
+    """A cached int64 device tensor of host constants (a fresh copy per call would wait for the GPU)."""
+    return torch.tensor(values, dtype=torch.int64, device=device)
+
+
+def _fast_selector():
+    """``minference_select_fast``, or None where Triton is not installed (then the reference runs)."""
+    try:
+        from ..kernels.minference_index import minference_select_fast
+    except ImportError:  # pragma: no cover - platforms without Triton
+        return None
+    return minference_select_fast
+
+
+def _vertical_and_slash(q, k, vertical_size, slash_size, config: MInferenceConfig, causal: bool):
+    """``vertical_size``/``slash_size``: ints or one per query head.
+
+    Causal: ``minference_select_fast`` (Triton on CUDA; on a CPU the reference's fp32 estimation
+    and the torch index builder), equal to the reference. Non-causal: the fp32 reference.
+    """
+    fast = _fast_selector() if causal else None
+    if fast is not None:
+        return fast(q, k, vertical_size=vertical_size, slash_size=slash_size, adaptive_budget=config.adaptive_budget,
+                    last_q=config.last_q, block_size=config.block_size)
+    return minference_select(q, k, vertical_size=vertical_size, slash_size=slash_size,
                              adaptive_budget=config.adaptive_budget, last_q=config.last_q,
                              block_size=config.block_size, causal=causal)
 
 
+def block_sparse_select_fast(q: torch.Tensor, k: torch.Tensor, *, top_k, block_size: int = 64, causal: bool = True,
+                             heads: list[int] | None = None) -> BlockIndex:
+    """MInference's block_sparse pattern with ``topk`` instead of a full sort; equal to ``reference.block_sparse_select``.
+
+    Args:
+        q: `[B, Hq, Lq, D]`; k: `[B, Hkv, Lk, D]`.
+        top_k: key blocks per query block, an int or one per selected head.
+        block_size: query and key block size (default 64).
+        causal: causal attention (default True).
+        heads: the query heads to select for (default all); the index has ``len(heads)`` heads.
+
+    Returns:
+        ``BlockIndex`` of width ``min(max top_k + 3, nk)`` (top blocks, block 0, diagonal blocks).
+
+    Example:
+        >>> q, k = torch.randn(1, 2, 256, 16), torch.randn(1, 1, 256, 16)
+        >>> index = block_sparse_select_fast(q, k, top_k=1)  # 1 top block + block 0 + diagonal
+        >>> index.indices.shape, bool((index.counts <= 3).all())
+        (torch.Size([1, 2, 4, 4]), True)
+    """
+    B, Hq, Hkv, Lq, Lk, D = check_qk(q, k, "block_sparse_select_fast")
+    heads = list(range(Hq)) if heads is None else list(heads)
+    H, G, bs, device = len(heads), Hq // Hkv, block_size, q.device
+    top = per_head_sizes("top_k", top_k, H, allow_zero=True)
+    nq, nk = cdiv(Lq, bs), cdiv(Lk, bs)
+    q_sel = q if heads == list(range(Hq)) else q.index_select(1, _device_ints(tuple(heads), device))
+    q_pool = block_mean_pool(q_sel, bs)  # [B, H, nq, D]
+    kv = _device_ints(tuple(h // G for h in heads), device)
+    k_pool_t = block_mean_pool(k, bs).index_select(1, kv).transpose(-1, -2)  # [B, H, D, nk] (pooled: small)
+    width_top = min(max(max(top), 1), nk)
+    limit = _device_ints(tuple(top), device)[:, None, None]  # [H, 1, 1]
+    first, last = diagonal_block_range(Lq, Lk, bs, bs, device=device)
+    forced = torch.stack([torch.zeros_like(first), first, last], dim=-1)  # [nq, 3]
+    width = min(width_top + 3, nk)
+    indices = torch.empty(B, H, nq, width, dtype=torch.int32, device=device)
+    counts = torch.empty(B, H, nq, dtype=torch.int32, device=device)
+    cols = torch.arange(nk, device=device)
+    blocks_per_chunk = max(1, CHUNK_ELEMENTS // (B * H * nk))
+    for qb0 in range(0, nq, blocks_per_chunk):
+        qb1 = min(nq, qb0 + blocks_per_chunk)
+        scores = torch.matmul(q_pool[:, :, qb0:qb1], k_pool_t) / math.sqrt(D)  # [B, H, c, nk]
+        if causal:
+            scores = scores.masked_fill(cols > last[qb0:qb1, None], float("-inf"))
+        values, picked = torch.topk(scores, width_top, dim=-1, sorted=True)
+        keep = (torch.arange(width_top, device=device) < limit) & (values > float("-inf"))
+        cand = torch.cat([torch.where(keep, picked, nk), forced[qb0:qb1].expand(B, H, -1, -1)], dim=-1)
+        cand = torch.sort(cand, dim=-1).values
+        dup = torch.cat([torch.zeros_like(cand[..., :1], dtype=torch.bool), cand[..., 1:] == cand[..., :-1]], -1)
+        cand = torch.sort(torch.where(dup, nk, cand), dim=-1).values[..., :width]
+        indices[:, :, qb0:qb1] = torch.where(cand < nk, cand, -1).to(torch.int32)
+        counts[:, :, qb0:qb1] = (cand < nk).sum(-1, dtype=torch.int32)
+    return BlockIndex(indices, counts, bs, bs, Lq, Lk)
+
+
+def _block_sparse(q, k, top_k, config: MInferenceConfig, causal: bool, heads=None) -> BlockIndex:
+    return block_sparse_select_fast(q, k, top_k=top_k, block_size=config.block_size, causal=causal, heads=heads)
+
+
+def _as_ranges(index: BlockIndex, width: int) -> torch.Tensor:
+    """A BlockIndex's key blocks as range starts (``block * bs``, -1 padded) of ``width`` columns."""
+    starts = torch.where(index.indices >= 0, index.indices * index.block_k, torch.full_like(index.indices, -1))
+    return torch.nn.functional.pad(starts, (0, width - starts.shape[-1]), value=-1)
+
+
+def _select_head_patterns(q, k, config: MInferenceConfig, causal: bool):
+    """One index for heads of different patterns: a ``VerticalSlashIndex`` whose block-pattern heads have
+    block-aligned ranges and no columns (no per-head Python loop: one call per pattern kind)."""
+    B, Hq, Lq, _ = q.shape
+    Lk, bs = k.shape[2], config.block_size
+    patterns = config.head_patterns
+    if len(patterns) != Hq:
+        raise ValueError(f"head_patterns has {len(patterns)} entries, but the query has {Hq} heads")
+    kinds = {p for p, _, _ in patterns}
+    if kinds == {"vertical_and_slash"}:
+        return _vertical_and_slash(q, k, [v for _, v, _ in patterns], [s for _, _, s in patterns], config, causal)
+    if kinds == {"block_sparse"}:
+        return _block_sparse(q, k, [v for _, v, _ in patterns], config, causal)
+    if len(set(patterns)) == 1 and kinds == {"a_shape"}:
+        _, sink, window = patterns[0]
+        return a_shape_select(Lq, Lk, B, Hq, sink=sink, window=window, block_size=bs, device=q.device)
+
+    # Vertical-slash for every head (heads of other patterns get the smallest sizes, 30 and 100
+    # after forcing: cheap), then the block patterns overwrite their heads.
+    parts: list[tuple[list[int], BlockIndex]] = []
+    sparse_heads = [h for h, (p, _, _) in enumerate(patterns) if p == "block_sparse"]
+    if sparse_heads:
+        parts.append((sparse_heads, _block_sparse(q, k, [patterns[h][1] for h in sparse_heads], config, causal,
+                                                  heads=sparse_heads)))
+    shapes = sorted({(v, s) for p, v, s in patterns if p == "a_shape"})
+    for sink, window in shapes:  # one call per distinct (sink, window), not per head
+        heads = [h for h, e in enumerate(patterns) if e == ("a_shape", sink, window)]
+        parts.append((heads, a_shape_select(Lq, Lk, B, len(heads), sink=sink, window=window, block_size=bs,
+                                            device=q.device)))
+    if "vertical_and_slash" in kinds:
+        sizes = [(v, s) if p == "vertical_and_slash" else (1, 1) for p, v, s in patterns]
+        vs = _vertical_and_slash(q, k, [v for v, _ in sizes], [s for _, s in sizes], config, causal)
+        width = max([vs.range_starts.shape[-1]] + [i.indices.shape[-1] for _, i in parts])
+        starts = torch.nn.functional.pad(vs.range_starts, (0, width - vs.range_starts.shape[-1]), value=-1)
+        counts, columns, column_counts = vs.range_counts.clone(), vs.columns.clone(), vs.column_counts.clone()
+    else:
+        nq = -(-Lq // bs)
+        width = max(i.indices.shape[-1] for _, i in parts)
+        starts = torch.full((B, Hq, nq, width), -1, dtype=torch.int32, device=q.device)
+        counts = torch.zeros(B, Hq, nq, dtype=torch.int32, device=q.device)
+        columns = torch.full((B, Hq, nq, 1), -1, dtype=torch.int32, device=q.device)
+        column_counts = torch.zeros(B, Hq, nq, dtype=torch.int32, device=q.device)
+    for heads, index in parts:
+        idx = _device_ints(tuple(heads), q.device)
+        starts.index_copy_(1, idx, _as_ranges(index, width))
+        counts.index_copy_(1, idx, index.counts)
+        columns.index_fill_(1, idx, -1)
+        column_counts.index_fill_(1, idx, 0)
+    return VerticalSlashIndex(starts, counts, columns, column_counts, bs, bs, Lq, Lk)
+
+
+def select_blocks(q: torch.Tensor, k: torch.Tensor, config: MInferenceConfig, *,
+                  causal: bool = True) -> VerticalSlashIndex | BlockIndex:
+    """MInference's index for `q [B, Hq, Lq, D]`, `k [B, Hkv, Lk, D]` under ``config``.
+
+    ``vertical_and_slash`` -> ``VerticalSlashIndex`` (causal: ``minference_select_fast``;
+    non-causal: the fp32 reference); ``a_shape`` / ``block_sparse`` -> ``BlockIndex``; per-head
+    ``head_patterns`` -> one ``VerticalSlashIndex`` for all heads (block patterns as block-aligned
+    ranges), or a ``BlockIndex`` when every head is ``block_sparse`` or the same ``a_shape``.
+    """
+    B, Hq, Lq, _ = q.shape
+    Lk = k.shape[2]
+    if config.head_patterns:
+        return _select_head_patterns(q, k, config, causal)
+    if config.pattern == "a_shape":
+        return a_shape_select(Lq, Lk, B, Hq, sink=config.sink, window=config.window,
+                              block_size=config.block_size, device=q.device)
+    if config.pattern == "block_sparse":
+        return _block_sparse(q, k, config.top_k, config, causal)
+    return _vertical_and_slash(q, k, config.vertical_size, config.slash_size, config, causal)
+
+
+# ---- searched pattern files ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class MInferencePatterns:
+    """A searched per-(layer, head) pattern table (the module docstring has the file format).
+
+    Attributes:
+        model: the model's name.
+        layers: ``{layer_idx: ((pattern, v, s), ...)}``, one entry per query head.
+        scores: ``{layer_idx: (recall, ...)}``, the calibration recall of each head's pattern.
+        aliases: other names the file is found by.
+        search: how the table was made (free-form, recorded for provenance).
+        source: where it was loaded from.
+
+    Example:
+        >>> from sparseattn.methods.minference import load_minference_patterns
+        >>> patterns = load_minference_patterns("smollm2")
+        >>> len(patterns.head_patterns(0)), sorted(patterns.layer_configs())[:3]
+        (9, [0, 1, 2])
+    """
+
+    model: str
+    layers: dict[int, tuple[tuple[str, int, int], ...]]
+    scores: dict[int, tuple[float, ...]] = field(default_factory=dict)
+    aliases: tuple[str, ...] = ()
+    search: dict = field(default_factory=dict)
+    source: str = ""
+
+    def head_patterns(self, layer_idx: int) -> tuple[tuple[str, int, int], ...]:
+        """The per-head patterns of layer ``layer_idx``."""
+        if layer_idx not in self.layers:
+            raise KeyError(f"the {self.model} patterns ({self.source or 'in memory'}) have no layer {layer_idx}; "
+                           f"layers are {sorted(self.layers)}")
+        return self.layers[layer_idx]
+
+    def layer_configs(self) -> dict[int, dict[str, Any]]:
+        """``{layer_idx: {"head_patterns": ...}}`` for ``patch(model, method="minference", layer_configs=...)``."""
+        return {layer: {"head_patterns": heads} for layer, heads in sorted(self.layers.items())}
+
+    def to_json(self) -> dict:
+        """The file's JSON object."""
+        layers = {}
+        for layer, heads in sorted(self.layers.items()):
+            scores = self.scores.get(layer, ())
+            layers[str(layer)] = {str(h): [p, v, s] + ([round(float(scores[h]), 6)] if h < len(scores) else [])
+                                  for h, (p, v, s) in enumerate(heads)}
+        num_heads = sorted({len(h) for h in self.layers.values()})
+        return {"format": PATTERN_FORMAT, "version": PATTERN_VERSION, "model": self.model,
+                "aliases": list(self.aliases), "num_layers": len(self.layers),
+                "num_heads": num_heads[0] if len(num_heads) == 1 else num_heads,
+                "entry": ["pattern", "v", "s", "recall"], "search": self.search, "layers": layers}
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write the JSON file (parent folders created); returns the path."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        text = json.dumps(self.to_json(), indent=1)
+        # One line per head entry (and per candidate): lists of scalars are collapsed.
+        text = re.sub(r"\[\s+([^\[\]{}]*?)\s+\]", lambda m: "[" + ", ".join(
+            x.strip() for x in m.group(1).split(",\n")) + "]", text)
+        path.write_text(text + "\n")
+        return path
+
+    @classmethod
+    def from_json(cls, data: Mapping, source: str = "") -> "MInferencePatterns":
+        """Validate a file's JSON object; errors name the file and the offending entry."""
+        where = source or "MInference patterns"
+        if not isinstance(data, Mapping):
+            raise ValueError(f"{where}: expected a JSON object, got {type(data).__name__}")
+        if data.get("format") != PATTERN_FORMAT:
+            raise ValueError(f"{where}: format must be {PATTERN_FORMAT!r}, got {data.get('format')!r}")
+        if data.get("version") != PATTERN_VERSION:
+            raise ValueError(f"{where}: version {data.get('version')!r} is not supported (this sparseattn reads "
+                             f"version {PATTERN_VERSION}); upgrade sparseattn or re-run `sparseattn search`")
+        model, layers_in = data.get("model"), data.get("layers")
+        if not isinstance(model, str) or not model:
+            raise ValueError(f"{where}: 'model' must be a non-empty string, got {model!r}")
+        if not isinstance(layers_in, Mapping) or not layers_in:
+            raise ValueError(f"{where}: 'layers' must be a non-empty object {{layer: {{head: entry}}}}")
+        layers, scores = {}, {}
+        for layer_key, heads_in in layers_in.items():
+            if not str(layer_key).isdigit() or not isinstance(heads_in, Mapping) or not heads_in:
+                raise ValueError(f"{where}: layers[{layer_key!r}] must map head indices to entries")
+            keys = sorted(heads_in, key=lambda h: int(h) if str(h).isdigit() else -1)
+            if [str(h) for h in keys] != [str(i) for i in range(len(keys))]:
+                raise ValueError(f"{where}: layer {layer_key} heads must be 0..{len(keys) - 1}, got {sorted(heads_in)}")
+            entries = [heads_in[h] for h in keys]
+            layers[int(layer_key)] = tuple(_head_pattern(e, f"{where}: layer {layer_key} head {h}")
+                                           for h, e in zip(keys, entries))
+            scores[int(layer_key)] = tuple(float(e[3]) if len(e) == 4 else float("nan") for e in entries)
+        aliases = data.get("aliases", [])
+        if not isinstance(aliases, list) or not all(isinstance(a, str) for a in aliases):
+            raise ValueError(f"{where}: 'aliases' must be a list of strings, got {aliases!r}")
+        search = data.get("search", {})
+        return cls(model, layers, scores, tuple(aliases), dict(search) if isinstance(search, Mapping) else {}, source)
+
+
+def model_key(name: str) -> str:
+    """A model name, path or file -> a lookup key: base name, lower case, no ``.json``/``.gguf`` or quant tag.
+
+    Example:
+        >>> model_key("~/.cache/sparseattn/SmolLM2-135M-Instruct.Q4_1.gguf")
+        'smollm2-135m-instruct'
+    """
+    key = re.split(r"[\\/]", str(name).rstrip("/\\"))[-1].lower()
+    key = re.sub(r"\.(json|gguf)$", "", key)
+    return re.sub(r"[.-](q\d[\w]*|f16|bf16|f32|fp16|fp32)$", "", key)
+
+
+def _pattern_files() -> dict[str, Path]:
+    """Every shipped pattern file by each of its keys (model, aliases, file name)."""
+    found: dict[str, Path] = {}
+    for path in sorted(PATTERN_DIR.glob("*.json")):
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        names = [path.stem, str(data.get("model", ""))] + [a for a in data.get("aliases", []) if isinstance(a, str)]
+        for name in names:
+            if name:
+                found.setdefault(model_key(name), path)
+    return found
+
+
+def load_minference_patterns(name_or_path: str | os.PathLike | MInferencePatterns) -> MInferencePatterns:
+    """A searched pattern table, by JSON path or by model name (shipped files in ``sparseattn/data/minference/``).
+
+    Names are matched after :func:`model_key` (base name, case, ``.gguf`` and quant tags ignored),
+    against each shipped file's ``model``, ``aliases`` and file name: ``"smollm2"``, ``"default"``,
+    ``"SmolLM2-135M-Instruct"`` and ``".../SmolLM2-135M-Instruct.Q4_1.gguf"`` all find the
+    embedded model's table.
+
+    Raises:
+        FileNotFoundError: no such file and no shipped table for that name (the message lists them).
+        ValueError: the file is not a valid pattern file (format, version or entries).
+    """
+    if isinstance(name_or_path, MInferencePatterns):
+        return name_or_path
+    path = Path(os.path.expanduser(str(name_or_path)))
+    if not path.is_file():
+        shipped = _pattern_files()
+        path = shipped.get(model_key(str(name_or_path)))
+        if path is None:
+            raise FileNotFoundError(
+                f"no MInference pattern file {str(name_or_path)!r}: not a file, and no shipped table for that model "
+                f"(shipped: {sorted(shipped) or 'none'}); run `sparseattn search --model ...` to make one")
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path} is not valid JSON: {err}") from None
+    return MInferencePatterns.from_json(data, source=str(path))
+
+
+def minference_layer_configs(name_or_path, model=None) -> dict[int, dict[str, Any]]:
+    """``{layer_idx: {"head_patterns": ...}}`` of a pattern file, for the integration's ``layer_configs``.
+
+    With ``model`` (a Hugging Face model or its config), the table's layers and heads are checked
+    against ``num_hidden_layers`` and ``num_attention_heads``.
+
+    Example:
+        >>> configs = minference_layer_configs("smollm2")
+        >>> configs[0]["head_patterns"][0][0] in PATTERNS
+        True
+    """
+    table = load_minference_patterns(name_or_path)
+    if model is not None:
+        config = getattr(model, "config", model)
+        layers, heads = config.num_hidden_layers, config.num_attention_heads
+        bad = sorted(i for i in table.layers if not 0 <= i < layers)
+        wrong = sorted(i for i, h in table.layers.items() if len(h) != heads)
+        if bad or wrong:
+            raise ValueError(f"the {table.model} patterns ({table.source or 'in memory'}) do not fit this model "
+                             f"({layers} layers, {heads} query heads): layers out of range {bad}, layers with another "
+                             f"head count {wrong}")
+    return table.layer_configs()
+
+
+# ---- the seed's function --------------------------------------------------------------------------
+
+
 def Minference_prefill(query_states, key_states, value_states, vertical_size=1000, slash_size=6096,
                        adaptive_budget=None, *, pattern="vertical_and_slash", last_q=64, causal=True,
-                       scale=None, return_stats=False):
+                       scale=None, return_stats=False, head_patterns=None, patterns=None, layer_idx=None):
     """MInference sparse prefill (the seed's API).
 
     Args:
@@ -85,6 +486,10 @@ def Minference_prefill(query_states, key_states, value_states, vertical_size=100
         causal: causal attention (queries are the last `Lq` positions).
         scale: softmax scale, default `1/sqrt(D)`.
         return_stats: also return :class:`sparseattn.AttentionStats`.
+        head_patterns: per query head ``[pattern, v, s]`` (replaces ``pattern`` and the sizes).
+        patterns: a searched pattern table (model name, JSON path or :class:`MInferencePatterns`);
+            with ``layer_idx``, that layer's ``head_patterns`` are used.
+        layer_idx: the layer these states belong to (needed with ``patterns``).
 
     Returns:
         `[B, Hq, Lq, D]` in the query's dtype (and the stats).
@@ -99,10 +504,17 @@ def Minference_prefill(query_states, key_states, value_states, vertical_size=100
     from ..api import sparse_attention
 
     check_qkv(query_states, key_states, value_states, causal=causal)  # errors name the seed's arguments
+    if patterns is not None:
+        if head_patterns is not None:
+            raise ValueError("pass either patterns (with layer_idx) or head_patterns, not both")
+        if isinstance(layer_idx, bool) or not isinstance(layer_idx, int):
+            raise ValueError(f"patterns needs layer_idx (an int), got {layer_idx!r}")
+        head_patterns = load_minference_patterns(patterns).head_patterns(layer_idx)
+    head_patterns = () if head_patterns is None else tuple(head_patterns)
     return sparse_attention(query_states, key_states, value_states, method="minference", causal=causal,
                             scale=scale, return_stats=return_stats, vertical_size=vertical_size,
                             slash_size=slash_size, adaptive_budget=adaptive_budget, pattern=pattern,
-                            last_q=last_q)
+                            last_q=last_q, head_patterns=head_patterns)
 
 
 register_method("minference", select_blocks, MInferenceConfig,

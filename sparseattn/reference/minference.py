@@ -15,7 +15,8 @@ from sparseattn.index import BlockIndex, VerticalSlashIndex, causal_block_mask, 
 from sparseattn.reference.streaming import forced_block_mask, streaming_select
 from sparseattn.reference.xattention import CHUNK_ELEMENTS, check_qk
 
-__all__ = ["minference_select", "a_shape_select", "block_sparse_select", "last_query_scores", "block_mean_pool"]
+__all__ = ["minference_select", "vertical_slash_index_from_scores", "a_shape_select", "block_sparse_select",
+           "last_query_scores", "block_mean_pool", "adaptive_sizes", "selection_sizes", "per_head_sizes"]
 
 FORCED_VERTICALS = 30  # first keys always kept as verticals (attention sinks)
 FORCED_SLASHES = 100  # most local diagonals (offsets 0..99) always kept
@@ -76,7 +77,56 @@ def _top_positions(score: torch.Tensor, count: int) -> torch.Tensor:
     return torch.sort(score, dim=-1, descending=True, stable=True).indices[..., :count]
 
 
-def minference_select(q: torch.Tensor, k: torch.Tensor, *, vertical_size: int = 1000, slash_size: int = 6096,
+def adaptive_sizes(adaptive_budget: float, k_len: int) -> tuple[int, int]:
+    """MInference's adaptive budget: ``total = adaptive_budget * k_len`` tokens, 20% verticals, 80% slashes.
+
+    Returns ``(vertical_size, slash_size)`` = ``(max(1, round_half_up(0.2 total)), max(1, round_half_up(0.8 total)))``.
+
+    Example:
+        >>> adaptive_sizes(0.5, 400)
+        (40, 160)
+    """
+    if isinstance(adaptive_budget, bool) or not isinstance(adaptive_budget, (int, float)) or not 0 < adaptive_budget <= 1:
+        raise ValueError(f"adaptive_budget must be in (0, 1], got {adaptive_budget!r}")
+    total = adaptive_budget * k_len
+    return max(1, math.floor(0.2 * total + 0.5)), max(1, math.floor(0.8 * total + 0.5))
+
+
+def selection_sizes(vertical_size: int, slash_size: int, k_len: int, n_off: int) -> tuple[int, int]:
+    """Verticals and slashes actually kept: at least the forced ones, at most the positions that exist.
+
+    ``nv = min(Lk, max(vertical_size, min(30, Lk)))`` and ``ns = min(n_off, max(slash_size, min(100, Lk)))``
+    (the reference's ``max(vertical_size, 30)``), with ``n_off`` the number of slash offsets.
+
+    Example:
+        >>> selection_sizes(10, 6096, 1000, 1000)
+        (30, 1000)
+    """
+    nv = min(k_len, max(vertical_size, min(FORCED_VERTICALS, k_len)))
+    ns = min(n_off, max(slash_size, min(FORCED_SLASHES, k_len)))
+    return nv, ns
+
+
+def per_head_sizes(name: str, value, heads: int, *, allow_zero: bool = False) -> list[int]:
+    """An int, or one int per query head (list, tuple or 1-D tensor) -> a list of ``heads`` positive ints."""
+    if isinstance(value, torch.Tensor):
+        if value.dim() != 1:
+            raise ValueError(f"{name} must be an int or a 1-D per-head sequence, got shape {tuple(value.shape)}")
+        value = value.tolist()
+    if isinstance(value, (list, tuple)):
+        if len(value) != heads:
+            raise ValueError(f"{name} has {len(value)} entries, expected one per query head ({heads})")
+        values = list(value)
+    else:
+        values = [value] * heads
+    for v in values:
+        if isinstance(v, bool) or not isinstance(v, int) or v < 0 or (v == 0 and not allow_zero):
+            kind = "a non-negative" if allow_zero else "a positive"
+            raise ValueError(f"{name} must be {kind} int (or one per query head), got {value!r}")
+    return values
+
+
+def minference_select(q: torch.Tensor, k: torch.Tensor, *, vertical_size=1000, slash_size=6096,
                       adaptive_budget: float | None = None, last_q: int = 64, block_size: int = 64,
                       causal: bool = True) -> VerticalSlashIndex:
     """MInference vertical-and-slash index: token-level key ranges (slashes) plus key columns (verticals).
@@ -88,30 +138,23 @@ def minference_select(q: torch.Tensor, k: torch.Tensor, *, vertical_size: int = 
        are raised to at least the forced count (as the reference's ``max(vertical_size, 30)``).
        Sizes are clamped to the positions that exist (``Lk`` keys; ``Lk`` offsets causal,
        ``Lk + n - 1`` non-causal). Ties: lower key / lower offset index first.
-    4. Per query block (rows with absolute positions ``p0..p1``), slash ``o`` covers keys
-       ``p0-o .. p1-o`` and becomes the range ``[max(p1 - o - bs + 1, 0), +bs)``; slashes that reach
-       no key in ``[0, Lk)`` are dropped. Merging: taking ranges by ascending start, a cluster
-       continues while the gap to the previous range is below ``bs`` (starts differ by ``< 2*bs``);
-       a cluster starting at ``A`` is tiled on the grid ``A + m*bs`` by every grid tile that some
-       of its ranges overlaps (tiles starting ``>= Lk`` dropped). Result: non-overlapping,
-       ascending ranges of ``bs`` keys covering every slash range (possibly a little more).
-    5. Verticals inside a range of that query block, and (causal) verticals after its last row,
-       are dropped; the rest are ``columns`` (ascending).
+    4. Ranges per query block, 5. columns: see :func:`vertical_slash_index_from_scores`.
 
     Args:
         q: `[B, Hq, Lq, D]`; k: `[B, Hkv, Lk, D]` with ``Hq % Hkv == 0``.
-        vertical_size: number of vertical keys (default 1000).
-        slash_size: number of slash offsets (default 6096).
-        adaptive_budget: if given, a fraction in (0, 1]: ``total = adaptive_budget * Lk`` tokens,
-            ``vertical_size = max(1, round_half_up(0.2 * total))``,
-            ``slash_size = max(1, round_half_up(0.8 * total))``, replacing the two sizes.
+        vertical_size: number of vertical keys (default 1000), or one per query head.
+        slash_size: number of slash offsets (default 6096), or one per query head.
+        adaptive_budget: if given, a fraction in (0, 1] replacing both sizes: ``total = adaptive_budget * Lk``
+            tokens, ``vertical_size = max(1, round_half_up(0.2 * total))``,
+            ``slash_size = max(1, round_half_up(0.8 * total))`` (:func:`adaptive_sizes`).
         last_q: estimation queries (default 64).
         block_size: query block size and range length (default 64).
         causal: causal attention (default True).
 
     Returns:
         ``VerticalSlashIndex`` (int32, ``-1`` padded): ranges width ``min(2 * slash_size, nk)``,
-        columns width ``vertical_size``, both fixed by shapes (no host sync).
+        columns width ``vertical_size`` (after forcing and clamping; the largest over heads), fixed
+        by shapes (no host sync).
 
     Example:
         >>> q, k = torch.randn(1, 2, 500, 32), torch.randn(1, 1, 500, 32)
@@ -120,24 +163,75 @@ def minference_select(q: torch.Tensor, k: torch.Tensor, *, vertical_size: int = 
         (torch.Size([1, 2, 8, 8]), torch.Size([1, 2, 8, 40]))
     """
     B, Hq, Hkv, Lq, Lk, D = check_qk(q, k, "minference_select")
-    for name, value in (("vertical_size", vertical_size), ("slash_size", slash_size), ("last_q", last_q),
-                        ("block_size", block_size)):
+    for name, value in (("last_q", last_q), ("block_size", block_size)):
         if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
             raise ValueError(f"minference_select: {name} must be a positive int, got {value!r}")
-    if adaptive_budget is not None:
-        if not (isinstance(adaptive_budget, (int, float)) and 0 < adaptive_budget <= 1):
-            raise ValueError(f"minference_select: adaptive_budget must be in (0, 1], got {adaptive_budget!r}")
-        total = adaptive_budget * Lk
-        vertical_size = max(1, math.floor(0.2 * total + 0.5))
-        slash_size = max(1, math.floor(0.8 * total + 0.5))
-    bs, device = block_size, q.device
-    n_last = min(last_q, Lq)
-    vertical, slash, min_offset = last_query_scores(q, k, n_last, causal)
+    try:
+        if adaptive_budget is not None:
+            vertical_size, slash_size = adaptive_sizes(adaptive_budget, Lk)
+        v_sizes = per_head_sizes("vertical_size", vertical_size, Hq)
+        s_sizes = per_head_sizes("slash_size", slash_size, Hq)
+    except ValueError as err:
+        raise ValueError(f"minference_select: {err}") from err
+    vertical, slash, min_offset = last_query_scores(q, k, min(last_q, Lq), causal)
+    if len(set(v_sizes)) == 1 and len(set(s_sizes)) == 1:
+        return vertical_slash_index_from_scores(vertical, slash, min_offset, vertical_size=v_sizes[0],
+                                                slash_size=s_sizes[0], q_len=Lq, k_len=Lk, block_size=block_size,
+                                                causal=causal)
+    # Per-head sizes: the oracle builds each head alone and pads to the widest (a loop is fine here).
+    parts = [vertical_slash_index_from_scores(vertical[:, h:h + 1], slash[:, h:h + 1], min_offset,
+                                              vertical_size=v_sizes[h], slash_size=s_sizes[h], q_len=Lq, k_len=Lk,
+                                              block_size=block_size, causal=causal) for h in range(Hq)]
+    width_r = max(p.range_starts.shape[-1] for p in parts)
+    width_c = max(p.columns.shape[-1] for p in parts)
+
+    def pad(t, width):
+        return torch.nn.functional.pad(t, (0, width - t.shape[-1]), value=-1)
+
+    return VerticalSlashIndex(torch.cat([pad(p.range_starts, width_r) for p in parts], 1),
+                              torch.cat([p.range_counts for p in parts], 1),
+                              torch.cat([pad(p.columns, width_c) for p in parts], 1),
+                              torch.cat([p.column_counts for p in parts], 1), block_size, block_size, Lq, Lk)
+
+
+def vertical_slash_index_from_scores(vertical: torch.Tensor, slash: torch.Tensor, min_offset: int, *,
+                                     vertical_size: int, slash_size: int, q_len: int, k_len: int, block_size: int,
+                                     causal: bool = True) -> VerticalSlashIndex:
+    """Steps 2-5 of :func:`minference_select`: top keys and offsets -> key ranges and columns per query block.
+
+    Args:
+        vertical: `[B, H, Lk]` column scores; slash: `[B, H, n_off]` scores of the offsets
+            ``a + min_offset`` (as :func:`last_query_scores` returns them). Not modified.
+        min_offset: the offset of ``slash[..., 0]`` (0 when causal).
+        vertical_size, slash_size: sizes before forcing and clamping (:func:`selection_sizes`).
+        q_len, k_len, block_size, causal: as in :func:`minference_select`.
+
+    Step 4, ranges: per query block (rows with absolute positions ``p0..p1``), slash ``o`` covers
+    keys ``p0-o .. p1-o`` and becomes the range ``[max(p1 - o - bs + 1, 0), +bs)``; slashes that
+    reach no key in ``[0, Lk)`` are dropped. Merging: taking ranges by ascending start, a cluster
+    continues while the gap to the previous range is below ``bs`` (starts differ by ``< 2*bs``); a
+    cluster starting at ``A`` is tiled on the grid ``A + m*bs`` by every grid tile that some of its
+    ranges overlaps (tiles starting ``>= Lk`` dropped). Result: non-overlapping, ascending ranges
+    of ``bs`` keys covering every slash range (possibly a little more).
+    Step 5, columns: verticals inside a range of that query block, and (causal) verticals after
+    its last row, are dropped; the rest are ``columns`` (ascending).
+
+    Example:
+        >>> vertical, slash = torch.rand(1, 1, 300), torch.rand(1, 1, 300)
+        >>> idx = vertical_slash_index_from_scores(vertical, slash, 0, vertical_size=40, slash_size=110,
+        ...                                        q_len=300, k_len=300, block_size=64)
+        >>> idx.columns.shape
+        torch.Size([1, 1, 5, 40])
+    """
+    B, Hq, Lk = vertical.shape
+    if Lk != k_len:
+        raise ValueError(f"vertical has {Lk} keys, expected k_len = {k_len}")
+    bs, device, Lq = block_size, vertical.device, q_len
     n_off = slash.shape[-1]
+    vertical, slash = vertical.clone(), slash.clone()
     vertical[..., :FORCED_VERTICALS] = float("inf")
     slash[..., -min_offset:FORCED_SLASHES - min_offset] = float("inf")  # offsets 0..99
-    nv = min(Lk, max(vertical_size, min(FORCED_VERTICALS, Lk)))
-    ns = min(n_off, max(slash_size, min(FORCED_SLASHES, Lk)))
+    nv, ns = selection_sizes(vertical_size, slash_size, Lk, n_off)
     v_keys = torch.sort(_top_positions(vertical, nv), dim=-1).values[:, :, None, :]  # [B, H, 1, nv]
     # Descending offsets give ascending range starts in every query block.
     s_offsets = torch.sort(_top_positions(slash, ns) + min_offset, dim=-1, descending=True).values[:, :, None, :]

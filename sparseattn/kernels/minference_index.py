@@ -1,0 +1,556 @@
+"""MInference's selection on the GPU: last-query estimation (Triton) and index building (torch + Triton).
+
+The fp32 ground truth is ``sparseattn.reference.minference``; on inputs without near-ties the
+indices built here are equal to it, entry for entry. Nothing here reads a value back to the host:
+every shape is fixed by the input shapes and the configured sizes.
+
+Levels (STYLE.md; selection has no gradient, so no autograd level): the ``@triton.jit`` kernels
+``_row_lse_kernel``, ``_vertical_slash_sums_kernel`` and ``_fill_index_kernel`` -> their launchers
+(``last_query_scores_fast``, ``vertical_slash_index_fast``) -> ``minference_select_fast`` (the public
+selector). MInference's block_sparse pattern needs no kernel: ``methods.minference.block_sparse_select_fast``.
+
+1. Estimation (two Triton launches). The last ``n = min(last_q, Lq)`` queries of each head against
+   all keys, exactly as the reference: scale ``1/sqrt(D)``, causal, fp32 softmax. Launch one
+   computes each row's log-sum-exp (online, key range split over programs, partials combined in
+   torch). Launch two recomputes the scores and writes ``vertical[j] = sum_t p[t, j]`` and
+   ``slash[o] = sum_t p[t, pos_t - o]`` without atomics: a program owns ``BLOCK_O`` consecutive
+   keys ``J`` and the ``BLOCK_O`` offsets ``o = Lk - 1 - J`` (the offsets whose key *for the last
+   row* is one of its keys). Row ``t`` meets offset ``o`` at key ``J - (n - 1 - t)``, so the
+   program scores the window ``[J0 - BLOCK_O, J0 + BLOCK_O)`` and sums each diagonal with one
+   ``tl.gather`` (row ``t`` shifted by ``n - 1 - t``). Scores cost ``2 x 2 Hq n Lk D`` FLOPs:
+   2 x 69 GFLOP at 128K (Hq 32, D 128), ~0.3-0.5 ms of tensor-core time; nothing ``L x L`` exists.
+
+2. Top-k (torch). Forced keys/offsets set to +inf as the reference; ``torch.topk`` of the largest
+   size over heads, then per-head sizes by masking; sorted ascending, padded with a sentinel.
+
+3. Index building. The reference merges, per query block, the ranges ``[p1 - o - bs + 1, +bs)`` of
+   the sorted offsets into *clusters* (a new cluster where two starts differ by ``>= 2 bs``) and
+   tiles each cluster on its own grid. Two facts make this cheap:
+
+   - A cluster's kept tiles are *contiguous*: gaps inside a cluster are shorter than a tile, so
+     every grid tile between its first and last range touches one. A cluster is therefore one
+     run of ``n_c = floor((O_max - o_min + bs - 1) / bs) + 1`` tiles starting at its largest
+     offset's range.
+   - Cluster boundaries depend on offset gaps only, not on the query block. Written in
+     ``kappa = p1 - key`` coordinates, every cluster's run is the same for every query block,
+     except at the low-key edge: offsets ``> p1`` are invalid and offsets in
+     ``(p1 - bs + 1, p1]`` clip to key 0 (anchoring that cluster at key 0, which can also merge
+     it with the next cluster down).
+
+   So per head (torch, ``O(ns)``): cluster ids, ``o_min``/``O_max`` per cluster, tile counts and
+   their prefix sums, the list of every cluster's tiles (ascending ``kappa``), and a map
+   ``kappa -> cluster id`` of the runs (a difference array + cumsum over ``Lk``). Per query block
+   (torch, ``O(nq log ns)``): two ``searchsorted`` give the valid and the clipped offsets, from which
+   the edge cluster's run (start ``A_e``, ``n_e`` tiles) and the number ``N_int`` of interior
+   tiles (all clusters below the edge, a prefix of the tile list) follow in closed form. The Triton
+   fill kernel then writes, per (head, query block), the ranges ``A_e + r bs`` (edge) and
+   ``p1 - tau - bs + 1`` (interior tiles, read from the list) and the columns: the verticals
+   ``j <= p1`` that lie neither in the edge run nor in an interior run (one lookup in the map),
+   compacted with a prefix sum. Its cost is the output itself: ``B Hq nq (min(2 ns, nk) + nv)``
+   int32 written once (800 MB at 128K with the default sizes and bs 64, ~0.3 ms of HBM time).
+
+Predicted total at 128K (H100, Hq 32, D 128, defaults): ~0.2 ms log-sum-exp + ~0.5 ms sums +
+~0.3 ms top-k + ~0.3 ms of small torch ops (about 90 launches: launch-bound below ~32K, where a
+CUDA graph helps) + ~0.3 ms fill = ~1.5-2 ms, under 1% of cuDNN dense (~245 ms).
+
+``backend="torch"`` (the default for CPU tensors) runs the same building with torch gathers instead
+of the fill kernel, after the reference's fp32 estimation: exact and fast for short inputs, memory
+``O(B Hq nq (nk + nv))``. ``tl.gather`` needs Triton >= 3.3; with an older Triton the estimation
+falls back to the reference's (torch) sums.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from ..index import VerticalSlashIndex, cdiv
+from ..reference.minference import (
+    FORCED_SLASHES,
+    FORCED_VERTICALS,
+    adaptive_sizes,
+    last_query_scores,
+    per_head_sizes,
+    selection_sizes,
+)
+from ..reference.xattention import check_qk
+
+__all__ = ["last_query_scores_fast", "minference_select_fast", "vertical_slash_index_fast"]
+
+LOG2E = 1.4426950408889634
+_BIG_OFFSET = 1 << 40  # sorts after every real offset; gaps to it start a new (empty) cluster
+_BIG_KEY = 1 << 30  # padding of the sorted vertical keys (int32), after every real key
+# tl.gather (the diagonal sums) exists from Triton 3.3; older Tritons estimate in torch instead.
+HAS_GATHER = hasattr(tl, "gather")
+
+
+# Same switch as block_sparse.py: "1" allocates outputs poisoned (NaN, or -2**31 for ints) so tests
+# catch any entry a kernel never writes.
+NAN_FILL_ENV = "SPARSEATTN_NAN_FILL"
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _alloc(*shape, dtype, device) -> torch.Tensor:
+    if os.environ.get(NAN_FILL_ENV) != "1":
+        return torch.empty(shape, dtype=dtype, device=device)
+    return torch.full(shape, float("nan") if dtype.is_floating_point else -2**31, dtype=dtype, device=device)
+
+
+# ==================================================================================================
+# Triton kernels
+# ==================================================================================================
+
+
+@triton.jit
+def _dot(a, b, IEEE: tl.constexpr):
+    # fp32 inputs need "ieee" to match the fp32 reference (tf32 keeps 10 mantissa bits); bf16/fp16
+    # products are exact in fp32 with the default precision.
+    if IEEE:
+        return tl.dot(a, b, input_precision="ieee")
+    return tl.dot(a, b)
+
+
+@triton.jit
+def _row_lse_kernel(
+    Q, K, MaxOut, SumOut,
+    stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
+    num_heads, group_size, q_first, n_rows, k_len, keys_per_split, qk_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, ROWS: tl.constexpr, N_ROWS: tl.constexpr,
+    BLOCK_N: tl.constexpr, IS_CAUSAL: tl.constexpr, IEEE: tl.constexpr,
+):
+    """Online max / sum (log2 units) of ``ROWS`` estimation rows over one split of the keys."""
+    pid_bh = tl.program_id(0).to(tl.int64)
+    split = tl.program_id(1)
+    r0 = tl.program_id(2) * ROWS
+    b = pid_bh // num_heads
+    h = pid_bh % num_heads
+    kvh = h // group_size
+    offs_t = r0 + tl.arange(0, ROWS)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    row_ok = offs_t < n_rows
+    d_ok = offs_d < HEAD_DIM
+    q_rows = (q_first + offs_t).to(tl.int64)
+    q = tl.load(Q + b * stride_qb + h * stride_qh + q_rows[:, None] * stride_qm + offs_d[None, :],
+                mask=row_ok[:, None] & d_ok[None, :], other=0.0)  # [ROWS, BLOCK_D]
+    pos = k_len - n_rows + offs_t  # absolute position of each row
+    k_base = K + b * stride_kb + kvh * stride_kh
+    k_begin = split * keys_per_split
+    k_end = tl.minimum(k_begin + keys_per_split, k_len)
+    m_i = tl.full([ROWS], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([ROWS], dtype=tl.float32)
+    for start in range(k_begin, k_end, BLOCK_N):
+        k_pos = start + offs_n  # [BLOCK_N]
+        k_ok = k_pos < k_end
+        k = tl.load(k_base + k_pos.to(tl.int64)[:, None] * stride_kn + offs_d[None, :],
+                    mask=k_ok[:, None] & d_ok[None, :], other=0.0)  # [BLOCK_N, BLOCK_D]
+        s = _dot(q, tl.trans(k), IEEE) * qk_scale  # [ROWS, BLOCK_N]
+        keep = k_ok[None, :] & row_ok[:, None]
+        if IS_CAUSAL:
+            keep = keep & (k_pos[None, :] <= pos[:, None])
+        s = tl.where(keep, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing yet: no NaN
+        l_i = l_i * tl.math.exp2(m_i - m_sub) + tl.sum(tl.math.exp2(s - m_sub[:, None]), 1)
+        m_i = m_new
+    out = (pid_bh * tl.num_programs(1) + split) * N_ROWS + offs_t
+    tl.store(MaxOut + out, m_i)
+    tl.store(SumOut + out, l_i)
+
+
+@triton.jit
+def _vertical_slash_sums_kernel(
+    Q, K, Lse, Vertical, Slash,
+    stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
+    num_heads, group_size, q_first, n_rows, k_len, n_off, min_offset, qk_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, ROWS: tl.constexpr, N_ROWS: tl.constexpr,
+    BLOCK_O: tl.constexpr, IS_CAUSAL: tl.constexpr, IEEE: tl.constexpr,
+):
+    """Column sums of keys ``[J0, J0 + BLOCK_O)`` and diagonal sums of offsets ``Lk - 1 - J`` for those keys."""
+    W: tl.constexpr = 2 * BLOCK_O
+    pid_bh = tl.program_id(0).to(tl.int64)
+    j0 = tl.program_id(1) * BLOCK_O
+    b = pid_bh // num_heads
+    h = pid_bh % num_heads
+    kvh = h // group_size
+    offs_w = tl.arange(0, W)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+    k_pos = j0 - BLOCK_O + offs_w  # [W]: the left half feeds the diagonals of the right half
+    k_ok = (k_pos >= 0) & (k_pos < k_len)
+    k = tl.load(K + b * stride_kb + kvh * stride_kh + k_pos.to(tl.int64)[:, None] * stride_kn + offs_d[None, :],
+                mask=k_ok[:, None] & d_ok[None, :], other=0.0)  # [W, BLOCK_D]
+    col = tl.zeros([W], dtype=tl.float32)
+    diag = tl.zeros([W], dtype=tl.float32)
+    for r0 in tl.static_range(0, N_ROWS, ROWS):
+        offs_t = r0 + tl.arange(0, ROWS)
+        row_ok = offs_t < n_rows
+        q_rows = (q_first + offs_t).to(tl.int64)
+        q = tl.load(Q + b * stride_qb + h * stride_qh + q_rows[:, None] * stride_qm + offs_d[None, :],
+                    mask=row_ok[:, None] & d_ok[None, :], other=0.0)  # [ROWS, BLOCK_D]
+        lse = tl.load(Lse + pid_bh * N_ROWS + offs_t, mask=row_ok, other=0.0)  # [ROWS], log2 units
+        s = _dot(q, tl.trans(k), IEEE) * qk_scale  # [ROWS, W]
+        keep = row_ok[:, None] & k_ok[None, :]
+        if IS_CAUSAL:
+            keep = keep & (k_pos[None, :] <= (k_len - n_rows + offs_t)[:, None])
+        p = tl.where(keep, tl.math.exp2(s - lse[:, None]), 0.0)  # exact probabilities
+        col += tl.sum(p, 0)
+        # Row t meets the offset of column w (for the last row) at column w - (n - 1 - t).
+        src = offs_w[None, :] - (n_rows - 1 - offs_t)[:, None]  # [ROWS, W]
+        shifted = tl.gather(p, tl.minimum(tl.maximum(src, 0), W - 1), axis=1)
+        diag += tl.sum(tl.where((src >= 0) & (src < W), shifted, 0.0), 0)
+    own = offs_w >= BLOCK_O
+    tl.store(Vertical + pid_bh * k_len + k_pos, col, mask=own & (k_pos < k_len))
+    slot = k_len - 1 - min_offset - k_pos  # slash index of the offset o = Lk - 1 - J
+    tl.store(Slash + pid_bh * n_off + slot, diag, mask=own & (slot >= 0))
+
+
+@triton.jit
+def _fill_index_kernel(
+    Params, Tiles, ClusterMap, Keys, RangeStarts, RangeCounts, Columns, ColumnCounts,
+    nq, width_r, num_cols, tiles_width, k_len,
+    BS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """Ranges and columns of one (batch x head, query block): edge run, interior tiles, free verticals."""
+    pid_bh = tl.program_id(0).to(tl.int64)
+    row = pid_bh * nq + tl.program_id(1)
+    prm = Params + row * 8
+    count = tl.load(prm)
+    n_e = tl.load(prm + 1)
+    a_e = tl.load(prm + 2)
+    n_int = tl.load(prm + 3)
+    p1 = tl.load(prm + 4)
+    kappa_lo = tl.load(prm + 5)
+    kappa_hi = tl.load(prm + 6)
+    c_star = tl.load(prm + 7)
+
+    # Ranges: the edge run first (lowest keys), then interior tiles by descending kappa.
+    r_out = RangeStarts + row * width_r
+    t_in = Tiles + pid_bh * tiles_width
+    for r0 in range(0, width_r, BLOCK_R):
+        r = r0 + tl.arange(0, BLOCK_R)
+        interior = (r >= n_e) & (r < count)
+        tau = tl.load(t_in + (n_int - 1 - (r - n_e)), mask=interior, other=0)
+        start = tl.where(r < n_e, a_e + r * BS, tl.where(interior, p1 - tau - BS + 1, -1))
+        tl.store(r_out + r, start, mask=r < width_r)
+    tl.store(RangeCounts + row, count)
+
+    # Columns: verticals at or before the block's last row, outside the edge run and interior runs.
+    c_out = Columns + row * num_cols
+    k_in = Keys + pid_bh * num_cols
+    m_in = ClusterMap + pid_bh * k_len
+    kept = tl.sum(tl.zeros([BLOCK_C], dtype=tl.int32), 0)  # an int32 scalar tensor (loop-carried)
+    for c0 in range(0, num_cols, BLOCK_C):
+        c = c0 + tl.arange(0, BLOCK_C)
+        key = tl.load(k_in + c, mask=c < num_cols, other=2147483647)
+        valid = (c < num_cols) & (key <= p1) & (key < k_len)
+        kappa = p1 - key
+        cluster = tl.load(m_in + kappa, mask=valid, other=0)  # 1 + id of the run holding kappa, 0: none
+        in_edge = (kappa >= kappa_lo) & (kappa <= kappa_hi)
+        in_interior = (cluster >= 1) & (cluster <= c_star)
+        keep = (valid & ~in_edge & ~in_interior).to(tl.int32)
+        slot = kept + tl.cumsum(keep, 0) - keep
+        tl.store(c_out + slot, key, mask=keep != 0)
+        kept += tl.sum(keep, 0)
+    for c0 in range(0, num_cols, BLOCK_C):
+        c = c0 + tl.arange(0, BLOCK_C)
+        tl.store(c_out + c, tl.full([BLOCK_C], -1, tl.int32), mask=(c >= kept) & (c < num_cols))
+    tl.store(ColumnCounts + row, kept)
+
+
+# ==================================================================================================
+# Launchers
+# ==================================================================================================
+
+
+def _pow2(x: int, low: int = 16) -> int:
+    return max(low, triton.next_power_of_2(x))
+
+
+def last_query_scores_fast(q: torch.Tensor, k: torch.Tensor, num_last: int, causal: bool = True):
+    """Triton version of :func:`sparseattn.reference.minference.last_query_scores` (same outputs, fp32).
+
+    Returns:
+        ``(vertical [B, Hq, Lk], slash [B, Hq, n_off], min_offset)`` as the reference.
+
+    Example:
+        >>> import torch
+        >>> from sparseattn.kernels.minference_index import last_query_scores_fast
+        >>> dev = "cuda" if torch.cuda.is_available() else "cpu"  # CPU needs TRITON_INTERPRET=1
+        >>> q, k = torch.randn(1, 2, 100, 32, device=dev), torch.randn(1, 1, 100, 32, device=dev)
+        >>> vertical, slash, _ = last_query_scores_fast(q, k, 16)
+        >>> round(vertical.sum().item(), 3), round(slash.sum().item(), 3)  # 2 heads x 16 rows of mass 1
+        (32.0, 32.0)
+    """
+    B, Hq, Hkv, Lq, Lk, D = check_qk(q, k, "last_query_scores_fast")
+    if not HAS_GATHER:
+        raise RuntimeError(f"last_query_scores_fast needs tl.gather (Triton >= 3.3), this is Triton {triton.__version__}")
+    if not isinstance(num_last, int) or not 1 <= num_last <= Lq:
+        raise ValueError(f"last_query_scores_fast: num_last must be in [1, q_len={Lq}], got {num_last!r}")
+    q, k = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k))
+    n, device = num_last, q.device
+    interpret = _interpreting() or device.type == "cpu"
+    n_rows = _pow2(n)
+    rows = min(n_rows, 64)
+    block_d = _pow2(D)
+    ieee = q.dtype == torch.float32
+    qk_scale = LOG2E / math.sqrt(D)
+    min_offset = 0 if causal else 1 - n
+    n_off = Lk - min_offset
+    common = dict(HEAD_DIM=D, BLOCK_D=block_d, ROWS=rows, N_ROWS=n_rows, IS_CAUSAL=bool(causal), IEEE=ieee)
+    strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2))
+
+    # 1. Row log-sum-exp: partials over key splits, combined here.
+    block_n = 32 if interpret else (128 if block_d <= 128 else 64)
+    keys_per_split = max(block_n, min(2048, triton.cdiv(Lk, block_n) * block_n))
+    splits = triton.cdiv(Lk, keys_per_split)
+    maxes = _alloc(B * Hq, splits, n_rows, dtype=torch.float32, device=device)
+    sums = _alloc(B * Hq, splits, n_rows, dtype=torch.float32, device=device)
+    _row_lse_kernel[(B * Hq, splits, n_rows // rows)](
+        q, k, maxes, sums, *strides, Hq, Hq // Hkv, Lq - n, n, Lk, keys_per_split, qk_scale,
+        BLOCK_N=block_n, **common, num_warps=4, num_stages=1 if interpret else 3)
+    m = maxes.amax(1, keepdim=True)
+    m_safe = torch.where(m == float("-inf"), torch.zeros((), device=device), m)
+    lse = (m_safe + torch.log2((sums * torch.exp2(maxes - m_safe)).sum(1, keepdim=True))).squeeze(1).contiguous()
+
+    # 2. Vertical and slash sums: one program per BLOCK_O keys / offsets.
+    block_o = n_rows if interpret else max(64, n_rows)
+    rows = min(rows, max(16, 8192 // (2 * block_o)))
+    common["ROWS"] = rows
+    vertical = _alloc(B, Hq, Lk, dtype=torch.float32, device=device)
+    slash = _alloc(B, Hq, n_off, dtype=torch.float32, device=device)
+    _vertical_slash_sums_kernel[(B * Hq, triton.cdiv(n_off, block_o))](
+        q, k, lse, vertical, slash, *strides, Hq, Hq // Hkv, Lq - n, n, Lk, n_off, min_offset, qk_scale,
+        BLOCK_O=block_o, **common, num_warps=4 if interpret else 8, num_stages=1)
+    return vertical, slash, min_offset
+
+
+@functools.lru_cache(maxsize=256)
+def _device_ints(values: tuple, device: torch.device) -> torch.Tensor:
+    """A cached int64 device tensor of host constants (a fresh copy per call would wait for the GPU)."""
+    return torch.tensor(values, dtype=torch.int64, device=device)
+
+
+def _top_sorted(scores: torch.Tensor, sizes: list[int], pad: int) -> torch.Tensor:
+    """`[B, H, max(sizes)]` int64: the ``sizes[h]`` highest positions of each head, ascending, ``pad`` after."""
+    width = max(sizes)
+    top = torch.topk(scores, width, dim=-1, sorted=True).indices
+    if min(sizes) < width:
+        limit = _device_ints(tuple(sizes), scores.device)[:, None]  # [H, 1]
+        top = torch.where(torch.arange(width, device=scores.device) < limit, top, torch.full_like(top, pad))
+    return torch.sort(top, dim=-1).values
+
+
+def _cluster_tables(offsets: torch.Tensor, bs: int, k_len: int):
+    """Per-head cluster structure of ascending offsets `[B, H, ns]` (int64, ``_BIG_OFFSET`` padded).
+
+    Returns per-element tables (``cid``, ``o_min``, ``n_before``, ``n_tiles`` of the element's
+    cluster), the tile list ``tiles [B, H, 2 ns]`` (every cluster's tile offsets ``tau``, ascending;
+    a tile covers ``kappa in [tau, tau + bs)``), and ``cluster_map [B, H, Lk]`` (int32, 1 + the id
+    of the cluster whose run covers ``kappa``, 0 where none does).
+    """
+    B, H, ns = offsets.shape
+    device = offsets.device
+    real = offsets < _BIG_OFFSET
+    prev = torch.cat([offsets[..., :1], offsets[..., :-1]], dim=-1)
+    new_cluster = offsets - prev >= 2 * bs
+    new_cluster[..., 0] = True
+    cid = torch.cumsum(new_cluster, dim=-1) - 1
+    o_min = torch.cummax(torch.where(new_cluster, offsets, torch.full_like(offsets, -1)), dim=-1).values
+    is_end = torch.cat([new_cluster[..., 1:], torch.ones_like(new_cluster[..., :1])], dim=-1)
+    o_max = torch.where(is_end, offsets, torch.full_like(offsets, 2 * _BIG_OFFSET))
+    o_max = torch.flip(torch.cummin(torch.flip(o_max, [-1]), dim=-1).values, [-1])
+    n_tiles = torch.where(real, (o_max - o_min + bs - 1) // bs + 1, torch.zeros_like(offsets))
+    tiles_at_end = torch.where(is_end, n_tiles, torch.zeros_like(n_tiles))
+    cum = torch.cumsum(tiles_at_end, dim=-1)  # tiles in clusters <= this one (at ends), < it (elsewhere)
+    n_before = cum - tiles_at_end
+
+    # Tile p lies in the cluster ending at the first element with cum > p.
+    width = 2 * ns
+    p = torch.arange(width, device=device).expand(B, H, width).contiguous()
+    end = torch.searchsorted(cum.contiguous(), p, right=True).clamp_max(ns - 1)
+    tiles = o_max.gather(-1, end) - (cum.gather(-1, end) - 1 - p) * bs
+    tiles = torch.where(p < cum[..., -1:], tiles, torch.zeros_like(tiles)).to(torch.int32)
+
+    # Runs in kappa: [O_max - (n - 1) bs, O_max + bs - 1], disjoint between clusters.
+    run_end = is_end & real
+    lo = (o_max - (n_tiles - 1) * bs).clamp(0, k_len)
+    hi = (o_max + bs).clamp(0, k_len)  # exclusive
+    label = torch.where(run_end, cid + 1, torch.zeros_like(cid))
+    diff = torch.zeros(B, H, k_len + 1, dtype=torch.int64, device=device)
+    diff.scatter_add_(-1, torch.where(run_end, lo, k_len), label)
+    diff.scatter_add_(-1, torch.where(run_end, hi, k_len), -label)
+    cluster_map = torch.cumsum(diff[..., :k_len], dim=-1).to(torch.int32)
+    return cid, o_min, n_before, n_tiles, tiles, cluster_map
+
+
+def _block_params(offsets, cid, o_min, n_before, n_tiles, q_len: int, k_len: int, bs: int) -> torch.Tensor:
+    """`[B, H, nq, 8]` int32: each query block's ranges in closed form (see the module docstring)."""
+    B, H, _ = offsets.shape
+    device = offsets.device
+    nq = cdiv(q_len, bs)
+    blocks = torch.arange(nq, device=device)
+    p1 = ((k_len - q_len) + torch.clamp((blocks + 1) * bs, max=q_len) - 1).expand(B, H, nq).contiguous()
+    i0 = torch.searchsorted(offsets, p1, right=True)  # offsets <= p1 are valid
+    i1 = torch.searchsorted(offsets, p1 - bs + 1, right=True)  # offsets <= p1 - bs + 1 are not clipped
+
+    def at(table, count):  # table[count - 1], the largest element of a prefix
+        return table.gather(-1, (count - 1).clamp_min(0))
+
+    has = i0 > 0
+    clipped = i1 < i0  # some valid offset's range starts before key 0: the edge cluster starts at 0
+    # Not clipped: the edge is the (top-truncated) cluster of the largest valid offset.
+    a_top = p1 - at(offsets, i0) - bs + 1
+    # Clipped: the clipped ranges merge with the cluster of the largest unclipped offset when it
+    # starts within 2 bs of key 0; otherwise that cluster (whole) is interior.
+    u = p1 - at(offsets, i1) - bs + 1
+    merged = (i1 > 0) & (u < 2 * bs)
+    a_e = torch.where(clipped, torch.zeros_like(a_top), a_top)
+    o_low = torch.where(clipped, at(o_min, i1), at(o_min, i0))
+    n_e = torch.where(clipped & ~merged, torch.ones_like(a_e), (p1 - o_low - a_e) // bs + 1)
+    below = torch.where(i1 > 0, at(cid, i1) + 1, torch.zeros_like(i1))
+    below_tiles = torch.where(i1 > 0, at(n_before, i1) + at(n_tiles, i1), torch.zeros_like(i1))
+    c_star = torch.where(clipped, torch.where(merged, at(cid, i1), below), at(cid, i0))
+    n_int = torch.where(clipped, torch.where(merged, at(n_before, i1), below_tiles), at(n_before, i0))
+    zero = torch.zeros_like(a_e)
+    count = torch.where(has, n_e + n_int, zero)
+    kappa_hi = torch.where(has, p1 - a_e, zero - 1)
+    kappa_lo = torch.where(has, p1 - a_e - n_e * bs + 1, zero)
+    c_star = torch.where(has, c_star, zero)
+    params = torch.stack([count, n_e, a_e, n_int, p1, kappa_lo, kappa_hi, c_star], dim=-1)
+    return params.to(torch.int32).contiguous()
+
+
+def _fill_index_torch(params, tiles, cluster_map, keys, width_r: int, bs: int):
+    """``_fill_index_kernel`` in torch (CPU path): `[B, H, nq, width]` gathers, fine for short inputs."""
+    count, n_e, a_e, n_int, p1, kappa_lo, kappa_hi, c_star = (t.long()[..., None] for t in params.unbind(-1))
+    B, H, nq = params.shape[:3]
+    r = torch.arange(width_r, device=params.device)
+    interior = (r >= n_e) & (r < count)
+    slot = (n_int - 1 - (r - n_e)).clamp(0, tiles.shape[-1] - 1)
+    tau = tiles[:, :, None, :].expand(B, H, nq, -1).gather(-1, slot).long()
+    starts = torch.where(r < n_e, a_e + r * bs, torch.where(interior, p1 - tau - bs + 1, torch.full_like(tau, -1)))
+    key = keys[:, :, None, :].long().expand(B, H, nq, -1)
+    Lk = cluster_map.shape[-1]
+    valid = (key <= p1) & (key < Lk)
+    kappa = (p1 - key).clamp(0, Lk - 1)
+    cluster = cluster_map[:, :, None, :].expand(B, H, nq, -1).gather(-1, kappa)
+    keep = valid & ~((kappa >= kappa_lo) & (kappa <= kappa_hi)) & ~((cluster >= 1) & (cluster <= c_star))
+    columns = torch.sort(torch.where(keep, key, torch.full_like(key, _BIG_KEY)), dim=-1).values
+    columns = torch.where(columns < _BIG_KEY, columns, torch.full_like(columns, -1))
+    return (starts.to(torch.int32), count[..., 0].to(torch.int32), columns.to(torch.int32),
+            keep.sum(-1, dtype=torch.int32))
+
+
+def _backend(backend: str, device: torch.device) -> str:
+    if backend not in ("auto", "triton", "torch"):
+        raise ValueError(f"backend must be 'auto', 'triton' or 'torch', got {backend!r}")
+    if backend == "auto":
+        return "triton" if device.type == "cuda" else "torch"
+    if backend == "triton" and device.type != "cuda" and not _interpreting():
+        raise RuntimeError("backend='triton' needs CUDA tensors, or TRITON_INTERPRET=1 for CPU tensors")
+    return backend
+
+
+def vertical_slash_index_fast(vertical: torch.Tensor, slash: torch.Tensor, *, vertical_sizes, slash_sizes,
+                              q_len: int, k_len: int, block_size: int, backend: str = "auto") -> VerticalSlashIndex:
+    """Causal index from estimation scores; equal to ``reference.vertical_slash_index_from_scores``.
+
+    Args:
+        vertical: `[B, H, Lk]` fp32 column scores; slash: `[B, H, Lk]` fp32 scores of offsets
+            ``0..Lk-1`` (causal). Not modified.
+        vertical_sizes, slash_sizes: ints, or one int per head (before forcing and clamping).
+        q_len, k_len: the queries are the last ``q_len`` of ``k_len`` positions.
+        block_size: query block size and range length.
+        backend: ``"triton"`` (the fill kernel), ``"torch"`` (the same in torch, memory
+            ``O(B H nq (nk + nv))`` int64: short inputs), ``"auto"`` (Triton on CUDA, torch on CPU).
+
+    Returns:
+        ``VerticalSlashIndex``: ranges width ``min(2 max ns, nk)``, columns width ``max nv``.
+    """
+    B, H, Lk = vertical.shape
+    if Lk != k_len or tuple(slash.shape) != (B, H, Lk):
+        raise ValueError(f"vertical {tuple(vertical.shape)} and slash {tuple(slash.shape)} must be [B, H, k_len={k_len}]"
+                         " (causal offsets 0..k_len-1)")
+    bs, device = block_size, vertical.device
+    v_sizes = per_head_sizes("vertical_size", vertical_sizes, H)
+    s_sizes = per_head_sizes("slash_size", slash_sizes, H)
+    sizes = [selection_sizes(v, s, Lk, Lk) for v, s in zip(v_sizes, s_sizes)]
+    nv = [a for a, _ in sizes]
+    ns = [b for _, b in sizes]
+    vertical, slash = vertical.clone(), slash.clone()
+    vertical[..., :FORCED_VERTICALS] = float("inf")
+    slash[..., :FORCED_SLASHES] = float("inf")
+    keys = _top_sorted(vertical, nv, _BIG_KEY).to(torch.int32).contiguous()  # [B, H, max nv]
+    offsets = _top_sorted(slash, ns, _BIG_OFFSET).contiguous()  # [B, H, max ns]
+
+    cid, o_min, n_before, n_tiles, tiles, cluster_map = _cluster_tables(offsets, bs, Lk)
+    params = _block_params(offsets, cid, o_min, n_before, n_tiles, q_len, Lk, bs)
+
+    nq, nk = cdiv(q_len, bs), cdiv(Lk, bs)
+    width_r, width_c = min(2 * max(ns), nk), keys.shape[-1]
+    if _backend(backend, device) == "torch":
+        return VerticalSlashIndex(*_fill_index_torch(params, tiles, cluster_map, keys, width_r, bs), bs, bs, q_len, Lk)
+    range_starts = _alloc(B, H, nq, width_r, dtype=torch.int32, device=device)
+    range_counts = _alloc(B, H, nq, dtype=torch.int32, device=device)
+    columns = _alloc(B, H, nq, width_c, dtype=torch.int32, device=device)
+    column_counts = _alloc(B, H, nq, dtype=torch.int32, device=device)
+    small = _interpreting() or device.type == "cpu"
+    _fill_index_kernel[(B * H, nq)](
+        params, tiles, cluster_map, keys, range_starts, range_counts, columns, column_counts,
+        nq, width_r, width_c, tiles.shape[-1], Lk,
+        BS=bs, BLOCK_R=min(256 if not small else 32, _pow2(width_r)), BLOCK_C=min(256 if not small else 32, _pow2(width_c)),
+        num_warps=4)
+    return VerticalSlashIndex(range_starts, range_counts, columns, column_counts, bs, bs, q_len, Lk)
+
+
+def minference_select_fast(q: torch.Tensor, k: torch.Tensor, *, vertical_size=1000, slash_size=6096,
+                           adaptive_budget: float | None = None, last_q: int = 64, block_size: int = 64,
+                           backend: str = "auto") -> VerticalSlashIndex:
+    """MInference's vertical-and-slash index on the GPU (causal); the same index as ``reference.minference_select``.
+
+    Args:
+        q: `[B, Hq, Lq, D]`, the last `Lq` of the `Lk` positions; k: `[B, Hkv, Lk, D]`, ``Hq % Hkv == 0``.
+            CUDA tensors (fp16/bf16/fp32), or CPU tensors under ``TRITON_INTERPRET=1``.
+        vertical_size: vertical keys per head (default 1000): an int or one per query head.
+        slash_size: slash offsets per head (default 6096): an int or one per query head.
+        adaptive_budget: fraction of `Lk` replacing both sizes (20% verticals, 80% slashes).
+        last_q: estimation queries (default 64).
+        block_size: query block size and range length (default 64).
+        backend: ``"triton"``: the Triton estimation and fill kernels (CUDA, or CPU under
+            ``TRITON_INTERPRET=1``); ``"torch"``: the reference's fp32 estimation and the torch fill
+            (CPU, short inputs); ``"auto"`` (default): Triton on CUDA tensors, torch otherwise.
+
+    Returns:
+        ``VerticalSlashIndex`` for causal attention, shapes fixed by the arguments (no host sync).
+
+    Example:
+        >>> import torch
+        >>> from sparseattn.kernels.minference_index import minference_select_fast
+        >>> dev = "cuda" if torch.cuda.is_available() else "cpu"
+        >>> q, k = torch.randn(1, 4, 300, 32, device=dev), torch.randn(1, 2, 300, 32, device=dev)
+        >>> index = minference_select_fast(q, k, vertical_size=40, slash_size=120, last_q=32, block_size=64)
+        >>> index.range_starts.shape, index.columns.shape
+        (torch.Size([1, 4, 5, 5]), torch.Size([1, 4, 5, 40]))
+    """
+    B, Hq, Hkv, Lq, Lk, D = check_qk(q, k, "minference_select_fast")
+    for name, value in (("last_q", last_q), ("block_size", block_size)):
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise ValueError(f"minference_select_fast: {name} must be a positive int, got {value!r}")
+    if adaptive_budget is not None:
+        vertical_size, slash_size = adaptive_sizes(adaptive_budget, Lk)
+    backend = _backend(backend, q.device)
+    if backend == "triton" and HAS_GATHER:
+        vertical, slash, _ = last_query_scores_fast(q, k, min(last_q, Lq), causal=True)
+    else:
+        vertical, slash, _ = last_query_scores(q, k, min(last_q, Lq), causal=True)  # fp32 torch (exact)
+    return vertical_slash_index_fast(vertical, slash, vertical_sizes=vertical_size, slash_sizes=slash_size,
+                                     q_len=Lq, k_len=Lk, block_size=block_size, backend=backend)

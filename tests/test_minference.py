@@ -1,0 +1,597 @@
+"""MInference's fast selection (``kernels.minference_index``), per-head patterns, pattern files and search.
+
+The fp32 reference (``sparseattn.reference.minference``) is the oracle: the fast estimation matches
+its sums to fp32 rounding, the fast index equals its index entry for entry (token-level sets of
+keys per query row; inputs are checked to have no near-ties at the top-k cut), and attention over
+the fast index matches dense-masked fp32 attention over the reference's. Without CUDA the Triton
+kernels run in the interpreter on small awkward shapes (conftest.py); every kernel output is
+allocated poisoned (``SPARSEATTN_NAN_FILL=1``: NaN, or -2**31 for ints), so an unwritten entry fails.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from sparseattn import Minference_prefill, sparse_attention
+from sparseattn.index import VerticalSlashIndex
+from sparseattn.kernels.minference_index import (
+    NAN_FILL_ENV,
+    last_query_scores_fast,
+    minference_select_fast,
+    vertical_slash_index_fast,
+)
+from sparseattn.kernels.vertical_slash import vertical_slash_attention
+from sparseattn.methods.minference import (
+    MInferenceConfig,
+    MInferencePatterns,
+    block_sparse_select_fast,
+    load_minference_patterns,
+    minference_layer_configs,
+    model_key,
+    select_blocks,
+)
+from sparseattn.reference.attention import reference_attention
+from sparseattn.reference.minference import (
+    a_shape_select,
+    block_sparse_select,
+    last_query_scores,
+    minference_select,
+    selection_sizes,
+    vertical_slash_index_from_scores,
+)
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+BACKENDS = ["triton", "torch"]
+INDEX_FIELDS = ("range_starts", "range_counts", "columns", "column_counts")
+
+
+@pytest.fixture(autouse=True)
+def _poisoned_outputs(monkeypatch):
+    monkeypatch.setenv(NAN_FILL_ENV, "1")
+    torch.backends.cuda.matmul.allow_tf32 = False
+
+
+def make_qkv(B, Hq, Hkv, Lq, Lk, D, seed=0, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, Hq, Lq, D, generator=g)
+    k = torch.randn(B, Hkv, Lk, D, generator=g)
+    v = torch.randn(B, Hkv, Lk, D, generator=g)
+    return [t.to(DEVICE, dtype) for t in (q, k, v)]
+
+
+def assert_same_index(fast: VerticalSlashIndex, ref: VerticalSlashIndex):
+    assert (fast.block_q, fast.block_k, fast.q_len, fast.k_len) == (ref.block_q, ref.block_k, ref.q_len, ref.k_len)
+    for name in INDEX_FIELDS:
+        a, b = getattr(fast, name).cpu(), getattr(ref, name).cpu()
+        assert a.shape == b.shape, name
+        assert torch.equal(a, b), f"{name} differs at {(a != b).nonzero()[:4].tolist()}"
+
+
+def assert_no_near_ties(scores: torch.Tensor, keep: int, forced: int):
+    """The test is meaningful only if rounding (~1e-6 relative) cannot flip the top-``keep`` cut."""
+    scores = scores.clone()
+    scores[..., :forced] = float("inf")
+    if keep >= scores.shape[-1]:
+        return
+    top = torch.topk(scores.flatten(0, -2), keep + 1, dim=-1).values
+    inside, outside = top[:, keep - 1], top[:, keep]
+    assert ((inside - outside) > 1e-5 * outside.abs()).all(), "seeded input has a near-tie at the cut"
+
+
+def repeat_kv(k, groups):
+    return k.repeat_interleave(groups, dim=1)  # tests only: the library never does this
+
+
+# ---- estimation -----------------------------------------------------------------------------------
+
+ESTIMATE_SHAPES = [  # B, Hq, Hkv, Lq, Lk, D, last_q
+    pytest.param(1, 1, 1, 1, 1, 16, 64, id="B1-H1-L1-D16-n1"),
+    pytest.param(1, 2, 1, 100, 100, 32, 16, id="B1-H2-HKV1-L100-D32-n16"),
+    pytest.param(2, 4, 2, 77, 260, 16, 24, id="B2-H4-HKV2-Lq77-Lk260-D16-n24"),
+    pytest.param(1, 3, 1, 63, 63, 64, 64, id="B1-H3-HKV1-L63-D64-n63"),
+    pytest.param(1, 8, 1, 40, 1000, 128, 37, id="B1-H8-HKV1-Lq40-Lk1000-D128-n37"),
+]
+
+
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "noncausal"])
+@pytest.mark.parametrize("B,Hq,Hkv,Lq,Lk,D,last_q", ESTIMATE_SHAPES)
+def test_last_query_scores_fast_matches_reference(B, Hq, Hkv, Lq, Lk, D, last_q, causal):
+    q, k, _ = make_qkv(B, Hq, Hkv, Lq, Lk, D, seed=1)
+    n = min(last_q, Lq)
+    vertical, slash, min_offset = last_query_scores_fast(q, k, n, causal)
+    ref_v, ref_s, ref_min = last_query_scores(q, k, n, causal)
+    assert min_offset == ref_min and slash.shape == ref_s.shape and vertical.shape == ref_v.shape
+    assert torch.isfinite(vertical).all() and torch.isfinite(slash).all()
+    torch.testing.assert_close(vertical, ref_v, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(slash, ref_s, rtol=1e-5, atol=1e-6)
+    # Every row's probabilities sum to one, on both reductions.
+    assert torch.allclose(vertical.sum(-1), torch.full_like(vertical[..., 0], n), rtol=1e-5)
+    assert torch.allclose(slash.sum(-1), torch.full_like(slash[..., 0], n), rtol=1e-5)
+
+
+# ---- index building from scores -------------------------------------------------------------------
+
+
+def structured_scores(B, H, Lk, bs, seed):
+    """Slash scores whose top offsets are spaced by gaps around the merge thresholds (bs, 2 bs)."""
+    g = torch.Generator().manual_seed(seed)
+    slash = torch.rand(B, H, Lk, generator=g) * 1e-3
+    gaps = torch.tensor([1, bs - 1, bs, bs + 1, 2 * bs - 1, 2 * bs, 2 * bs + 1, 3 * bs])
+    for b in range(B):
+        for h in range(H):
+            o = int(torch.randint(0, 5, (1,), generator=g))
+            while o < Lk:
+                slash[b, h, o] = 1 + torch.rand(1, generator=g).item()
+                o += int(gaps[torch.randint(0, len(gaps), (1,), generator=g)])
+    return torch.rand(B, H, Lk, generator=g), slash
+
+
+@pytest.mark.parametrize("backend,cases", [("torch", 150), ("triton", 30)])
+def test_index_from_scores_matches_reference_sweep(backend, cases):
+    """Seeded random cases; asserts that they exercise every branch of the closed-form index."""
+    from sparseattn.kernels.minference_index import _block_params, _cluster_tables, _top_sorted
+
+    g = torch.Generator().manual_seed(20)
+    seen = {"interior tiles": 0, "unclipped edge": 0, "clipped, merged edge": 0, "clipped-only edge": 0,
+            "columns dropped": 0}
+    for _ in range(cases):
+        B, H = (int(x) for x in torch.randint(1, 3, (2,), generator=g))
+        bs = [16, 32, 64][int(torch.randint(0, 3, (1,), generator=g))]
+        k_len = int(torch.randint(1, 900, (1,), generator=g))
+        q_len = int(torch.randint(1, k_len + 1, (1,), generator=g))
+        vs, ss = int(torch.randint(1, 300, (1,), generator=g)), int(torch.randint(1, 300, (1,), generator=g))
+        vertical, slash = structured_scores(B, H, k_len, bs, seed=int(torch.randint(0, 10**6, (1,), generator=g)))
+        vertical, slash = vertical.to(DEVICE), slash.to(DEVICE)
+        fast = vertical_slash_index_fast(vertical, slash, vertical_sizes=vs, slash_sizes=ss, q_len=q_len,
+                                         k_len=k_len, block_size=bs, backend=backend)
+        ref = vertical_slash_index_from_scores(vertical, slash, 0, vertical_size=vs, slash_size=ss, q_len=q_len,
+                                               k_len=k_len, block_size=bs)
+        assert_same_index(fast, ref)
+        forced = slash.clone()
+        forced[..., :100] = float("inf")
+        offsets = _top_sorted(forced, [selection_sizes(vs, ss, k_len, k_len)[1]] * H, 1 << 40)
+        count, n_e, a_e, n_int = _block_params(offsets, *_cluster_tables(offsets, bs, k_len)[:4], q_len, k_len,
+                                               bs)[..., :4].unbind(-1)
+        seen["interior tiles"] += int((n_int > 0).sum())
+        seen["unclipped edge"] += int((a_e > 0).sum())
+        seen["clipped, merged edge"] += int(((a_e == 0) & (n_e > 1)).sum())
+        seen["clipped-only edge"] += int(((a_e == 0) & (n_e == 1) & (n_int > 0)).sum())
+        seen["columns dropped"] += int((ref.column_counts < min(selection_sizes(vs, ss, k_len, k_len)[0], k_len)).sum())
+    assert all(n >= 5 for n in seen.values()), seen
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("clip", [-1, 0, 1, 15], ids=lambda d: f"top=p1-15+{d}")
+@pytest.mark.parametrize("gap", [-1, 0, 1], ids=lambda d: f"u=2bs{d:+d}")
+def test_index_edge_boundaries(backend, clip, gap):
+    """Query block 12 (p1 = 207, bs 16): a top offset at the clipping threshold and the largest
+    unclipped offset at the merge threshold ``u = 2 bs``, each one off on either side."""
+    bs, p1 = 16, 207
+    top, below = p1 - bs + 1 + clip, p1 - bs + 1 - 2 * bs - gap  # u = p1 - below - bs + 1 = 2 bs + gap
+    g = torch.Generator().manual_seed(clip * 10 + gap)
+    vertical, slash = torch.rand(1, 1, 256, generator=g), torch.rand(1, 1, 256, generator=g) * 1e-3
+    slash[..., [top, below]] = 1.0
+    kwargs = dict(vertical_sizes=40, slash_sizes=102, q_len=256, k_len=256, block_size=bs)
+    fast = vertical_slash_index_fast(vertical.to(DEVICE), slash.to(DEVICE), backend=backend, **kwargs)
+    ref = vertical_slash_index_from_scores(vertical, slash, 0, vertical_size=40, slash_size=102, q_len=256, k_len=256,
+                                           block_size=bs)
+    assert_same_index(fast, ref)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@settings(max_examples=25, deadline=None)
+@given(B=st.integers(1, 2), H=st.integers(1, 3), k_len=st.integers(1, 700), q_frac=st.floats(0.0, 1.0),
+       bs=st.sampled_from([16, 32, 64]), vs=st.integers(1, 250), ss=st.integers(1, 400),
+       structured=st.booleans(), seed=st.integers(0, 10_000))
+def test_index_from_scores_matches_reference(backend, B, H, k_len, q_frac, bs, vs, ss, structured, seed):
+    q_len = max(1, round(q_frac * k_len))
+    if structured:
+        vertical, slash = structured_scores(B, H, k_len, bs, seed)
+    else:
+        g = torch.Generator().manual_seed(seed)
+        vertical, slash = torch.rand(B, H, k_len, generator=g), torch.rand(B, H, k_len, generator=g)
+    vertical, slash = vertical.to(DEVICE), slash.to(DEVICE)
+    fast = vertical_slash_index_fast(vertical, slash, vertical_sizes=vs, slash_sizes=ss, q_len=q_len, k_len=k_len,
+                                     block_size=bs, backend=backend)
+    ref = vertical_slash_index_from_scores(vertical, slash, 0, vertical_size=vs, slash_size=ss, q_len=q_len,
+                                           k_len=k_len, block_size=bs)
+    assert_same_index(fast, ref)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_index_per_head_sizes_match_reference_heads(backend):
+    B, H, Lq, Lk, bs = 2, 4, 300, 450, 32
+    vertical, slash = structured_scores(B, H, Lk, bs, seed=3)
+    v_sizes, s_sizes = [5, 40, 200, 31], [100, 7, 333, 150]
+    fast = vertical_slash_index_fast(vertical.to(DEVICE), slash.to(DEVICE), vertical_sizes=v_sizes,
+                                     slash_sizes=s_sizes, q_len=Lq, k_len=Lk, block_size=bs, backend=backend)
+    assert fast.columns.shape[-1] == max(selection_sizes(v, s, Lk, Lk)[0] for v, s in zip(v_sizes, s_sizes))
+    for h in range(H):
+        ref = vertical_slash_index_from_scores(vertical[:, h:h + 1], slash[:, h:h + 1], 0, vertical_size=v_sizes[h],
+                                               slash_size=s_sizes[h], q_len=Lq, k_len=Lk, block_size=bs)
+        for name in INDEX_FIELDS:
+            got, want = getattr(fast, name)[:, h:h + 1].cpu(), getattr(ref, name)
+            if got.dim() == 4:  # wider than this head needs: the rest is padding
+                assert (got[..., want.shape[-1]:] == -1).all()
+                got = got[..., :want.shape[-1]]
+            assert torch.equal(got, want), (h, name)
+
+
+# ---- end-to-end selection -------------------------------------------------------------------------
+
+SELECT_SHAPES = [  # B, Hq, Hkv, Lq, Lk, D, bs, vertical_size, slash_size, last_q
+    pytest.param(1, 2, 1, 300, 300, 16, 16, 40, 110, 24, id="B1-H2-HKV1-L300-D16-bs16"),
+    pytest.param(2, 4, 2, 77, 260, 16, 32, 35, 130, 24, id="B2-H4-HKV2-Lq77-Lk260-D16-bs32"),
+    pytest.param(1, 1, 1, 1, 1, 16, 16, 1000, 6096, 64, id="B1-H1-L1-D16-bs16"),
+    pytest.param(1, 3, 1, 63, 63, 32, 16, 5, 5, 24, id="B1-H3-HKV1-L63-D32-bs16"),
+    pytest.param(1, 4, 2, 500, 1000, 64, 64, 100, 300, 64, id="B1-H4-HKV2-Lq500-Lk1000-D64-bs64"),
+]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("B,Hq,Hkv,Lq,Lk,D,bs,vs,ss,last_q", SELECT_SHAPES)
+def test_select_fast_matches_reference(B, Hq, Hkv, Lq, Lk, D, bs, vs, ss, last_q, backend):
+    q, k, _ = make_qkv(B, Hq, Hkv, Lq, Lk, D, seed=2)
+    ref_v, ref_s, _ = last_query_scores(q, k, min(last_q, Lq))
+    nv, ns = selection_sizes(vs, ss, Lk, Lk)
+    assert_no_near_ties(ref_v, nv, 30)
+    assert_no_near_ties(ref_s, ns, 100)
+    fast = minference_select_fast(q, k, vertical_size=vs, slash_size=ss, last_q=last_q, block_size=bs, backend=backend)
+    ref = minference_select(q, k, vertical_size=vs, slash_size=ss, last_q=last_q, block_size=bs)
+    assert_same_index(fast, ref)
+
+
+def test_select_fast_gqa_adaptive_budget_and_per_head_sizes():
+    q, k, _ = make_qkv(2, 4, 2, 200, 400, 32, seed=4)
+    kwargs = dict(last_q=32, block_size=32)
+    # GQA without repeating K: the same index as with K repeated per query head.
+    assert_same_index(minference_select_fast(q, k, vertical_size=50, slash_size=120, **kwargs),
+                      minference_select_fast(q, repeat_kv(k, 2), vertical_size=50, slash_size=120, **kwargs))
+    # 0.5 * 400 = 200 tokens: 40 verticals, 160 slashes.
+    assert_same_index(minference_select_fast(q, k, adaptive_budget=0.5, **kwargs),
+                      minference_select(q, k, vertical_size=40, slash_size=160, **kwargs))
+    sizes = dict(vertical_size=[30, 80, 45, 200], slash_size=[100, 250, 130, 101])
+    assert_same_index(minference_select_fast(q, k, **sizes, **kwargs), minference_select(q, k, **sizes, **kwargs))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32] + ([torch.bfloat16] if DEVICE == "cuda" else []), ids=str)
+@pytest.mark.parametrize("B,Hq,Hkv,Lq,Lk,D,bs", [
+    pytest.param(1, 4, 2, 190, 190, 32, 32, id="B1-H4-HKV2-L190-D32-bs32"),
+    pytest.param(2, 2, 1, 70, 333, 64, 16, id="B2-H2-HKV1-Lq70-Lk333-D64-bs16"),
+])
+def test_attention_over_fast_index_matches_reference(B, Hq, Hkv, Lq, Lk, D, bs, dtype):
+    q, k, v = make_qkv(B, Hq, Hkv, Lq, Lk, D, seed=5, dtype=dtype)
+    index = minference_select_fast(q, k, vertical_size=40, slash_size=60, last_q=32, block_size=bs, backend="triton")
+    ref_index = minference_select(q.float(), k.float(), vertical_size=40, slash_size=60, last_q=32, block_size=bs)
+    if dtype == torch.float32:
+        assert_same_index(index, ref_index)
+    out = vertical_slash_attention(q, k, v, index)
+    want = reference_attention(q.float(), k.float(), v.float(), mask=ref_index.to_element_mask())
+    assert torch.isfinite(out).all()
+    err = ((out.float() - want).norm() / want.norm()).item()
+    assert err < (1e-5 if dtype == torch.float32 else 2e-2)
+
+
+def test_minference_prefill_and_unified_api(monkeypatch):
+    q, k, v = make_qkv(1, 4, 2, 150, 150, 32, seed=6)
+    want_index = minference_select(q, k, vertical_size=40, slash_size=100, last_q=64, block_size=64)
+    want = reference_attention(q, k, v, mask=want_index.to_element_mask())
+    out, stats = Minference_prefill(q, k, v, vertical_size=40, slash_size=100, return_stats=True)
+    assert_same_index(stats.index, want_index)
+    assert ((out - want).norm() / want.norm()).item() < 1e-5
+    assert torch.allclose(stats.density, want_index.density())
+    monkeypatch.setenv("SPARSEATTN_BACKEND", "triton")  # the kernel path (interpreted on a CPU)
+    out = sparse_attention(q, k, v, method="minference", vertical_size=40, slash_size=100)
+    assert ((out - want).norm() / want.norm()).item() < 1e-5
+
+
+# ---- block_sparse and per-head patterns -----------------------------------------------------------
+
+
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "noncausal"])
+@pytest.mark.parametrize("top_k", [0, 1, 3, 100])
+def test_block_sparse_fast_matches_reference(top_k, causal):
+    q, k, _ = make_qkv(2, 6, 3, 200, 330, 16, seed=7)
+    fast = block_sparse_select_fast(q, k, top_k=top_k, block_size=32, causal=causal)
+    ref = block_sparse_select(q, k, top_k=top_k, block_size=32, causal=causal)
+    assert torch.equal(fast.to_mask(), ref.to_mask())
+    assert torch.equal(fast.counts, ref.counts)
+
+
+def test_block_sparse_fast_per_head_top_k_and_head_subset():
+    q, k, _ = make_qkv(1, 6, 3, 256, 256, 16, seed=8)
+    heads, top = [5, 0, 3], [2, 0, 4]
+    fast = block_sparse_select_fast(q, k, top_k=top, block_size=32, heads=heads)
+    for i, h in enumerate(heads):
+        ref = block_sparse_select(q[:, h:h + 1], k[:, h // 2:h // 2 + 1], top_k=top[i], block_size=32)
+        assert torch.equal(fast.to_mask()[:, i:i + 1], ref.to_mask())
+
+
+HEAD_PATTERNS = [["vertical_and_slash", 40, 120], ["a_shape", 16, 64], ["block_sparse", 2, 0],
+                 ["a_shape", 16, 64], ["vertical_and_slash", 60, 100, 0.97], ["block_sparse", 0, 0]]
+
+
+def head_reference_mask(q, k, entry, bs, last_q):
+    """The element mask a single head's pattern gives, from the reference selectors."""
+    pattern, v, s = entry[:3]
+    Lq, Lk = q.shape[2], k.shape[2]
+    if pattern == "vertical_and_slash":
+        return minference_select(q, k, vertical_size=v, slash_size=s, last_q=last_q, block_size=bs).to_element_mask()
+    if pattern == "a_shape":
+        return a_shape_select(Lq, Lk, q.shape[0], 1, sink=v, window=s, block_size=bs).to_element_mask()
+    return block_sparse_select(q, k, top_k=v, block_size=bs).to_element_mask()
+
+
+def test_head_patterns_mix_patterns_per_head():
+    q, k, v = make_qkv(2, 6, 3, 200, 250, 32, seed=9)
+    cfg = MInferenceConfig(head_patterns=HEAD_PATTERNS, block_size=32, last_q=32)
+    assert cfg.head_patterns[4] == ("vertical_and_slash", 60, 100)  # the score is dropped
+    index = select_blocks(q, k, cfg)
+    assert isinstance(index, VerticalSlashIndex)
+    elem = index.to_element_mask()
+    for h, entry in enumerate(HEAD_PATTERNS):
+        want = head_reference_mask(q[:, h:h + 1], k[:, h // 2:h // 2 + 1], entry, 32, 32)
+        assert torch.equal(elem[:, h:h + 1], want), h
+    out = vertical_slash_attention(q, k, v, index)
+    want = reference_attention(q, k, v, mask=elem)
+    assert ((out - want).norm() / want.norm()).item() < 1e-5
+    api = Minference_prefill(q, k, v, head_patterns=HEAD_PATTERNS, last_q=32)
+    assert api.shape == q.shape and torch.isfinite(api).all()
+
+
+def test_head_patterns_single_kind_and_validation():
+    q, k, _ = make_qkv(1, 2, 1, 128, 128, 16, seed=10)
+    vs = select_blocks(q, k, MInferenceConfig(head_patterns=[["vertical_and_slash", 30, 100]] * 2, block_size=32))
+    assert_same_index(vs, minference_select(q, k, vertical_size=30, slash_size=100, block_size=32))
+    blocks = select_blocks(q, k, MInferenceConfig(head_patterns=[["block_sparse", 1, 0]] * 2, block_size=32))
+    assert torch.equal(blocks.to_mask(), block_sparse_select(q, k, top_k=1, block_size=32).to_mask())
+    with pytest.raises(ValueError, match="head_patterns has 3 entries, but the query has 2 heads"):
+        select_blocks(q, k, MInferenceConfig(head_patterns=[["a_shape", 0, 64]] * 3))
+    with pytest.raises(ValueError, match="pattern must be one of"):
+        MInferenceConfig(head_patterns=[["stream", 1, 2]])
+    with pytest.raises(ValueError, match="vertical_and_slash needs"):
+        MInferenceConfig(head_patterns=[["vertical_and_slash", 0, 10]])
+    with pytest.raises(ValueError, match="exclude each other"):
+        MInferenceConfig(head_patterns=[["a_shape", 0, 64]], adaptive_budget=0.1)
+
+
+# ---- pattern files --------------------------------------------------------------------------------
+
+
+def small_table() -> MInferencePatterns:
+    layers = {0: (("vertical_and_slash", 30, 100), ("a_shape", 16, 64)), 2: (("block_sparse", 3, 0),) * 2}
+    return MInferencePatterns("Tiny-Model", layers, {0: (0.9, 0.8), 2: (0.7, 0.6)}, ("tiny",), {"tokens": 256})
+
+
+def test_pattern_file_round_trip(tmp_path):
+    path = small_table().save(tmp_path / "tiny.json")
+    data = json.loads(path.read_text())
+    assert data["format"] == "sparseattn.minference_patterns" and data["version"] == 1
+    assert data["layers"]["0"]["1"] == ["a_shape", 16, 64, 0.8]
+    loaded = load_minference_patterns(path)
+    assert loaded.layers == small_table().layers and loaded.scores == small_table().scores
+    assert loaded.layer_configs() == {0: {"head_patterns": small_table().layers[0]},
+                                      2: {"head_patterns": small_table().layers[2]}}
+    with pytest.raises(KeyError, match="no layer 1"):
+        loaded.head_patterns(1)
+
+
+@pytest.mark.parametrize("change,message", [
+    (lambda d: d.update(format="other"), "format must be"),
+    (lambda d: d.update(version=2), "version 2 is not supported"),
+    (lambda d: d["layers"]["0"].update({"1": ["a_shape", -1, 64]}), "layer 0 head 1 v must be a non-negative"),
+    (lambda d: d["layers"]["0"].pop("0"), "heads must be 0..0"),
+    (lambda d: d.update(layers={}), "'layers' must be a non-empty object"),
+])
+def test_bad_pattern_files_are_rejected(tmp_path, change, message):
+    data = small_table().to_json()
+    change(data)
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps(data))
+    with pytest.raises(ValueError, match=message):
+        load_minference_patterns(path)
+
+
+def test_shipped_table_of_the_embedded_model():
+    table = load_minference_patterns("smollm2")
+    assert table.model == "SmolLM2-135M-Instruct"
+    assert sorted(table.layers) == list(range(30)) and all(len(h) == 9 for h in table.layers.values())
+    assert table.search["command"].startswith("sparseattn search")
+    assert 0 < table.search["summary"]["mean_recall"] <= 1
+    for name in ("default", "SmolLM2-135M-Instruct", "/some/where/SmolLM2-135M-Instruct.Q4_1.gguf"):
+        assert load_minference_patterns(name).layers == table.layers
+    assert minference_layer_configs("smollm2")[7] == {"head_patterns": table.layers[7]}
+    with pytest.raises(FileNotFoundError, match="shipped: .*smollm2"):
+        load_minference_patterns("no-such-model")
+    # A layer's patterns run on that layer's shapes (9 query / 3 KV heads, D 64).
+    q, k, v = make_qkv(1, 9, 3, 200, 200, 64, seed=11)
+    out = Minference_prefill(q, k, v, patterns="smollm2", layer_idx=7, last_q=32)
+    assert out.shape == q.shape and torch.isfinite(out).all()
+    with pytest.raises(ValueError, match="needs layer_idx"):
+        Minference_prefill(q, k, v, patterns="smollm2")
+
+
+def test_model_key():
+    assert model_key("SmolLM2-135M-Instruct") == model_key("x/SmolLM2-135M-Instruct.Q4_1.gguf") == "smollm2-135m-instruct"
+    assert model_key("Llama-3.1-8B.json") == "llama-3.1-8b"
+
+
+def test_integration_layer_configs(tiny_llama):
+    transformers_integration = pytest.importorskip("sparseattn.integrations.transformers")
+    settings = transformers_integration.build_settings("minference", layer_configs=minference_layer_configs("smollm2"),
+                                                       num_layers=30)
+    assert settings.route(3).config.head_patterns == load_minference_patterns("smollm2").layers[3]
+    with pytest.raises(ValueError, match=r"do not fit this model \(3 layers, 4 query heads\)"):
+        minference_layer_configs("smollm2", model=tiny_llama)
+
+
+def test_patched_model_runs_searched_style_table(tiny_llama):
+    """A table whose every pattern keeps all causal keys reproduces the dense model; a sparse one runs."""
+    from sparseattn.integrations.transformers import patch
+
+    keep_all = [["a_shape", 0, 10_000], ["vertical_and_slash", 10_000, 10_000], ["block_sparse", 100, 0],
+                ["a_shape", 1, 10_000]]
+    table = MInferencePatterns("Tiny", {layer: tuple(tuple(e) for e in keep_all) for layer in range(3)})
+    ids = torch.randint(0, 128, (1, 150), generator=torch.Generator().manual_seed(14))
+    with torch.no_grad():
+        dense = tiny_llama(ids).logits
+        with patch(tiny_llama, method="minference", min_sparse_len=0, block_size=32, last_q=16, collect_stats=True,
+                   layer_configs=minference_layer_configs(table, model=tiny_llama)) as handle:
+            sparse = tiny_llama(ids).logits
+        assert [s.reason for s in handle.stats] == ["sparse"] * 3
+        torch.testing.assert_close(sparse, dense, rtol=1e-4, atol=1e-4)
+        thin = [["a_shape", 16, 32], ["vertical_and_slash", 30, 100], ["block_sparse", 1, 0], ["a_shape", 0, 16]]
+        table = MInferencePatterns("Tiny", {layer: tuple(tuple(e) for e in thin) for layer in range(3)})
+        with patch(tiny_llama, method="minference", min_sparse_len=0, block_size=32, last_q=16, collect_stats=True,
+                   layer_configs=minference_layer_configs(table)) as handle:
+            out = tiny_llama(ids).logits
+        assert torch.isfinite(out).all() and all(float(s.density.mean()) < 1 for s in handle.stats)
+
+
+# ---- search ---------------------------------------------------------------------------------------
+
+
+def brute_recall_and_cost(q, k, index, last_q_pairs):
+    """Recall and cost from the full element mask and full softmax (small shapes only)."""
+    from sparseattn.search import _as_ranges
+
+    elem = _as_ranges(index).to_element_mask()
+    B, Hq, Lq, D = q.shape
+    Lk = k.shape[2]
+    kr = repeat_kv(k, Hq // k.shape[1])
+    scores = q @ kr.transpose(-1, -2) / math.sqrt(D)
+    causal = torch.arange(Lk, device=q.device)[None] <= (torch.arange(Lq, device=q.device) + Lk - Lq)[:, None]
+    probs = torch.softmax(scores.masked_fill(~causal, float("-inf")), -1)
+    recall = (probs * elem).sum((-1, -2)) / Lq
+    dense = causal.sum()
+    cost = (elem.sum((-1, -2)) + last_q_pairs) / dense
+    return recall.mean(0), cost.mean(0)
+
+
+def test_measure_candidates_matches_brute_force():
+    from sparseattn.search import Candidate, measure_candidates
+
+    q, k, _ = make_qkv(2, 4, 2, 150, 200, 16, seed=12)
+    cands = [Candidate("vertical_and_slash", 30, 100), Candidate("a_shape", 16, 48), Candidate("block_sparse", 2, 0)]
+    recall, cost = measure_candidates(q, k, cands, last_q=24, block_size=32)
+    extra = [2 * 24 * 200, 0, 5 * 7]
+    for c, cand in enumerate(cands):
+        index = select_blocks(q, k, cand.config(24, 32))
+        want_recall, want_cost = brute_recall_and_cost(q, k, index, extra[c])
+        torch.testing.assert_close(recall[c], want_recall.float(), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(cost[c], want_cost.float(), rtol=1e-5, atol=1e-6)
+
+
+def test_choose_best_recall_within_budget():
+    from sparseattn.search import choose
+
+    recall = torch.tensor([[0.9, 0.5, 0.1], [0.99, 0.99, 0.2], [0.95, 0.6, 0.3]])
+    cost = torch.tensor([[0.1, 0.1, 0.5], [0.5, 0.05, 0.6], [0.1, 0.05, 0.7]])
+    choice, fits = choose(recall, cost, 0.2)
+    assert choice.tolist() == [2, 1, 0] and fits.tolist() == [True, True, False]  # head 2: nothing fits -> cheapest
+    choice, _ = choose(torch.tensor([[0.9], [0.9]]), torch.tensor([[0.2], [0.1]]), 0.5)
+    assert choice.tolist() == [1]  # equal recall: the cheaper
+
+
+class CharTokenizer:
+    """Enough of a tokenizer for ``real_text_ids``: one id per character."""
+
+    def __call__(self, text, add_special_tokens=False):
+        return {"input_ids": [ord(c) % 128 for c in text]}
+
+
+@pytest.fixture(scope="module")
+def tiny_llama():
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+                                   num_key_value_heads=2, vocab_size=128, attn_implementation="sdpa")
+    return transformers.LlamaForCausalLM(cfg).eval()
+
+
+def test_search_on_a_tiny_model(tiny_llama, tmp_path):
+    from sparseattn.search import Candidate, measure_candidates, search_minference
+    from sparseattn.bench.capture import capture_qkv, real_text_ids
+
+    cands = [Candidate("vertical_and_slash", 8, 32), Candidate("a_shape", 16, 32), Candidate("block_sparse", 1, 0),
+             Candidate("a_shape", 160, 160)]
+    table = search_minference(tiny_llama, CharTokenizer(), length=160, candidates=cands, flops_budget=0.6,
+                              block_size=16, last_q=16, layers=[0, 2], layers_per_pass=1, model_name="Tiny",
+                              progress=False)
+    assert sorted(table.layers) == [0, 2] and all(len(h) == 4 for h in table.layers.values())
+    # Each head's choice is the best recall within budget, recomputed here.
+    q, k, _ = capture_qkv(tiny_llama, real_text_ids(CharTokenizer(), 160), layers=[2])[2]
+    recall, cost = measure_candidates(q, k, cands, last_q=16, block_size=16)
+    for h, entry in enumerate(table.layers[2]):
+        fits = [c for c in range(len(cands)) if cost[c, h] <= 0.6]
+        best = max(fits, key=lambda c: (recall[c, h].item(), -cost[c, h].item()))
+        assert list(entry) == cands[best].as_list()
+        assert table.scores[2][h] == pytest.approx(recall[best, h].item())
+    assert all(e != ("a_shape", 160, 160) for heads in table.layers.values() for e in heads)  # dense: over budget
+    loaded = load_minference_patterns(table.save(tmp_path / "tiny.json"))
+    assert loaded.layers == table.layers and loaded.search["summary"]["heads_over_budget"] == 0
+
+
+def test_search_command(tiny_llama, tmp_path, monkeypatch, capsys):
+    import argparse
+
+    import sparseattn.models
+    from sparseattn.search import add_search_parser, run_search
+
+    monkeypatch.setattr(sparseattn.models, "load_llama", lambda *a, **kw: (tiny_llama, CharTokenizer()))
+    parser = argparse.ArgumentParser()
+    add_search_parser(parser.add_subparsers(dest="command"))
+    out = tmp_path / "t.json"
+    args = parser.parse_args(["search", "--model", "my/Tiny.gguf", "--tokens", "128", "--budget", "0.5",
+                              "--block-size", "16", "--last-q", "16", "--layers", "1", "--out", str(out)])
+    assert args.func is run_search and run_search(args) == 0
+    table = load_minference_patterns(out)
+    assert table.model == "Tiny" and sorted(table.layers) == [1]
+    assert table.search["command"] == ("sparseattn search --model my/Tiny.gguf --tokens 128 --budget 0.5 "
+                                       "--block-size 16 --last-q 16 --layers 1")
+    assert "wrote" in capsys.readouterr().out
+
+
+# ---- GPU: large shapes ----------------------------------------------------------------------------
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("L", [16384, 32768 + 77])
+def test_gpu_select_equals_reference(L):
+    q, k, v = make_qkv(1, 8, 2, L, L, 128, seed=13, dtype=torch.bfloat16)
+    kwargs = dict(vertical_size=1000, slash_size=2048, last_q=64, block_size=64)
+    fast = minference_select_fast(q, k, **kwargs)
+    ref = minference_select(q, k, **kwargs)
+    ref_v, ref_s, _ = last_query_scores(q, k, 64)
+    vertical, slash, _ = last_query_scores_fast(q, k, 64)
+    torch.testing.assert_close(vertical, ref_v, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(slash, ref_s, rtol=1e-4, atol=1e-6)
+    # Exact equality wherever the reference's cut has no near-tie; rows of tied heads may differ.
+    same = torch.ones(fast.range_counts.shape[:2], dtype=torch.bool, device=q.device)
+    for name in INDEX_FIELDS:
+        a, b = getattr(fast, name), getattr(ref, name)
+        same &= (a == b).flatten(2).all(-1)
+    assert same.float().mean().item() >= 0.95
+    # The kernel over the fast index matches SDPA over the same element mask, on the last 8 query blocks.
+    out = vertical_slash_attention(q, k, v, fast)
+    first = (fast.range_counts.shape[-1] - 8) * 64
+    tail = VerticalSlashIndex(*(getattr(fast, name)[:, :, -8:] for name in INDEX_FIELDS), 64, 64, L - first, L)
+    want = torch.nn.functional.scaled_dot_product_attention(
+        q[:, :, first:].float(), repeat_kv(k, 4).float(), repeat_kv(v, 4).float(), attn_mask=tail.to_element_mask())
+    assert ((out[:, :, first:].float() - want).norm() / want.norm()).item() < 2e-2
+
+
+@pytest.mark.parametrize("name", ["sparseattn.kernels.minference_index", "sparseattn.reference.minference",
+                                  "sparseattn.search"])
+def test_docstring_examples(name):
+    import doctest
+    import importlib
+
+    result = doctest.testmod(importlib.import_module(name), optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
+    assert result.failed == 0 and result.attempted > 0
