@@ -25,7 +25,7 @@ a materialized mask (padding, sliding      transformers' own SDPA function with 
 window that cuts, static cache, packing)   exact, never sparse
 non-causal module, or dropout > 0          dense SDPA
 layer in ``dense_layers``                  dense SDPA
-``Lk < min_sparse_len`` (default 8192)     dense SDPA: below the crossover sparse does not pay
+``Lk < min_sparse_len`` (per method)       dense SDPA: below the crossover sparse does not pay
 otherwise                                  ``sparseattn.sparse_attention(q, k, v, method, ...)``
 =========================================  ==================================================
 
@@ -78,6 +78,7 @@ logger = logging.getLogger("sparseattn")
 
 __all__ = [
     "DEFAULT_METHOD",
+    "CROSSOVER_LENGTHS",
     "DEFAULT_MIN_SPARSE_LEN",
     "IMPLEMENTATION",
     "TESTED_MODEL_TYPES",
@@ -88,6 +89,7 @@ __all__ = [
     "SparseAttentionSettings",
     "build_settings",
     "check_model_type",
+    "default_min_sparse_len",
     "patch",
     "register",
     "settings_for",
@@ -97,8 +99,20 @@ __all__ = [
 
 IMPLEMENTATION = "sparseattn"
 DEFAULT_METHOD = "xattention"
-# Below this many keys dense attention is used: the design's expected crossover, not yet measured per method/GPU.
-DEFAULT_MIN_SPARSE_LEN = 8192
+# Below these many keys a method runs dense. Measured on the H100 (benchmarks/crossover.py,
+# benchmarks/results/nvidia-h100-80gb-hbm3/crossover.json and methods.json): the shortest length
+# from which one attention call (selection + attention) beats cuDNN dense on a 32/8-head, D=128
+# layer at the method's defaults. MInference (seed sizes) is 0.96x at 64K and 1.51x at 128K.
+# Small models cross later (9/3 heads, D=64: streaming 32K, xattention and flexprefill 64K).
+CROSSOVER_LENGTHS = {"xattention": 16384, "flexprefill": 32768, "streaming": 16384, "minference": 131072,
+                     "full": 0}
+# Methods without a measured crossover (your own, headmask, ...).
+DEFAULT_MIN_SPARSE_LEN = 16384
+
+
+def default_min_sparse_len(method: str) -> int:
+    """The measured crossover length of ``method`` (:data:`CROSSOVER_LENGTHS`), else :data:`DEFAULT_MIN_SPARSE_LEN`."""
+    return CROSSOVER_LENGTHS.get(method, DEFAULT_MIN_SPARSE_LEN)
 TESTED_TRANSFORMERS = ("5.17", "5.23")
 # Model types the test suite runs end to end (tests/test_integration.py).
 TESTED_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3", "gemma3_text"})
@@ -203,7 +217,7 @@ def _settings_of_module(module) -> SparseAttentionSettings:
         _warned_no_config = True
     if _default_settings is None:
         _default_settings = SparseAttentionSettings(
-            LayerRoute(DEFAULT_METHOD, resolve_config(DEFAULT_METHOD), DEFAULT_MIN_SPARSE_LEN))
+            LayerRoute(DEFAULT_METHOD, resolve_config(DEFAULT_METHOD), default_min_sparse_len(DEFAULT_METHOD)))
     return _default_settings
 
 
@@ -391,11 +405,14 @@ def _check_min_sparse_len(value) -> int:
     return value
 
 
-def build_settings(method: str = DEFAULT_METHOD, *, config=None, min_sparse_len: int = DEFAULT_MIN_SPARSE_LEN,
+def build_settings(method: str = DEFAULT_METHOD, *, config=None, min_sparse_len: int | None = None,
                    dense_layers: Iterable[int] = (), layer_configs: Mapping[int, Mapping[str, Any]] | None = None,
                    collect_stats: bool = False, num_layers: int | None = None,
                    **overrides) -> SparseAttentionSettings:
     """Validated routing settings (the arguments are :func:`patch`'s)."""
+    measured = min_sparse_len is None
+    if measured:
+        min_sparse_len = default_min_sparse_len(method)
     default = LayerRoute(method, resolve_config(method, config, **overrides), _check_min_sparse_len(min_sparse_len))
     dense = {_check_layer("dense_layers", idx, num_layers) for idx in dense_layers}
     layers = {idx: dataclasses.replace(default, dense=True) for idx in dense}
@@ -408,7 +425,8 @@ def build_settings(method: str = DEFAULT_METHOD, *, config=None, min_sparse_len:
             raise TypeError(f"layer_configs[{idx}] must be a dict of options, got {type(options).__name__}")
         options = dict(options)
         layer_method = options.pop("method", method)
-        layer_min = _check_min_sparse_len(options.pop("min_sparse_len", default.min_sparse_len))
+        layer_min = _check_min_sparse_len(options.pop(
+            "min_sparse_len", default_min_sparse_len(layer_method) if measured else default.min_sparse_len))
         layer_dense = bool(options.pop("dense", idx in dense))
         if layer_method == method:
             layer_config = resolve_config(method, default.config, **options)
@@ -490,7 +508,7 @@ class SparseAttentionPatch:
                 f"min_sparse_len={route.min_sparse_len}, active={self.active})")
 
 
-def patch(model, method: str = DEFAULT_METHOD, *, config=None, min_sparse_len: int = DEFAULT_MIN_SPARSE_LEN,
+def patch(model, method: str = DEFAULT_METHOD, *, config=None, min_sparse_len: int | None = None,
           dense_layers: Iterable[int] = (), layer_configs: Mapping[int, Mapping[str, Any]] | None = None,
           collect_stats: bool = False, **overrides) -> SparseAttentionPatch:
     """Run ``model``'s attention through sparseattn: a plain call or a context manager.
@@ -500,7 +518,9 @@ def patch(model, method: str = DEFAULT_METHOD, *, config=None, min_sparse_len: i
             ``ALL_ATTENTION_FUNCTIONS`` (Llama, Qwen2/3, Mistral, Gemma 3, ...).
         method: a name in ``sparseattn.METHODS`` (default ``"xattention"``).
         config: the method's config dataclass, a dict of its fields, or a JSON config path.
-        min_sparse_len: calls with fewer keys run dense (default 8192); 0 makes every prefill sparse.
+        min_sparse_len: calls with fewer keys run dense; default: the method's crossover length
+            measured on the H100 (:data:`CROSSOVER_LENGTHS`, 16384 for xattention); 0 makes every
+            prefill sparse.
         dense_layers: layer indices that always run dense.
         layer_configs: ``{layer_idx: {option: value}}`` per-layer overrides of the method's fields,
             and of ``"method"``, ``"min_sparse_len"``, ``"dense"``. A layer with another method

@@ -132,7 +132,8 @@ def vertical_slash_forward(q, k, v, vs_index: VerticalSlashIndex, *, scale: floa
     B, Hq, Lq, D = q.shape
     Hkv, Lk = k.shape[1], k.shape[2]
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
-    cfg = config or default_configs(D, q.dtype, interpret=q.device.type == "cpu").forward
+    # 64-row blocks get the narrow tile (64x64, 4 warps at D=128), as in the block-sparse forward.
+    cfg = config or default_configs(D, q.dtype, interpret=q.device.type == "cpu").forward_for(vs_index)
     BLOCK_M = min(cfg.block_m, vs_index.block_q)
     BLOCK_N = min(cfg.block_n, vs_index.block_k)
     out = alloc_output(q)
