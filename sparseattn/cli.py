@@ -165,7 +165,7 @@ def cmd_generate(args) -> int:
     """Generate from a prompt (a file or stdin) with any model and any method; the output streams to stdout."""
     from .api import resolve_config
     from .demo import parse_overrides, run_generate
-    from .integrations.transformers import DEFAULT_MIN_SPARSE_LEN
+    from .integrations.transformers import default_min_sparse_len
     from .methods import METHODS
 
     method = None if args.method == "dense" else args.method
@@ -182,7 +182,7 @@ def cmd_generate(args) -> int:
             resolve_config(method, **overrides)
         except (TypeError, ValueError) as err:
             raise UsageError(f"--set: {err}") from err
-    min_sparse_len = DEFAULT_MIN_SPARSE_LEN if args.min_sparse_len is None else args.min_sparse_len
+    min_sparse_len = default_min_sparse_len(method or "") if args.min_sparse_len is None else args.min_sparse_len
     if min_sparse_len < 0:
         raise UsageError(f"--min-sparse-len must be >= 0, got {min_sparse_len}")
     if args.max_new_tokens < 1:
@@ -245,6 +245,242 @@ def cmd_bench(args) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------------------------
+# eval, fidelity, viz, memory (the logic lives in sparseattn.evaluation)
+# --------------------------------------------------------------------------------------------
+
+
+def _ints(text: str, flag: str) -> list[int]:
+    try:
+        values = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise UsageError(f"{flag} takes comma-separated integers, got {text!r}") from None
+    if not values or min(values) <= 0:
+        raise UsageError(f"{flag} takes positive integers, got {text!r}")
+    return values
+
+
+def _eval_methods(args) -> dict[str, dict]:
+    """``--methods`` and ``--set METHOD.KEY=VALUE`` -> ``{method: options}``, checked before the model loads."""
+    from .evaluation.runner import method_options
+
+    names = [m.strip() for m in args.methods.split(",") if m.strip()]
+    try:
+        return method_options(args.set, names)
+    except ValueError as err:
+        raise UsageError(str(err)) from err
+
+
+def _model_for(args, lengths=()):
+    """The model (after every argument is checked), and a check that ``lengths`` fit its context."""
+    model, tokenizer = _load_model(args.model, _device(args.device), out=sys.stderr)
+    limit = getattr(model.config.get_text_config(), "max_position_embeddings", None)
+    if limit is not None and lengths and max(lengths) > limit:
+        raise UsageError(f"length {max(lengths)} (prompt, plus 128 tokens of answer for eval) is longer than the "
+                         f"model's context ({limit} tokens)")
+    return model, tokenizer
+
+
+def _machine(model) -> dict:
+    import transformers
+
+    device = next(model.parameters()).device
+    return {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+            "dtype": str(next(model.parameters()).dtype).replace("torch.", ""), "torch": torch.__version__,
+            "transformers": transformers.__version__}
+
+
+def cmd_eval(args) -> int:
+    """RULER-style tasks (and LongBench / InfiniteBench files), dense vs each method; JSON + CSV + MD + PNG."""
+    import json
+
+    from .evaluation import ruler
+    from .evaluation.report import markdown, summarize, write_reports
+    from .evaluation.runner import run_eval
+
+    wall = time.perf_counter()
+    if args.report_only:
+        from .evaluation.runner import RESULTS_FILE, load_rows
+
+        rows = load_rows(Path(args.out) / RESULTS_FILE)
+        if not rows:
+            raise UsageError(f"--report-only: no rows in {Path(args.out) / RESULTS_FILE}")
+        saved = Path(args.out) / "meta.json"  # written when the run started
+        meta = json.loads(saved.read_text()) if saved.is_file() else {"model": rows[0]["settings"]["model"]}
+        meta["report_only"] = True
+        written = write_reports(rows, args.out, meta)
+        print(markdown(rows, summarize(rows), meta))
+        print("wrote " + ", ".join(str(p) for p in written))
+        return 0
+    methods = _eval_methods(args)
+    tasks = list(ruler.TASKS) if args.tasks == "all" else [t.strip() for t in args.tasks.split(",") if t.strip()]
+    unknown = [t for t in tasks if t not in ruler.TASKS]
+    if unknown:
+        raise UsageError(f"--tasks: unknown task(s) {unknown}; choose from {list(ruler.TASKS)} or 'all'")
+    lengths = _ints(args.lengths, "--lengths")
+    ppl_lengths = [] if args.ppl_lengths == "none" else (_ints(args.ppl_lengths, "--ppl-lengths")
+                                                         if args.ppl_lengths else lengths)
+    if args.samples < 1 or args.min_sparse_len < 0 or (args.max_new_tokens is not None and args.max_new_tokens < 1):
+        raise UsageError("--samples and --max-new-tokens must be >= 1, --min-sparse-len >= 0")
+    if args.haystack not in ("stdlib", "repeat") and not Path(args.haystack).is_dir():
+        raise UsageError(f"--haystack must be stdlib, repeat or a folder, got {args.haystack!r}")
+    if args.data_dir is not None:
+        from .evaluation.external import find_data_files
+
+        try:
+            find_data_files(args.data_dir)
+        except ValueError as err:
+            raise UsageError(str(err)) from err
+    # A prompt plus its answer (at most 120 tokens, cwe's) must fit the model's positions.
+    model, tokenizer = _model_for(args, [max(lengths) + 128, *ppl_lengths])
+    if hasattr(model, "set_attn_implementation"):
+        model.set_attn_implementation("sdpa")  # dense = SDPA
+    meta = dict(_machine(model), model=args.model, dense=model.config._attn_implementation, tasks=tasks,
+                lengths=lengths, samples=args.samples, seed=args.seed, haystack=args.haystack,
+                min_sparse_len=args.min_sparse_len, args={k: v for k, v in vars(args).items() if k != "func"})
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    (Path(args.out) / "meta.json").write_text(json.dumps(meta, indent=1) + "\n")  # for --report-only after a kill
+    try:
+        rows = run_eval(model, tokenizer, args.out, tasks=tasks, lengths=lengths, samples=args.samples,
+                        methods=methods, seed=args.seed, haystack=args.haystack, min_sparse_len=args.min_sparse_len,
+                        ppl_lengths=ppl_lengths, data_dir=args.data_dir, max_new_tokens=args.max_new_tokens,
+                        model_name=args.model)
+    except ValueError as err:
+        raise UsageError(str(err)) from err
+    meta["wall_s"] = round(time.perf_counter() - wall, 1)
+    written = write_reports(rows, args.out, meta)
+    print(markdown(rows, summarize(rows), meta))
+    print("wrote " + ", ".join(str(p) for p in written))
+    return 0
+
+
+def cmd_fidelity(args) -> int:
+    """Recall of exact attention mass and relative output error per layer and head, on real q/k/v."""
+    import json
+
+    from .evaluation.fidelity import fidelity_heatmaps, fidelity_table, run_fidelity
+
+    methods = _eval_methods(args)
+    try:
+        layers = None if args.layers == "all" else [int(x) for x in args.layers.split(",")]
+    except ValueError:
+        raise UsageError(f"--layers takes 'all' or comma-separated layer indices, got {args.layers!r}") from None
+    model, tokenizer = _model_for(args, [args.length])
+    try:
+        result = run_fidelity(model, tokenizer, length=args.length, methods=methods, layers=layers,
+                              progress=lambda msg: print(msg, file=sys.stderr, flush=True))
+    except ValueError as err:
+        raise UsageError(str(err)) from err
+    result.update(_machine(model), model=args.model)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "fidelity.json").write_text(json.dumps(result, indent=1) + "\n")
+    (out / "fidelity.md").write_text(fidelity_table(result) + "\n")
+    pngs = fidelity_heatmaps(result, out, title=args.model)
+    print(fidelity_table(result))
+    print("wrote " + ", ".join(str(p) for p in [out / "fidelity.json", out / "fidelity.md", *pngs]))
+    return 0
+
+
+def cmd_viz(args) -> int:
+    """The blocks a method selects for one layer and head of a model on real text, as a PNG."""
+    from .evaluation.runner import method_options
+    from .evaluation.viz import run_viz
+
+    try:
+        options = method_options([f"{args.method}.{item}" for item in args.set], [args.method])[args.method]
+    except ValueError as err:
+        raise UsageError(str(err).replace("METHOD.KEY=VALUE", "KEY=VALUE")) from err
+    model, tokenizer = _model_for(args, [args.length])
+    path = args.out or f"viz-{args.method}-layer{args.layer}-head{args.head}.png"
+    try:
+        result = run_viz(model, tokenizer, method=args.method, options=options, layer=args.layer, head=args.head,
+                         length=args.length, path=path)
+    except (ValueError, RuntimeError) as err:
+        raise UsageError(str(err)) from err
+    print(f"{args.method}, layer {args.layer}, head {args.head}, {args.length} tokens: density "
+          f"{100 * result['density']:.1f}%, recall of the exact attention mass {result['recall']:.4f}")
+    print(f"wrote {result['path']}")
+    return 0
+
+
+def cmd_memory(args) -> int:
+    """Peak memory of a whole-model prefill: eager, SDPA and each method."""
+    import json
+
+    from .evaluation.memory import memory_table, run_memory
+
+    methods = _eval_methods(args)
+    lengths = _ints(args.lengths, "--lengths")
+    model, tokenizer = _model_for(args, lengths)
+    result = run_memory(model, tokenizer, lengths=lengths, methods=methods, min_sparse_len=args.min_sparse_len,
+                        progress=lambda msg: print(msg, file=sys.stderr, flush=True))
+    result.update(_machine(model), model=args.model)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "memory.json").write_text(json.dumps(result, indent=1) + "\n")
+    (out / "memory.md").write_text(memory_table(result) + "\n")
+    print(memory_table(result))
+    print(f"wrote {out / 'memory.json'}, {out / 'memory.md'}")
+    return 0 if result["measure"] is not None else 2
+
+
+def _add_eval_parsers(sub) -> None:
+    from .evaluation.runner import DEFAULT_METHODS
+
+    def common(p, set_help="METHOD.KEY=VALUE"):
+        p.add_argument("--model", default="default", help="a Hugging Face model folder, a .gguf file, or 'default' "
+                       "(the embedded SmolLM2-135M-Instruct)")
+        p.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
+        p.add_argument("--set", action="append", default=[], metavar=set_help,
+                       help=f"a method option, e.g. {'xattention.' if '.' in set_help else ''}threshold=0.9 "
+                            "(repeatable)")
+
+    def methods(p):
+        p.add_argument("--methods", default=",".join(DEFAULT_METHODS), help="comma-separated sparse methods")
+
+    ev = sub.add_parser("eval", help="accuracy on RULER-style tasks and perplexity: dense vs each method")
+    common(ev)
+    methods(ev)
+    ev.add_argument("--tasks", default="all", help="comma-separated tasks, or 'all'")
+    ev.add_argument("--lengths", default="2048", help="comma-separated prompt lengths in tokens")
+    ev.add_argument("--samples", type=int, default=2, help="prompts per task and length")
+    ev.add_argument("--min-sparse-len", type=int, default=0, help="prefills with fewer keys run dense (default 0)")
+    ev.add_argument("--haystack", default="stdlib", help="stdlib, repeat, or a folder of text files")
+    ev.add_argument("--seed", type=int, default=0)
+    ev.add_argument("--ppl-lengths", default=None, help="perplexity text lengths (default: --lengths; 'none')")
+    ev.add_argument("--max-new-tokens", type=int, default=None, help="cap on answer tokens (default: each task's)")
+    ev.add_argument("--data-dir", default=None, help="a folder of LongBench / InfiniteBench *.jsonl files")
+    ev.add_argument("--out", default="benchmarks/results/eval", help="folder of results.jsonl (resumed) and reports")
+    ev.add_argument("--report-only", action="store_true", help="only rewrite the reports from --out's results.jsonl")
+    ev.set_defaults(func=cmd_eval)
+
+    fi = sub.add_parser("fidelity", help="recall of exact attention mass and output error per layer and head")
+    common(fi)
+    methods(fi)
+    fi.add_argument("--length", type=int, default=2048, help="tokens of standard-library text")
+    fi.add_argument("--layers", default="all", help="comma-separated layers, or 'all' (sliding-window ones skipped)")
+    fi.add_argument("--out", default="benchmarks/results/fidelity")
+    fi.set_defaults(func=cmd_fidelity)
+
+    vz = sub.add_parser("viz", help="a method's selected blocks for one layer and head, as a PNG")
+    common(vz, set_help="KEY=VALUE")
+    vz.add_argument("--method", default="xattention")
+    vz.add_argument("--layer", type=int, default=0)
+    vz.add_argument("--head", type=int, default=0, help="query head")
+    vz.add_argument("--length", type=int, default=2048, help="tokens of standard-library text")
+    vz.add_argument("--out", default=None, metavar="PNG", help="default viz-METHOD-layerL-headH.png")
+    vz.set_defaults(func=cmd_viz)
+
+    me = sub.add_parser("memory", help="peak memory of a whole-model prefill: eager, SDPA, each method")
+    common(me)
+    methods(me)
+    me.add_argument("--lengths", default="8192")
+    me.add_argument("--min-sparse-len", type=int, default=0)
+    me.add_argument("--out", default="benchmarks/results/memory")
+    me.set_defaults(func=cmd_memory)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .demo import DEMO_METHODS
 
@@ -277,7 +513,7 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     generate.add_argument("--max-new-tokens", type=int, default=128)
     generate.add_argument("--min-sparse-len", type=int, default=None, help="prefills with fewer keys run dense "
-                          "(default: the integration's crossover, 8192; 0 = always sparse)")
+                          "(default: the method's crossover measured on the H100, e.g. 16384 for xattention; 0 = always sparse)")
     generate.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
     generate.set_defaults(func=cmd_generate)
 
@@ -298,6 +534,13 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--out", default="benchmarks/results")
     bench.add_argument("--name", default=None, help="file name (default: the suite's name)")
     bench.set_defaults(func=cmd_bench)
+
+    from .calibrate import add_profile_parser
+    from .search import add_search_parser
+
+    add_profile_parser(sub)  # sparseattn profile: per-(layer, head) XAttention thresholds
+    add_search_parser(sub)  # sparseattn search: per-(layer, head) MInference patterns
+    _add_eval_parsers(sub)
     return parser
 
 

@@ -264,7 +264,7 @@ def test_cli_generate_from_file_with_chat(model_dir, tmp_path, capsys, patch_cal
     captured = capsys.readouterr()
     assert rc == 0
     assert patch_calls[0]["threshold"] == 0.9 and patch_calls[0]["stride"] == 8
-    assert patch_calls[0]["min_sparse_len"] == integration.DEFAULT_MIN_SPARSE_LEN
+    assert patch_calls[0]["min_sparse_len"] == integration.CROSSOVER_LENGTHS["xattention"]
     assert f"{NUM_LAYERS} short" in captured.err  # a short prompt stays dense below the crossover
 
 

@@ -37,8 +37,8 @@ def kernel_table(result: dict) -> str:
         if r["case"] == "sparse":
             sparse[(r["L"], r["target_density"])][r["impl"]] = r
     if sparse:
-        lines += ["", "| L | density | ours (ms) | Flex same blocks (ms) | ours vs Flex | ours / (d x cuDNN dense) |",
-                  "|---|---|---|---|---|---|"]
+        lines += ["", "| L | density | ours (ms) | Flex same blocks (ms) | ours vs Flex | ours / (d x cuDNN dense) | "
+                  "ours effective / actual TFLOP/s |", "|---|---|---|---|---|---|---|"]
         for (L, d) in sorted(sparse):
             row = sparse[(L, d)]
             ours, flex = row.get("ours_sparse"), row.get("flex_sparse")
@@ -46,8 +46,9 @@ def kernel_table(result: dict) -> str:
             dd = ours["density"] if ours else d
             vs_flex = f"{flex['ms'] / ours['ms']:.2f}x" if ours and flex else "-"
             goal = f"{ours['ms'] / (dd * cud['ms']):.2f}" if ours and cud else "-"
+            tflops = f"{ours['eff_tflops']:.0f} / {ours['act_tflops']:.0f}" if ours and "act_tflops" in ours else "-"
             lines.append(f"| {_fmt_len(L)} | {100 * dd:.1f}% | {ours['ms']:.2f} | "
-                         f"{flex['ms'] if flex else float('nan'):.2f} | {vs_flex} | {goal} |")
+                         f"{flex['ms'] if flex else float('nan'):.2f} | {vs_flex} | {goal} | {tflops} |")
     bwd = defaultdict(dict)
     for r in recs:
         if r["case"] == "backward":
