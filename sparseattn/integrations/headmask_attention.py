@@ -57,7 +57,6 @@ Example:
 from __future__ import annotations
 
 import logging
-import weakref
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -72,7 +71,7 @@ from ..methods import headmask as _headmask_method  # noqa: F401  registers meth
 from ..methods.full import dense_attention
 from ..reference.streaming import streaming_select
 from .headmask_cache import IMPLEMENTATION, HeadMaskCache, HeadMaskSettings, HeadSplitKV
-from .transformers import check_model_type, sparse_attention_mask
+from .transformers import ConfigRegistry, check_model_type, sparse_attention_mask
 
 logger = logging.getLogger("sparseattn")
 
@@ -103,22 +102,9 @@ class _Active:
 
 
 # id(config) -> (weak reference to the config, its state), as in sparseattn.integrations.transformers.
-_ACTIVE: dict[int, tuple[weakref.ref, _Active]] = {}
-
-
-def _get_active(config) -> _Active | None:
-    entry = _ACTIVE.get(id(config))
-    if entry is not None and entry[0]() is config:
-        return entry[1]
-    return None
-
-
-def _set_active(config, active: _Active | None) -> None:
-    key = id(config)
-    if active is None:
-        _ACTIVE.pop(key, None)
-        return
-    _ACTIVE[key] = (weakref.ref(config, lambda _ref, key=key: _ACTIVE.pop(key, None)), active)
+_ACTIVE = ConfigRegistry()
+_get_active = _ACTIVE.get
+_set_active = _ACTIVE.set
 
 
 def settings_for(model) -> HeadMaskSettings | None:

@@ -184,25 +184,34 @@ class SparseAttentionSettings:
         return self.layers.get(layer_idx, self.default)
 
 
-# id(config) -> (weak reference to the config, its settings); see the module docstring.
-_SETTINGS: dict[int, tuple[weakref.ref, SparseAttentionSettings]] = {}
+class ConfigRegistry:
+    """Values keyed by a model config object: ``id(config)`` guarded by a weak reference, so a dead
+    config drops its entry and a recycled id never matches. Shared by every attention function
+    that keeps per-model settings (``patch``, head masks, sequence parallelism)."""
+
+    def __init__(self):
+        self._entries: dict[int, tuple[weakref.ref, Any]] = {}
+
+    def get(self, config):
+        entry = self._entries.get(id(config))
+        if entry is not None and entry[0]() is config:
+            return entry[1]
+        return None
+
+    def set(self, config, value) -> None:
+        key = id(config)
+        if value is None:
+            self._entries.pop(key, None)
+            return
+        self._entries[key] = (weakref.ref(config, lambda _ref, key=key: self._entries.pop(key, None)), value)
+
+
+# The settings of each patched config; see the module docstring.
+_SETTINGS = ConfigRegistry()
+_get_settings = _SETTINGS.get
+_set_settings = _SETTINGS.set
 _default_settings: SparseAttentionSettings | None = None
 _warned_no_config = False
-
-
-def _get_settings(config) -> SparseAttentionSettings | None:
-    entry = _SETTINGS.get(id(config))
-    if entry is not None and entry[0]() is config:
-        return entry[1]
-    return None
-
-
-def _set_settings(config, settings: SparseAttentionSettings | None) -> None:
-    key = id(config)
-    if settings is None:
-        _SETTINGS.pop(key, None)
-        return
-    _SETTINGS[key] = (weakref.ref(config, lambda _ref, key=key: _SETTINGS.pop(key, None)), settings)
 
 
 def _settings_of_module(module) -> SparseAttentionSettings:

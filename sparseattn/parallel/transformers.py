@@ -42,7 +42,6 @@ Example (one process, group None; under torchrun pass ``build_groups(P).seq_grou
 
 from __future__ import annotations
 
-import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -53,6 +52,7 @@ from transformers.masking_utils import AttentionMaskInterface
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from .comm import group_rank, group_size
+from ..integrations.transformers import ConfigRegistry
 from .ulysses import check_heads, gather_heads, scatter_heads
 
 __all__ = ["IMPLEMENTATION", "SequenceParallelPatch", "SequenceParallelSettings", "enable_sequence_parallel",
@@ -81,22 +81,9 @@ class SequenceParallelSettings:
     inner: str | Callable
 
 
-_SETTINGS: dict[int, tuple[weakref.ref, SequenceParallelSettings]] = {}
-
-
-def _get_settings(config) -> SequenceParallelSettings | None:
-    entry = _SETTINGS.get(id(config))
-    if entry is not None and entry[0]() is config:
-        return entry[1]
-    return None
-
-
-def _set_settings(config, settings: SequenceParallelSettings | None) -> None:
-    key = id(config)
-    if settings is None:
-        _SETTINGS.pop(key, None)
-    else:
-        _SETTINGS[key] = (weakref.ref(config, lambda _ref, key=key: _SETTINGS.pop(key, None)), settings)
+_SETTINGS = ConfigRegistry()
+_get_settings = _SETTINGS.get
+_set_settings = _SETTINGS.set
 
 
 def _inner_function(inner):
