@@ -144,6 +144,39 @@ def test_layer_configs_and_stats():
     assert torch.equal(keep_all, torch.ones(1, 4))
 
 
+def test_layer_configs_from_data_files(tmp_path):
+    """``layer_configs`` may name a data file; its JSON "format" picks the loader and must match the method."""
+    model = tiny_model()
+    thresholds = {"format": "sparseattn.xattention_thresholds", "version": 1, "model": "tiny", "num_layers": 2,
+                  "num_heads": 4, "stride": 8, "block_size": 16, "target_coverage": 0.9, "statistic": "mean",
+                  "thresholds": [[1.0] * 4, [0.5, 0.6, 0.7, 0.8]]}
+    (tmp_path / "x.json").write_text(json.dumps(thresholds))
+    with patch(model, "xattention", layer_configs=tmp_path / "x.json", min_sparse_len=0) as handle:
+        routes = handle.settings.layers
+        assert routes[1].config.threshold.tolist() == pytest.approx([0.5, 0.6, 0.7, 0.8])
+        assert (routes[0].config.stride, routes[0].config.block_size) == (8, 16)
+        with torch.no_grad():
+            model(tokens(100))
+    patterns = {"format": "sparseattn.minference_patterns", "version": 1, "model": "tiny",
+                "layers": {str(i): {str(h): ["vertical_and_slash", 32, 64] for h in range(4)} for i in range(2)}}
+    (tmp_path / "m.json").write_text(json.dumps(patterns))
+    with patch(model, "minference", layer_configs=str(tmp_path / "m.json"), min_sparse_len=0) as handle:
+        assert handle.settings.layers[0].config.head_patterns[3] == ("vertical_and_slash", 32, 64)
+    # A packaged name resolves through the method's own files, and is checked against the model.
+    with pytest.raises(ValueError, match="layers"):
+        patch(model, "minference", layer_configs="smollm2")
+    with pytest.raises(ValueError, match="use method='xattention'"):
+        patch(model, "minference", layer_configs=tmp_path / "x.json")
+    (tmp_path / "other.json").write_text(json.dumps({"format": "something"}))
+    with pytest.raises(ValueError, match="has format 'something'"):
+        patch(model, "xattention", layer_configs=tmp_path / "other.json")
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        patch(model, "xattention", layer_configs=tmp_path / "missing.json")
+    with pytest.raises(ValueError, match="no per-layer data files"):
+        patch(model, "streaming", layer_configs="smollm2")
+    assert model.config._attn_implementation == "sdpa"
+
+
 def test_bad_settings_are_rejected():
     model = tiny_model()
     with pytest.raises(ValueError, match="threshhold|threshold"):

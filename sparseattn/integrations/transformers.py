@@ -88,6 +88,7 @@ __all__ = [
     "SparseAttentionPatch",
     "SparseAttentionSettings",
     "build_settings",
+    "load_layer_configs",
     "check_model_type",
     "default_min_sparse_len",
     "patch",
@@ -517,8 +518,56 @@ class SparseAttentionPatch:
                 f"min_sparse_len={route.min_sparse_len}, active={self.active})")
 
 
+# Per-layer data files: their JSON "format" -> (the method they configure, their loader).
+def _layer_config_loaders() -> dict[str, tuple[str, Any]]:
+    from ..calibrate import FORMAT as THRESHOLDS_FORMAT, load_xattention_thresholds
+    from ..methods.minference import PATTERN_FORMAT, minference_layer_configs
+    return {THRESHOLDS_FORMAT: ("xattention", lambda src, model: load_xattention_thresholds(src, model=model)),
+            PATTERN_FORMAT: ("minference", lambda src, model: minference_layer_configs(src, model=model))}
+
+
+def load_layer_configs(source: str | os.PathLike, method: str, model=None) -> dict[int, dict[str, Any]]:
+    """``layer_configs`` from a per-layer data file of ``method``: a ``.json`` path or a packaged name.
+
+    A ``.json`` file is read by its ``"format"`` field (XAttention thresholds or MInference
+    patterns), and must belong to ``method``. Any other string is a model name looked up among the
+    files shipped for ``method`` (``"smollm2"``, ``"default"``, ...). With ``model``, the file's
+    layer and head counts are checked against it.
+
+    Raises:
+        FileNotFoundError: no such file, or nothing packaged under that name.
+        ValueError: not a per-layer data file, or one made for another method.
+    """
+    import json
+
+    loaders = _layer_config_loaders()
+    by_method = {m: (fmt, load) for fmt, (m, load) in loaders.items()}
+    path = os.fspath(source)
+    if path.endswith(".json") or os.path.isfile(path):
+        try:
+            with open(path, encoding="utf-8") as f:
+                found = json.load(f).get("format")
+        except FileNotFoundError:
+            raise FileNotFoundError(f"layer_configs file {path} does not exist") from None
+        except (ValueError, AttributeError):
+            found = None
+        if found not in loaders:
+            raise ValueError(f"layer_configs file {path} has format {found!r}; per-layer data files are "
+                             f"{sorted(loaders)}")
+        file_method = loaders[found][0]
+        if file_method != method:
+            raise ValueError(f"layer_configs file {path} holds {file_method} settings ({found}), but the method "
+                             f"is {method!r}; use method={file_method!r}")
+        return loaders[found][1](path, model)
+    if method not in by_method:
+        raise ValueError(f"method {method!r} has no per-layer data files; layer_configs names one of "
+                         f"{sorted(by_method)}'s files, or pass a dict")
+    return by_method[method][1](path, model)
+
+
 def patch(model, method: str = DEFAULT_METHOD, *, config=None, min_sparse_len: int | None = None,
-          dense_layers: Iterable[int] = (), layer_configs: Mapping[int, Mapping[str, Any]] | None = None,
+          dense_layers: Iterable[int] = (),
+          layer_configs: Mapping[int, Mapping[str, Any]] | str | os.PathLike | None = None,
           collect_stats: bool = False, **overrides) -> SparseAttentionPatch:
     """Run ``model``'s attention through sparseattn: a plain call or a context manager.
 
@@ -533,7 +582,10 @@ def patch(model, method: str = DEFAULT_METHOD, *, config=None, min_sparse_len: i
         dense_layers: layer indices that always run dense.
         layer_configs: ``{layer_idx: {option: value}}`` per-layer overrides of the method's fields,
             and of ``"method"``, ``"min_sparse_len"``, ``"dense"``. A layer with another method
-            starts from that method's defaults (or its section of a JSON ``config``).
+            starts from that method's defaults (or its section of a JSON ``config``). Or a data
+            file (a path, or a packaged model name such as ``"smollm2"``) of the method:
+            XAttention thresholds (``sparseattn profile``) or MInference patterns
+            (``sparseattn search``); see :func:`load_layer_configs`.
         collect_stats: record per-call density in ``handle.stats`` (syncs the GPU once per layer).
         **overrides: fields of the method's config, e.g. ``threshold=0.9``.
 
@@ -564,6 +616,8 @@ def patch(model, method: str = DEFAULT_METHOD, *, config=None, min_sparse_len: i
         )
     register()
     text_config = model.config.get_text_config()
+    if isinstance(layer_configs, (str, os.PathLike)):
+        layer_configs = load_layer_configs(layer_configs, method, model)
     settings = build_settings(method, config=config, min_sparse_len=min_sparse_len, dense_layers=dense_layers,
                               layer_configs=layer_configs, collect_stats=collect_stats,
                               num_layers=getattr(text_config, "num_hidden_layers", None), **overrides)
