@@ -46,7 +46,7 @@ def test_report_from_json(tmp_path):
     result = {"machine": {"device": "Test GPU", "torch": "x", "triton": "y"},
               "shape": {"q_heads": 32, "kv_heads": 8, "head_dim": 128},
               "records": [rec(L=8192, case="dense", impl="cudnn_sdpa", density=1.0, ms=1.0),
-                          rec(L=8192, case="dense", impl="ours_dense", density=1.0, ms=1.25),
+                          rec(L=8192, case="dense", impl="ours_dense", density=1.0, ms=1.25, peak_mib=64.0),
                           rec(L=8192, case="sparse", impl="ours_sparse", target_density=0.1, density=0.12, ms=0.2),
                           rec(L=8192, case="sparse", impl="flex_sparse", target_density=0.1, density=0.12, ms=0.4),
                           rec(L=8192, case="backward", impl="ours_dense", density=1.0, ms=3.0)]}
@@ -54,10 +54,22 @@ def test_report_from_json(tmp_path):
     path.write_text(json.dumps(result))
     md, png = write_reports(path)
     text = md.read_text()
-    assert "| 8K | 1.00 | 1.25 | 100 | 0.80 |" in text
+    assert "| 8K | 1.00 | 1.25 | 100 | 0.80 | 64 / - |" in text  # older JSON files have no peak memory
     assert "| 8K | 12.0% | 0.20 | 0.40 | 2.00x | 1.67 |" in text
     if png is not None:
         assert png.stat().st_size > 1000
+
+
+def test_method_table_shows_peak_memory():
+    from sparseattn.bench.method_suite import method_table
+
+    result = {"machine": {"device": "Test GPU"}, "input": "x", "shape": {},
+              "records": [dict(L=8192, method="dense_cudnn", e2e_ms=2.0, density=1.0, rel_err=0.0, peak_mib=32.0),
+                          dict(L=8192, method="xattention", select_ms=0.1, attend_ms=0.4, e2e_ms=0.5, density=0.2,
+                               rel_err=0.01, speedup=4.0, select_pct_of_dense=5.0, peak_mib=48.4)]}
+    text = method_table(result)
+    assert "| 8K | cuDNN dense | 100% | - | - | 2.00 | 1.00x | - | 0 | 32 |" in text
+    assert "| 8K | xattention | 20.0% | 0.10 | 0.40 | 0.50 | 4.00x | 5.0% | 1.00e-02 | 48 |" in text
 
 
 def test_random_block_index_shared_in_group():

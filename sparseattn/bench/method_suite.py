@@ -41,8 +41,10 @@ def run_method_suite(methods=DEFAULT_METHODS, lengths=(32768, 131072), *, q_head
         q, k, v = llm_like_qkv(1, q_heads, kv_heads, L, head_dim, seed=L)
         dense_fn = DENSE_PEERS[0].make(q, k, v, True)
         dense_out = dense_fn()
-        t_dense = time_ms(dense_fn)["ms"]
-        result["records"].append(dict(L=L, method="dense_cudnn", e2e_ms=t_dense, density=1.0, rel_err=0.0))
+        dense_t = time_ms(dense_fn)
+        t_dense = dense_t["ms"]
+        result["records"].append(dict(L=L, method="dense_cudnn", e2e_ms=t_dense, density=1.0, rel_err=0.0,
+                                      peak_mib=dense_t["peak_mib"]))
         for name in methods:
             spec = get_method(name)
             cfg = resolve_config(name, None, **overrides.get(name, {}))
@@ -54,9 +56,11 @@ def run_method_suite(methods=DEFAULT_METHODS, lengths=(32768, 131072), *, q_head
             out = None  # release device memory before the next case
             t_sel = time_ms(lambda: spec.select(q, k, cfg, causal=True))["ms"]
             t_att = time_ms(lambda: attend(q, k, v, index))["ms"]
-            t_e2e = time_ms(lambda: sparse_attention(q, k, v, method=name, config=cfg))["ms"]
+            e2e = time_ms(lambda: sparse_attention(q, k, v, method=name, config=cfg))
+            t_e2e = e2e["ms"]
             rec = dict(L=L, method=name, select_ms=t_sel, attend_ms=t_att, e2e_ms=t_e2e, density=density,
-                       rel_err=err, speedup=t_dense / t_e2e, select_pct_of_dense=100 * t_sel / t_dense)
+                       rel_err=err, speedup=t_dense / t_e2e, select_pct_of_dense=100 * t_sel / t_dense,
+                       peak_mib=e2e["peak_mib"])
             result["records"].append(rec)
             logger.info("%s", rec)
             if progress:
@@ -70,13 +74,17 @@ def run_method_suite(methods=DEFAULT_METHODS, lengths=(32768, 131072), *, q_head
 
 def method_table(result: dict) -> str:
     lines = [f"Device: {result['machine'].get('device')}; input {result['input']}; shape {result['shape']}; median ms.",
-             "", "| L | method | density | select | attend | end to end | speedup vs cuDNN | select % of dense | rel. error |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "Peak memory: what one end-to-end call allocates on top of q, k, v (output included).",
+             "", "| L | method | density | select | attend | end to end | speedup vs cuDNN | select % of dense | "
+             "rel. error | peak MiB |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["records"]:
         L = f"{r['L'] // 1024}K"
+        peak = f"{r['peak_mib']:.0f}" if r.get("peak_mib") is not None else "-"
         if r["method"] == "dense_cudnn":
-            lines.append(f"| {L} | cuDNN dense | 100% | - | - | {r['e2e_ms']:.2f} | 1.00x | - | 0 |")
+            lines.append(f"| {L} | cuDNN dense | 100% | - | - | {r['e2e_ms']:.2f} | 1.00x | - | 0 | {peak} |")
             continue
         lines.append(f"| {L} | {r['method']} | {100 * r['density']:.1f}% | {r['select_ms']:.2f} | {r['attend_ms']:.2f} | "
-                     f"{r['e2e_ms']:.2f} | {r['speedup']:.2f}x | {r['select_pct_of_dense']:.1f}% | {r['rel_err']:.2e} |")
+                     f"{r['e2e_ms']:.2f} | {r['speedup']:.2f}x | {r['select_pct_of_dense']:.1f}% | {r['rel_err']:.2e} | "
+                     f"{peak} |")
     return "\n".join(lines)

@@ -11,6 +11,10 @@ def _fmt_len(L: int) -> str:
     return f"{L // 1024}K" if L % 1024 == 0 else str(L)
 
 
+def _mib(record) -> str:
+    return f"{record['peak_mib']:.0f}" if record and record.get("peak_mib") is not None else "-"
+
+
 def kernel_table(result: dict) -> str:
     """Dense and sparse tables: time (ms) per implementation and length, with the goal ratios."""
     recs = result["records"]
@@ -22,8 +26,8 @@ def kernel_table(result: dict) -> str:
             dense[r["L"]][r["impl"]] = r
     impls = [i for i in ["cudnn_sdpa", "fa2_sdpa", "flex_dense", "flash_attn", "ours_dense"]
              if any(i in row for row in dense.values())]
-    lines.append("| L | " + " | ".join(impls) + " | ours TFLOP/s | ours / cuDNN throughput |")
-    lines.append("|---|" + "---|" * (len(impls) + 2))
+    lines.append("| L | " + " | ".join(impls) + " | ours TFLOP/s | ours / cuDNN throughput | ours / cuDNN peak MiB |")
+    lines.append("|---|" + "---|" * (len(impls) + 3))
     for L in sorted(dense):
         row = dense[L]
         cells = [f"{row[i]['ms']:.2f}" if i in row else "-" for i in impls]
@@ -31,14 +35,14 @@ def kernel_table(result: dict) -> str:
         cud = row.get("cudnn_sdpa")
         ratio = f"{cud['ms'] / ours['ms']:.2f}" if ours and cud else "-"
         tf = f"{ours['eff_tflops']:.0f}" if ours else "-"
-        lines.append(f"| {_fmt_len(L)} | " + " | ".join(cells) + f" | {tf} | {ratio} |")
+        lines.append(f"| {_fmt_len(L)} | " + " | ".join(cells) + f" | {tf} | {ratio} | {_mib(ours)} / {_mib(cud)} |")
     sparse = defaultdict(dict)
     for r in recs:
         if r["case"] == "sparse":
             sparse[(r["L"], r["target_density"])][r["impl"]] = r
     if sparse:
         lines += ["", "| L | density | ours (ms) | Flex same blocks (ms) | ours vs Flex | ours / (d x cuDNN dense) | "
-                  "ours effective / actual TFLOP/s |", "|---|---|---|---|---|---|---|"]
+                  "ours effective / actual TFLOP/s | ours / Flex peak MiB |", "|---|---|---|---|---|---|---|---|"]
         for (L, d) in sorted(sparse):
             row = sparse[(L, d)]
             ours, flex = row.get("ours_sparse"), row.get("flex_sparse")
@@ -48,16 +52,17 @@ def kernel_table(result: dict) -> str:
             goal = f"{ours['ms'] / (dd * cud['ms']):.2f}" if ours and cud else "-"
             tflops = f"{ours['eff_tflops']:.0f} / {ours['act_tflops']:.0f}" if ours and "act_tflops" in ours else "-"
             lines.append(f"| {_fmt_len(L)} | {100 * dd:.1f}% | {ours['ms']:.2f} | "
-                         f"{flex['ms'] if flex else float('nan'):.2f} | {vs_flex} | {goal} | {tflops} |")
+                         f"{flex['ms'] if flex else float('nan'):.2f} | {vs_flex} | {goal} | {tflops} | "
+                         f"{_mib(ours)} / {_mib(flex)} |")
     bwd = defaultdict(dict)
     for r in recs:
         if r["case"] == "backward":
             bwd[r["L"]][r["impl"]] = r
     if bwd:
-        lines += ["", "| L | backward | ms | TFLOP/s |", "|---|---|---|---|"]
+        lines += ["", "| L | backward | ms | TFLOP/s | peak MiB |", "|---|---|---|---|---|"]
         for L in sorted(bwd):
             for impl, r in bwd[L].items():
-                lines.append(f"| {_fmt_len(L)} | {impl} | {r['ms']:.2f} | {r['eff_tflops']:.0f} |")
+                lines.append(f"| {_fmt_len(L)} | {impl} | {r['ms']:.2f} | {r['eff_tflops']:.0f} | {_mib(r)} |")
     return "\n".join(lines)
 
 

@@ -12,16 +12,21 @@ def time_ms(fn, *, min_runs: int = 5, max_runs: int = 100, budget_ms: float = 15
     """Median wall time of ``fn`` on the GPU with CUDA events, after warm-up.
 
     Runs as many times as fit ``budget_ms`` (between ``min_runs`` and ``max_runs``) and returns
-    ``{"ms": median, "min": ..., "max": ..., "runs": n}``.
+    ``{"ms": median, "min": ..., "max": ..., "runs": n, "peak_mib": ...}``. ``peak_mib`` is the
+    most device memory one call holds on top of what was allocated before it (its output,
+    workspace and temporaries: the selection's scores, the index), from the first timed call.
     """
     for _ in range(warmup):
         fn()
     torch.cuda.synchronize()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
     start.record()
     fn()
     end.record()
     torch.cuda.synchronize()
+    peak_mib = (torch.cuda.max_memory_allocated() - before) / 2**20
     estimate = max(start.elapsed_time(end), 1e-3)
     runs = int(min(max_runs, max(min_runs, budget_ms // estimate)))
     times = []
@@ -31,7 +36,7 @@ def time_ms(fn, *, min_runs: int = 5, max_runs: int = 100, budget_ms: float = 15
         end.record()
         torch.cuda.synchronize()
         times.append(start.elapsed_time(end))
-    return {"ms": statistics.median(times), "min": min(times), "max": max(times), "runs": runs}
+    return {"ms": statistics.median(times), "min": min(times), "max": max(times), "runs": runs, "peak_mib": peak_mib}
 
 
 def causal_dense_flops(batch, q_heads, q_len, k_len, head_dim, causal=True) -> float:
