@@ -22,7 +22,8 @@
 #   SINK_SIZE [128]                 sink tokens of a streaming head
 #   CONTEXT_WINDOW_IF_TOGGLED [1024] local window of a streaming head
 #   BLOCK_SIZE [64]                 block size of the streaming pattern
-#   SEQ_PARALLEL_SIZE [1]           sequence-parallel degree (must divide the number of processes)
+#   SEQ_PARALLEL_SIZE [1]           sequence-parallel degree: processes that split each row (Ulysses); must divide
+#                                   NPROC, which runs NPROC / SEQ_PARALLEL_SIZE data-parallel replicas
 #   TRAIN_FILES []                  space-separated text/.jsonl/.json/.parquet files or folders; empty = synthetic
 #   SYNTHETIC_NEEDLES [4]           passkeys per synthetic row (1..N)
 #   SAVE_STEPS [100]                checkpoint every N steps
@@ -122,14 +123,20 @@ launch() {
         args+=( --train_files $train_files )
     fi
     [[ "$bf16" == 1 ]] && args+=( --bf16 )
+    # Without it, processes on a CPU-only machine would each train alone (accelerate sees no GPU to pair them on).
+    [[ "$gpus" == 0 ]] && args+=( --use_cpu )
     [[ "$gc" == 1 ]] && args+=( --gradient_checkpointing )
     if [[ "$fsdp" == 1 ]]; then
         args+=( --fsdp "full_shard auto_wrap" )
         # Checkpoints gather the full state dict, from which the gates and weights are written.
         export FSDP_STATE_DICT_TYPE=FULL_STATE_DICT
     fi
+    if (( seq_parallel_size < 1 || nproc % seq_parallel_size != 0 )); then
+        echo "SEQ_PARALLEL_SIZE ($seq_parallel_size) must divide NPROC ($nproc)" >&2
+        return 1
+    fi
     mkdir -p "$out"
-    echo "launching $nproc process(es): $mode -> $out" >&2
+    echo "launching $nproc process(es), sequence parallel $seq_parallel_size: $mode -> $out" >&2
     "$python" -m torch.distributed.run --standalone --nnodes 1 --nproc_per_node "$nproc" \
         -m sparseattn.training.train "${args[@]}" "$@"
 }

@@ -51,6 +51,7 @@ from torch import nn
 from transformers.masking_utils import AttentionMaskInterface, prepare_padding_mask
 
 from ..methods.streaming import StreamingConfig
+from ..parallel.loss import sequence_parallel_loss
 from .attention import mixed_attention
 from .gates import DEFAULT_INIT, STRETCH, TEMPERATURE, HardConcreteGates
 from .lagrangian import SparsityLagrangian
@@ -152,8 +153,13 @@ def prulong_attention_forward(module: nn.Module, query: torch.Tensor, key: torch
         values = kwargs.get(GATE_VALUES_KWARG)
         if values is not None:
             values = tuple(local_heads(torch.tensor(values[module.layer_idx])).tolist())
-        out = mixed_attention(query, key, value, local_heads(gates[module.layer_idx]), streaming=settings.streaming,
-                              z_values=values, **common)
+        z = local_heads(gates[module.layer_idx])
+        out = mixed_attention(query, key, value, z, streaming=settings.streaming, z_values=values, **common)
+        if shard is not None and z.requires_grad and not out.requires_grad:
+            # With frozen weights, heads whose gates are all saturated give an output without autograd
+            # history. The ranks of the group must all run the backward all-to-all of this layer or none
+            # (else they deadlock), so attach it: the gradient is zero, as it is for a saturated gate.
+            out = out + 0.0 * z.sum()
     return out.transpose(1, 2).contiguous(), None
 
 
@@ -287,6 +293,7 @@ class PruLongModel(nn.Module):
         self.lagrangian = SparsityLagrangian(linear_term=linear_term)
         self.base_model = base_model
         self.skip_saturated_branches = skip_saturated_branches
+        self.seq_group = None  # the sequence-parallel group (enable_sequence_parallel)
         self.head_mask = None
         if mode == "sft":
             from ..headmask import check_head_mask
@@ -322,16 +329,32 @@ class PruLongModel(nn.Module):
         return bool(getattr(self.model, name, False))
 
     # ---- gates -----------------------------------------------------------------------------------
-    def current_gates(self) -> torch.Tensor | None:
-        """The gates of this forward: a sample in training, the deterministic gates in eval; None in SFT."""
+    def current_gates(self, generator: torch.Generator | None = None) -> torch.Tensor | None:
+        """The gates of this forward: a sample in training (noise from ``generator``, default the global RNG),
+        the deterministic gates in eval; None in SFT."""
         if self.mode == "sft":
             return None
-        return self.gates()
+        return self.gates.sample(generator) if self.gates.training else self.gates.deterministic()
+
+    # ---- sequence parallelism --------------------------------------------------------------------
+    def enable_sequence_parallel(self, group: torch.distributed.ProcessGroup | None) -> None:
+        """Run the gated attention Ulysses-sequence-parallel over ``group`` (``build_groups(P).seq_group``).
+
+        Each rank then calls :meth:`forward` with its shard of the row (``shard_batch``): ids and
+        positions of its ``L / P`` tokens, the whole row's ``cu_seq_lens_q``, and the shifted
+        ``shift_labels``, whose loss is the token mean over the group. The gate sample must be the same
+        on every rank of the group (pass the same ``gate_generator``).
+        """
+        from ..parallel.transformers import enable_sequence_parallel
+
+        enable_sequence_parallel(self.model, group)
+        self.seq_group = group
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, cu_seq_lens_q: torch.Tensor | None = None,
                 max_length_q: int | None = None, target_sparsity: float | None = None,
                 attention_mask: torch.Tensor | None = None, return_logits: bool = False,
+                shift_labels: torch.Tensor | None = None, gate_generator: torch.Generator | None = None,
                 **unused) -> dict[str, Any]:
         """One forward pass; see the class docstring for what comes back.
 
@@ -344,7 +367,13 @@ class PruLongModel(nn.Module):
             target_sparsity: the schedule's target ``t``; None = no constraint term.
             attention_mask: accepted only if it masks nothing (padding is not supported: pack).
             return_logits: also return the logits.
+            shift_labels: instead of ``labels``: targets already shifted (``shift_labels[t]`` is the
+                target of position ``t``), e.g. a sequence-parallel shard's; the LM loss is then the
+                token mean over the sequence-parallel group (:meth:`enable_sequence_parallel`).
+            gate_generator: the source of the gates' training noise (default the global RNG).
         """
+        if labels is not None and shift_labels is not None:
+            raise ValueError("pass labels (shifted by the model) or shift_labels (already shifted), not both")
         if attention_mask is not None and not bool(attention_mask.all()):
             raise ValueError("padded batches are not supported by PruLong training; pack documents with "
                              "cu_seq_lens_q / position_ids (sparseattn.training.data.PackedCollator)")
@@ -355,7 +384,7 @@ class PruLongModel(nn.Module):
         if cu_seq_lens_q is not None:
             extra.update(cu_seq_lens_q=cu_seq_lens_q, cu_seq_lens_k=cu_seq_lens_q,
                          max_length_q=max_length_q, max_length_k=max_length_q)
-        gates = self.current_gates()
+        gates = self.current_gates(gate_generator)
         if gates is not None:
             extra[GATES_KWARG] = gates
             if self.skip_saturated_branches:
@@ -363,6 +392,8 @@ class PruLongModel(nn.Module):
                 extra[GATE_VALUES_KWARG] = tuple(map(tuple, gates.detach().cpu().tolist()))
         out = self.model(input_ids=input_ids, labels=labels, position_ids=position_ids, use_cache=False, **extra)
         lm_loss = out.loss
+        if shift_labels is not None:
+            lm_loss = sequence_parallel_loss(out.logits, shift_labels, self.seq_group)
         zero = torch.zeros((), device=input_ids.device)
         if self.mode == "sft":
             sparsity = 1.0 - self.head_mask.float().mean().to(input_ids.device)

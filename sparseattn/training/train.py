@@ -1,6 +1,7 @@
 """Command line: ``python -m sparseattn.training.train --mode masks_only|masks_and_weights|sft ...``.
 
-Runs under ``torchrun`` (one process per GPU) or plain ``python``. Arguments are
+Runs under ``torchrun`` (one process per GPU; ``--seq_parallel_size P`` splits each row over P of
+them, docs/parallel.md) or plain ``python``. Arguments are
 :class:`ModelArguments`, :class:`DataArguments` and
 :class:`~sparseattn.training.trainer.PruLongTrainingArguments` (which include every
 ``transformers.TrainingArguments`` option); ``--help`` lists them all.
@@ -116,8 +117,9 @@ def build_dataset(data_args: DataArguments, args: PruLongTrainingArguments, toke
         if args.max_steps <= 0:
             raise ValueError("with neither --train_files nor --synthetic_samples, give --max_steps to size the "
                              "synthetic data")
+        data_parallel_size = max(1, args.world_size) // args.seq_parallel_size  # SP ranks share their rows
         samples = args.max_steps * args.per_device_train_batch_size * args.gradient_accumulation_steps * \
-            max(1, args.world_size)
+            data_parallel_size
     if samples:
         if args.mode == "sft" and data_args.synthetic_loss != "answers":
             raise ValueError("mode=sft takes the loss on answers only; use --synthetic_loss answers")

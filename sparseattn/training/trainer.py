@@ -19,10 +19,14 @@ and RNG restore, TensorBoard with ``--report_to tensorboard`` if installed):
   (``output_dir/train_log.csv`` by default). A resumed run drops the rows the interrupted run
   wrote after its checkpoint, so the CSV reads like one uninterrupted run.
 
-Sequence parallelism: ``seq_parallel_size`` is validated (it must divide the world size); values
-above 1 are rejected until the trainer side of the Ulysses path is wired in (docs/training.md: the
-data sharding, :meth:`PruLongTrainer.sequence_parallel_inputs`, the loss; the attention function
-already honours ``head_shard``).
+Sequence parallelism (``seq_parallel_size`` P > 1, docs/parallel.md): the world is split into
+``world / P`` data-parallel replicas of P consecutive ranks (:func:`~sparseattn.parallel.build_groups`).
+The dataloaders shard rows over the replicas, not the processes, so the ranks of a replica read the
+same rows; each rank keeps its ``L / P`` tokens of a row (:meth:`PruLongTrainer.sequence_parallel_inputs`),
+the attention runs between Ulysses all-to-alls, and the LM loss is the token mean over the replica.
+The hard-concrete noise depends only on ``(seed, global micro-batch index)``
+(:meth:`PruLongTrainer.gate_generator`), so the ranks of a replica draw the same gates and a run on
+P ranks equals a run on one. DDP averages the gradients over the world, as without it.
 """
 
 from __future__ import annotations
@@ -33,13 +37,16 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
+from accelerate.data_loader import BatchSamplerShard
 from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_utils import get_last_checkpoint
 
+from ..parallel import all_gather, build_groups, check_heads, check_seq_parallel_size, shard_batch
 from .data import PackedCollator
 from .gates import DEFAULT_INIT
-from .model import MODES, PruLongModel
+from .model import MODES, PruLongModel, model_shape
 from .schedule import SparsitySchedule
 
 logger = logging.getLogger("sparseattn")
@@ -74,7 +81,8 @@ class PruLongTrainingArguments(TrainingArguments):
     sink_size: int = field(default=128, metadata={"help": "sink tokens of a streaming head"})
     context_window_if_toggled: int = field(default=1024, metadata={"help": "local window of a streaming head"})
     streaming_block_size: int = field(default=64, metadata={"help": "block size of the streaming pattern"})
-    seq_parallel_size: int = field(default=1, metadata={"help": "sequence-parallel degree (must divide the world)"})
+    seq_parallel_size: int = field(default=1, metadata={
+        "help": "sequence-parallel degree: ranks that split one row (must divide the number of processes)"})
     log_csv: str | None = field(default=None, metadata={"help": "CSV log path (default output_dir/train_log.csv)"})
     # transformers defaults changed for packed training:
     per_device_train_batch_size: int = field(default=1, metadata={"help": "packed rows per device per micro-step"})
@@ -92,6 +100,9 @@ class PruLongTrainingArguments(TrainingArguments):
             if not isinstance(value, (int, float)) or value < 0:
                 raise ValueError(f"{name} must be a number >= 0, got {value!r}")
         check_seq_parallel_size(self.seq_parallel_size, int(os.environ.get("WORLD_SIZE", "1")))
+        if self.seq_parallel_size > 1 and self.train_sampling_strategy == "batch_rebalance":
+            raise ValueError("train_sampling_strategy='batch_rebalance' shards batches over every process itself, "
+                             "which sequence parallelism cannot use; choose 'random' or 'sequential'")
         # Non-reentrant checkpointing: the gates reach the layers as a keyword argument.
         for name in ("activation_checkpointing_kwargs", "gradient_checkpointing_kwargs"):
             if hasattr(self, name) and getattr(self, name) is None:
@@ -102,23 +113,6 @@ class PruLongTrainingArguments(TrainingArguments):
     def sparsity_schedule(self) -> SparsitySchedule:
         return SparsitySchedule(self.start_head_sparsity, self.end_head_sparsity, self.sparsity_warmup_ratio,
                                 self.warmup_type)
-
-
-def check_seq_parallel_size(seq_parallel_size, world_size: int) -> int:
-    """Validate ``seq_parallel_size``; values > 1 are refused until sequence parallelism is wired in."""
-    if isinstance(seq_parallel_size, bool) or not isinstance(seq_parallel_size, int) or seq_parallel_size < 1:
-        raise ValueError(f"seq_parallel_size must be an int >= 1, got {seq_parallel_size!r}")
-    if world_size % seq_parallel_size:
-        raise ValueError(f"seq_parallel_size ({seq_parallel_size}) must divide the number of processes "
-                         f"({world_size}): world_size = data_parallel_size x seq_parallel_size")
-    if seq_parallel_size > 1:
-        raise ValueError(
-            f"seq_parallel_size={seq_parallel_size}: sequence-parallel PruLong training is not wired in yet. The "
-            "gated attention already runs under sparseattn.parallel's Ulysses wrapper; the trainer side (batches "
-            "sharded over data-parallel ranks only, PruLongTrainer.sequence_parallel_inputs, the sequence-parallel "
-            "loss) is what remains (docs/training.md). Until then run with seq_parallel_size=1 (data parallel over "
-            "all processes)")
-    return seq_parallel_size
 
 
 class _Constant:
@@ -213,6 +207,12 @@ class PruLongTrainer(Trainer):
             raise TypeError(f"args must be PruLongTrainingArguments, got {type(args).__name__}")
         if model.mode != args.mode:
             raise ValueError(f"the model was built for mode={model.mode!r} but args.mode={args.mode!r}")
+        _, num_kv_heads, num_heads = model_shape(model.model)
+        check_heads(num_heads, num_kv_heads, args.seq_parallel_size)
+        launched = int(os.environ.get("WORLD_SIZE", "1"))
+        if args.seq_parallel_size > 1 and args.world_size != launched:
+            raise ValueError(f"{launched} processes were launched, but the Trainer runs {args.world_size} of them "
+                             "together; on a machine without GPUs pass --use_cpu")
         kwargs.setdefault("data_collator", PackedCollator())
         super().__init__(model=model, args=args, **kwargs)
         # Our loss is a per-micro-batch mean plus a penalty: let the Trainer divide by the accumulation steps.
@@ -220,6 +220,12 @@ class PruLongTrainer(Trainer):
         self.schedule = args.sparsity_schedule()
         self._metrics: list[dict] = []
         self._resumed_from: str | None = None
+        self._noise_step, self._micro_batch = -1, 0
+        # Under torchrun the Trainer's accelerator has set torch.distributed up by now.
+        self.parallel_groups = build_groups(args.seq_parallel_size)
+        if self.parallel_groups.is_seq_parallel:
+            # After install() (the PruLongModel did it) and before any DDP / FSDP wrapping (in train()).
+            model.enable_sequence_parallel(self.parallel_groups.seq_group)
         self.csv_log = CsvLogCallback(args.log_csv or os.path.join(args.output_dir, "train_log.csv"))
         self.add_callback(self.csv_log)
 
@@ -236,16 +242,47 @@ class PruLongTrainer(Trainer):
         return self.schedule(step, max(1, self.state.max_steps or self.args.max_steps))
 
     def sequence_parallel_inputs(self, inputs: dict) -> dict:
-        """Sequence-parallel hook: this rank's shard of a packed row. Identity at ``seq_parallel_size == 1``.
+        """This rank's shard of a packed row under sequence parallelism; ``inputs`` unchanged without it.
 
-        With sequence parallelism this splits ``input_ids``, ``labels`` (shifted first) and
-        ``position_ids`` across the group and keeps ``cu_seq_lens_q`` global (docs/training.md).
+        ``input_ids`` and ``position_ids`` are padded at the end to a multiple of ``seq_parallel_size``
+        and cut into consecutive shards; the labels are shifted on the whole row first (the target of
+        a shard's last token lives on the next rank) and become ``shift_labels``; ``cu_seq_lens_q``
+        stays the whole row's, since each rank attends over the whole row between the all-to-alls.
         """
-        return inputs
+        groups = self.parallel_groups
+        if not groups.is_seq_parallel:
+            return inputs
+        shard = shard_batch(inputs["input_ids"], inputs.get("labels"), seq_parallel_rank=groups.seq_parallel_rank,
+                            seq_parallel_size=groups.seq_parallel_size, attention_mask=inputs.get("attention_mask"),
+                            position_ids=inputs.get("position_ids"), cu_seqlens=inputs.get("cu_seq_lens_q"))
+        return {"input_ids": shard.input_ids, "position_ids": shard.position_ids, "cu_seq_lens_q": shard.cu_seqlens,
+                "max_length_q": shard.max_seqlen,
+                "shift_labels": shard.labels if inputs.get("labels") is not None else None}
+
+    def gate_generator(self) -> torch.Generator:
+        """The source of the gates' noise for the next training micro-batch.
+
+        Seeded from ``(seed, n)`` alone, ``n`` being the micro-batch's index in the global order of
+        the data (``(step x accumulation + micro-step) x data_parallel_size + data_parallel_rank``):
+        the ranks of a sequence-parallel group draw the same gates (they must: one ``z`` per head per
+        row), a resumed run draws what the uninterrupted one did, and ``D`` replicas draw what one
+        process accumulating ``D`` micro-batches does.
+        """
+        step = self.state.global_step
+        if step != self._noise_step:
+            self._noise_step, self._micro_batch = step, 0
+        groups = self.parallel_groups
+        index = ((step * self.args.gradient_accumulation_steps + self._micro_batch) * groups.data_parallel_size
+                 + groups.data_parallel_rank)
+        self._micro_batch += 1
+        # SeedSequence mixes the pair: the CPU generator keeps only 32 bits of its seed.
+        seed = int(np.random.SeedSequence([self.args.seed, index]).generate_state(1)[0])
+        return torch.Generator(self.args.device).manual_seed(seed)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         inputs = self.sequence_parallel_inputs(inputs)
-        outputs = model(**inputs, target_sparsity=self.target_sparsity())
+        generator = self.gate_generator() if model.training else None
+        outputs = model(**inputs, target_sparsity=self.target_sparsity(), gate_generator=generator)
         if model.training:
             self._metrics.append({k: outputs[k] for k in _MEAN_METRICS + _LAST_METRICS})
         return (outputs["loss"], outputs) if return_outputs else outputs["loss"]
@@ -255,6 +292,52 @@ class PruLongTrainer(Trainer):
         with torch.no_grad():
             loss = self.compute_loss(model, inputs)
         return loss.detach(), None, None
+
+    # ---- data: rows are sharded over data-parallel replicas, not processes -------------------------
+    def _shard_over_replicas(self, dataloader):
+        # accelerate shards batches over every process (BatchSamplerShard); point it at the replicas
+        # instead, as transformers itself does for its rank-aware samplers. Resuming wraps this sampler
+        # (skip_first_batches), so data skipping keeps working.
+        groups = self.parallel_groups
+        if not groups.is_seq_parallel:
+            return dataloader
+        shard = getattr(dataloader, "batch_sampler", None)
+        if not isinstance(shard, BatchSamplerShard):
+            raise ValueError("sequence parallelism needs a map-style dataset (with __len__), read without "
+                             "accelerate's dispatch_batches, so that every rank of a sequence-parallel group can "
+                             f"read the same rows; got a {type(dataloader).__name__} over "
+                             f"{type(dataloader.dataset).__name__}")
+        shard.num_processes, shard.process_index = groups.data_parallel_size, groups.data_parallel_rank
+        return dataloader
+
+    def get_train_dataloader(self):
+        return self._shard_over_replicas(super().get_train_dataloader())
+
+    def get_eval_dataloader(self, eval_dataset=None):
+        return self._shard_over_replicas(super().get_eval_dataloader(eval_dataset))
+
+    def _gather_over_replicas(self, tensor: torch.Tensor) -> torch.Tensor:
+        # gather_for_metrics, over the data-parallel group: the ranks of a replica hold the same losses.
+        gathered = all_gather(tensor.contiguous(), self.parallel_groups.data_group)
+        state = self.accelerator.gradient_state
+        if state.end_of_dataloader and state.remainder > 0:
+            gathered = gathered[:state.remainder]  # the batches accelerate repeated to even out the replicas
+        return gathered
+
+    def evaluation_loop(self, *args, **kwargs):
+        if self.parallel_groups.is_seq_parallel:
+            self.gather_function = self._gather_over_replicas  # the loop resets it when done
+        return super().evaluation_loop(*args, **kwargs)
+
+    def get_total_train_batch_size(self, args) -> int:
+        return super().get_total_train_batch_size(args) // self.parallel_groups.seq_parallel_size
+
+    def _track_num_input_tokens(self, inputs) -> None:
+        # The Trainer adds every process's row; the ranks of a sequence-parallel group hold the same one.
+        seen = self.state.num_input_tokens_seen
+        super()._track_num_input_tokens(inputs)
+        self.state.num_input_tokens_seen = seen + (self.state.num_input_tokens_seen - seen) // \
+            self.parallel_groups.seq_parallel_size
 
     # ---- optimizer and schedule ----------------------------------------------------------------
     def create_optimizer(self, model=None):
