@@ -72,6 +72,9 @@ def parse_args(argv=None):
     p.add_argument("--skip-train", action="store_true", help="reuse --out/run from an earlier run")
     p.add_argument("--skip-eval", action="store_true")
     p.add_argument("--skip-timing", action="store_true")
+    p.add_argument("--profile", action="store_true",
+                   help="also profile 3 steps of each timed case (torch.profiler): GPU busy time vs wall time and "
+                        "the top operators, in --out/profile/<case>.txt")
     return p.parse_args(argv)
 
 
@@ -115,6 +118,28 @@ def _time_steps(step_fn, n: int) -> dict:
             "min_ms": 1e3 * min(times), "peak_mem_gb": torch.cuda.max_memory_allocated() / 2**30}
 
 
+def _profile_steps(step_fn, path: Path, n: int = 3) -> dict:
+    """Wall time and GPU kernel time of ``n`` warmed steps; the operator tables go to ``path``."""
+    from torch.profiler import ProfilerActivity, profile
+
+    step_fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        start = time.perf_counter()
+        for _ in range(n):
+            step_fn()
+        torch.cuda.synchronize()
+        wall = time.perf_counter() - start
+    events = prof.key_averages()
+    gpu_us = sum(e.self_device_time_total for e in events if e.device_type == torch.autograd.DeviceType.CUDA)
+    kernels = sum(e.count for e in events if e.device_type == torch.autograd.DeviceType.CUDA)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(events.table(sort_by="self_cuda_time_total", row_limit=25) + "\n\n"
+                    + events.table(sort_by="self_cpu_time_total", row_limit=25) + "\n")
+    return {"wall_ms_per_step": 1e3 * wall / n, "gpu_kernel_ms_per_step": gpu_us / 1e3 / n,
+            "kernels_per_step": kernels / n}
+
+
 def timing(args, base_model, tokenizer) -> dict:
     device = torch.device("cuda")
     data = SyntheticRetrievalDataset(tokenizer, args.seq_len, 1, seed=123, loss_on="all")
@@ -148,6 +173,8 @@ def timing(args, base_model, tokenizer) -> dict:
                      use_cache=False).loss
         torch.cuda.reset_peak_memory_stats()
         results[name] = _time_steps(make_step(model, dense_forward), args.timing_steps)
+        if args.profile:
+            results[name]["profile"] = _profile_steps(make_step(model, dense_forward), args.out / "profile" / f"{name}.txt")
         del model
         torch.cuda.empty_cache()
 
@@ -168,7 +195,11 @@ def timing(args, base_model, tokenizer) -> dict:
             def prulong_forward(m):
                 return m(**batch, target_sparsity=args.sparsity)["loss"]
             torch.cuda.reset_peak_memory_stats()
-            results[f"prulong_{mode}_{state}"] = _time_steps(make_step(model, prulong_forward), args.timing_steps)
+            name = f"prulong_{mode}_{state}"
+            results[name] = _time_steps(make_step(model, prulong_forward), args.timing_steps)
+            if args.profile and state == "both_branches":
+                results[name]["profile"] = _profile_steps(make_step(model, prulong_forward),
+                                                          args.out / "profile" / f"{name}.txt")
             del model
             torch.cuda.empty_cache()
 
@@ -253,6 +284,10 @@ def main(argv=None) -> dict:
                 ratios = "".join(f", {key.replace('_', ' ')} {row[key]:.2f}x" for key in ("vs_dense", "vs_dense_frozen")
                                  if key in row)
                 print(f"step {name:42s} {row['median_ms']:7.1f} ms (median), peak {row['peak_mem_gb']:.1f} GB{ratios}")
+                if "profile" in row:
+                    prof = row["profile"]
+                    print(f"     profiled: wall {prof['wall_ms_per_step']:.1f} ms/step, GPU kernels "
+                          f"{prof['gpu_kernel_ms_per_step']:.1f} ms/step, {prof['kernels_per_step']:.0f} kernels/step")
     if "retrieval" in results:
         r = results["retrieval"]
         print(f"retrieval @{r['prompt_tokens']}: dense {r['dense']:.2f}, learned mask {r['learned_mask']:.2f}, "

@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# Device calls of session 3: each step under its own time limit, everything under $OUT, short
+# tables last. STEPS picks steps (comma-separated). The models are assembled once per machine from
+# parts carried in earlier calls (see the developers' guide): SmolLM2 at /root/m/smollm2.gguf, Gemma 3
+# 270M at /root/m/gemma.gguf.
+#   STEPS=models,gemma-demo,profile,flextest,fidelity,memory,viz bash benchmarks/run_gpu_session3.sh
+#   STEPS=eval-smollm2 bash benchmarks/run_gpu_session3.sh
+#   STEPS=eval-gemma bash benchmarks/run_gpu_session3.sh
+set -uo pipefail
+export PYTHONPATH="$PWD:/tmp/site${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+STEPS=${STEPS:-models}
+SA="python3 -m sparseattn.cli"
+SMOL=/root/m/smollm2.gguf GEMMA=/root/m/gemma.gguf
+export SPARSEATTN_DEFAULT_MODEL=$SMOL
+python3 -c "import torch, triton, transformers; print(torch.__version__, triton.__version__, transformers.__version__, torch.cuda.get_device_name())"
+summary=()
+step() {  # name, seconds, command...
+  local name=$1 secs=$2; shift 2
+  [[ ",$STEPS," == *",$name,"* ]] || return 0
+  local t0=$SECONDS
+  timeout "$secs" "$@" > "$OUT/$name.log" 2>&1
+  local rc=$?
+  summary+=("$name rc=$rc $((SECONDS - t0))s")
+  echo "=== $name (rc=$rc, $((SECONDS - t0)) s)"; grep -v '^{' "$OUT/$name.log" | tr '\r' '\n' | tail -${TAIL:-14}
+}
+assemble() {
+  [[ -f $SMOL && -f $GEMMA ]] && return 0
+  cat /root/m/blob_0* > /root/m/all && head -c 98362432 /root/m/all > $SMOL && tail -c +98362433 /root/m/all > $GEMMA \
+    && rm /root/m/all && sha256sum $SMOL $GEMMA
+  echo "gemma expected a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"
+}
+[[ ",$STEPS," == *",models,"* ]] && assemble
+step gemma-demo 240 bash -c "$SA demo --model $GEMMA --context 8192 --json $OUT/demo-gemma3-8192.json \
+  && $SA demo --model $GEMMA --context 32000 --json $OUT/demo-gemma3-32000.json"
+step profile 240 python3 benchmarks/train_prulong_gpu.py --skip-train --skip-eval --profile --timing-steps 5 \
+  --out "$OUT/prulong-profile"
+step flextest 120 python3 -m pytest -q -m gpu tests/test_flexprefill.py -k embedded_model
+step fidelity 75 $SA fidelity --model default --length 7936 --out "$OUT/fidelity-smollm2"
+step memory 60 $SA memory --model default --lengths 8192 --out "$OUT/memory-smollm2"
+step viz 100 bash -c "for m in xattention flexprefill minference streaming; do $SA viz --model default --method \$m \
+  --layer 15 --head 0 --length 7936 --out $OUT/viz/\$m-layer15-head0.png || exit 1; done"
+step eval-smollm2 520 bash -c "$SA eval --model default --lengths 7936 --samples ${SAMPLES:-3} --out $OUT/eval-smollm2; \
+  $SA eval --report-only --out $OUT/eval-smollm2"
+step eval-gemma 470 bash -c "$SA eval --model $GEMMA --lengths 32640,16384,8192 --samples 1 --out $OUT/eval-gemma3; \
+  $SA eval --report-only --out $OUT/eval-gemma3"
+step memory-gemma 100 $SA memory --model $GEMMA --lengths 8192,16384,32768 --out "$OUT/memory-gemma3"
+for f in "$OUT"/eval-*/results.md "$OUT"/fidelity-*/fidelity.md "$OUT"/memory-*/memory.md; do
+  [[ -f $f ]] && { echo; echo "### $f"; head -16 "$f"; }
+done
+printf '%s\n' "${summary[@]}"
