@@ -128,7 +128,8 @@ class _Evaluator:
     def _warm(self, method, length, run):
         """One untimed run per (method, length) on a GPU: compilation, autotuning, allocator growth."""
         if self.device.type == "cuda" and (method, length) not in self.warmed:
-            run()
+            with torch.no_grad():  # no autograd graph: at 32K it would hold every layer's activations
+                run()
             self.warmed.add((method, length))
 
     def answer(self, method: str, prompt: ruler.TaskPrompt, length: int) -> dict[str, Any]:
