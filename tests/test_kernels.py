@@ -280,6 +280,30 @@ def test_gradients(B, Hq, Hkv, Lq, Lk, D, bq, bk, causal, dtype):
         assert rel_err(got, want) < TOL[dtype] * (2 if dtype != torch.float32 else 1), f"d{name}"
 
 
+SPARSE_GRAD_CASES = [c for c in GRAD_CASES if c.values[6] is not None]
+
+
+@pytest.mark.parametrize("B,Hq,Hkv,Lq,Lk,D,bq,bk,causal", SPARSE_GRAD_CASES)
+def test_gradients_with_split_key_lists(B, Hq, Hkv, Lq, Lk, D, bq, bk, causal, monkeypatch):
+    """dK/dV with every key block's query-block list split over several programs (2 entries each)."""
+    import sparseattn.kernels.block_sparse as bs
+
+    monkeypatch.setattr(bs, "DKDV_SPLIT_ENTRIES", 2)
+    index = random_index(B, Hq, Lq, Lk, bq, bk, causal, seed=6)
+    splits, split_len = bs.dkdv_splits(bs.key_major_index(index), torch.empty(B, Hkv, Lk, D))
+    assert splits > 1 and split_len * splits >= index.num_q_blocks
+    test_gradients(B, Hq, Hkv, Lq, Lk, D, bq, bk, causal, GPU_DTYPES[0])
+    monkeypatch.setattr(bs, "DKDV_SPLIT_BYTES", 0)  # no room for partials: one program per key block
+    assert bs.dkdv_splits(bs.key_major_index(index), torch.empty(B, Hkv, Lk, D)) == (1, index.num_q_blocks)
+
+
+def test_varlen_with_split_key_lists(monkeypatch):
+    import sparseattn.kernels.block_sparse as bs
+
+    monkeypatch.setattr(bs, "DKDV_SPLIT_ENTRIES", 1)
+    test_varlen(True)
+
+
 @pytest.mark.parametrize("sparse", [False, True], ids=["dense", "sparse"])
 def test_backward_is_deterministic(sparse):
     q, k, v = make_qkv(1, 4, 1, 100, 100, 16, seed=8, requires_grad=True)
@@ -414,6 +438,24 @@ def test_key_major_index():
                 n = want.numel()
                 assert torch.equal(km.indices[b, h, j, :n], want)
                 assert (km.indices[b, h, j, n:] == -1).all()
+
+
+def test_backward_transposes_an_index_once(monkeypatch):
+    import sparseattn.kernels.block_sparse as bs
+
+    calls = []
+    original = bs.key_major_index
+    monkeypatch.setattr(bs, "key_major_index", lambda index: calls.append(1) or original(index))
+    q, k, v = make_qkv(1, 2, 1, 100, 100, 16, seed=15, requires_grad=True)
+    index = random_index(1, 2, 100, 100, 32, 16, seed=16)
+    dout = torch.randn(1, 2, 100, 16, generator=torch.Generator().manual_seed(17)).to(DEVICE)
+    first = torch.autograd.grad(block_sparse_attention(q, k, v, index), (q, k, v), dout)
+    second = torch.autograd.grad(block_sparse_attention(q, k, v, index), (q, k, v), dout)
+    assert len(calls) == 1  # the second backward reuses the transpose cached on the index
+    assert all(torch.equal(a, b) for a, b in zip(first, second))
+    km = bs.cached_key_major_index(index)
+    want = original(index)
+    assert torch.equal(km.indices, want.indices) and torch.equal(km.counts, want.counts)
 
 
 # ---- vertical-slash ----------------------------------------------------------------------------

@@ -52,6 +52,7 @@ __all__ = [
     "block_sparse_backward",
     "block_sparse_forward",
     "default_configs",
+    "cached_key_major_index",
     "key_major_index",
 ]
 
@@ -336,13 +337,20 @@ def _bwd_dkdv_kernel(
     stride_lb, stride_lh,
     stride_ib, stride_ih, stride_ik, stride_iq,
     stride_cb, stride_ch, stride_ck,
-    num_kv_heads, group_size, q_len, k_len, qk_scale, sm_scale,
+    num_kv_heads, group_size, q_len, k_len, qk_scale, sm_scale, split_len, stride_split,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     SEL_BLOCK_Q: tl.constexpr, SEL_BLOCK_K: tl.constexpr,
     IS_CAUSAL: tl.constexpr, SPARSE: tl.constexpr, VARLEN: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
+    # Sparse: program (b, kv head, key tile, split) takes entries [split x split_len, + split_len) of
+    # each key block's query-block list and writes its partial dK/dV at DK/DV + split x stride_split
+    # (the host sums the splits). A long list, such as the sink block's that every query block reads,
+    # is spread over several programs instead of being the critical path.
     pid_bh = tl.program_id(0).to(tl.int64)
     pid_n = tl.program_id(1)
+    pid_s = tl.program_id(2)
+    DK += pid_s.to(tl.int64) * stride_split
+    DV += pid_s.to(tl.int64) * stride_split
     b = pid_bh // num_kv_heads
     kvh = pid_bh % num_kv_heads
     if VARLEN:
@@ -394,7 +402,9 @@ def _bwd_dkdv_kernel(
             kb = start_n // SEL_BLOCK_K
             row = KIndices + b * stride_ib + h * stride_ih + kb * stride_ik
             count = tl.load(KCounts + b * stride_cb + h * stride_ch + kb * stride_ck)
-            for t in range(0, count * SUB_M):
+            first = pid_s * split_len
+            last = tl.minimum(count, first + split_len)
+            for t in range(first * SUB_M, last * SUB_M):
                 i = tl.load(row + (t // SUB_M) * stride_iq)
                 start_m = i * SEL_BLOCK_Q + (t % SUB_M) * BLOCK_M
                 if IS_CAUSAL:
@@ -916,6 +926,27 @@ def key_major_index(block_index: BlockIndex) -> KeyMajorIndex:
                          block_index.block_k, block_index.q_len, block_index.k_len)
 
 
+# dK/dV of a sparse backward: key blocks whose query-block lists are long (the sink block's holds
+# every query block) are split over programs of at most DKDV_SPLIT_ENTRIES list entries, in at most
+# DKDV_MAX_SPLITS splits, while the fp32 partials stay under DKDV_SPLIT_BYTES.
+DKDV_SPLIT_ENTRIES = 32
+DKDV_MAX_SPLITS = 8
+DKDV_SPLIT_BYTES = 1 << 30
+
+
+def dkdv_splits(key_major: KeyMajorIndex, k: torch.Tensor) -> tuple[int, int]:
+    """``(splits, entries per split)`` of the sparse dK/dV kernel, from shapes only (no host sync).
+
+    The longest list is at most ``nq`` (all query blocks), so ``ceil(nq / DKDV_SPLIT_ENTRIES)``
+    splits bound every program's work; programs past a list's end store zeros.
+    """
+    nq = max(1, key_major.indices.shape[-1])
+    splits = min(DKDV_MAX_SPLITS, triton.cdiv(nq, DKDV_SPLIT_ENTRIES))
+    partial_bytes = 2 * 4 * k.numel()  # one split's fp32 dK and dV
+    splits = max(1, min(splits, DKDV_SPLIT_BYTES // max(1, partial_bytes)))
+    return splits, triton.cdiv(nq, splits)
+
+
 def block_sparse_backward(do, q, k, v, out, lse, block_index: BlockIndex | None = None, *, causal: bool = True,
                           scale: float | None = None, cu_seqlens: torch.Tensor | None = None,
                           max_seqlen: int | None = None, configs: AttentionConfigs | None = None,
@@ -946,15 +977,26 @@ def block_sparse_backward(do, q, k, v, out, lse, block_index: BlockIndex | None 
     cfg = configs.backward_dkdv
     BLOCK_M, BLOCK_N, SEL_Q, SEL_K = _sparse_tiles(cfg, block_index)
     k_idx, k_cnt = _index_tensors(key_major, q.device)
-    grid = (batch * Hkv, triton.cdiv(varlen_len or Lk, BLOCK_N))
+    splits, split_len = (1, max(1, k_idx.shape[-1])) if key_major is None else dkdv_splits(key_major, k)
+    if splits > 1:  # fp32 partials [splits, *dk.shape], summed in a fixed order: deterministic
+        dk_out = torch.empty((splits, *dk.shape), dtype=torch.float32, device=dk.device)
+        dv_out = torch.empty((splits, *dv.shape), dtype=torch.float32, device=dv.device)
+        dk_dst, dv_dst = dk_out[0], dv_out[0]
+    else:
+        dk_out, dv_out = dk_dst, dv_dst = dk, dv
+    grid = (batch * Hkv, triton.cdiv(varlen_len or Lk, BLOCK_N), splits)
     _bwd_dkdv_kernel[grid](
-        q, k, v, do, lse, delta, dk, dv, k_idx, k_cnt, cu,
-        *_bhl(q), *_bhl(k), *_bhl(v), *_bhl(do), *_bhl(dk), *_bhl(dv), lse.stride(0), lse.stride(1),
+        q, k, v, do, lse, delta, dk_dst, dv_dst, k_idx, k_cnt, cu,
+        *_bhl(q), *_bhl(k), *_bhl(v), *_bhl(do), *_bhl(dk_dst), *_bhl(dv_dst), lse.stride(0), lse.stride(1),
         *k_idx.stride(), *k_cnt.stride(),
-        Hkv, Hq // Hkv, varlen_len or Lq, varlen_len or Lk, scale * LOG2E, scale,
+        Hkv, Hq // Hkv, varlen_len or Lq, varlen_len or Lk, scale * LOG2E, scale, split_len,
+        dk_out.stride(0) if splits > 1 else 0,
         BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, SEL_BLOCK_Q=SEL_Q, SEL_BLOCK_K=SEL_K,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **common,
     )
+    if splits > 1:
+        dk.copy_(dk_out.sum(0))
+        dv.copy_(dv_out.sum(0))
 
     cfg = configs.backward_dq
     BLOCK_M, BLOCK_N, SEL_Q, SEL_K = _sparse_tiles(cfg, block_index)
@@ -976,24 +1018,39 @@ def block_sparse_backward(do, q, k, v, out, lse, block_index: BlockIndex | None 
 # ==================================================================================================
 
 
+def cached_key_major_index(block_index: BlockIndex) -> KeyMajorIndex:
+    """:func:`key_major_index` of ``block_index``, computed once and kept on it.
+
+    A ``BlockIndex`` is immutable, so its transpose is too: an index reused by many backward passes
+    (training's sink + window index serves every layer of every step) is transposed once, which
+    saves about fifteen small kernel launches per backward.
+    """
+    cached = block_index.__dict__.get("_key_major")
+    if cached is None:
+        cached = key_major_index(block_index)
+        object.__setattr__(block_index, "_key_major", cached)  # a cache on a frozen dataclass
+    return cached
+
+
 class _BlockSparseAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, indices, counts, index_meta, causal, scale, cu_seqlens, max_seqlen):
-        block_index = None if indices is None else BlockIndex(indices, counts, *index_meta)
+    def forward(ctx, q, k, v, block_index, causal, scale, cu_seqlens, max_seqlen):
         out, lse = block_sparse_forward(q, k, v, block_index, causal=causal, scale=scale,
                                         cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
-        ctx.save_for_backward(q, k, v, out, lse, indices, counts, cu_seqlens)
-        ctx.index_meta, ctx.causal, ctx.scale, ctx.max_seqlen = index_meta, causal, scale, max_seqlen
+        ctx.save_for_backward(q, k, v, out, lse, cu_seqlens)
+        ctx.block_index, ctx.causal, ctx.scale, ctx.max_seqlen = block_index, causal, scale, max_seqlen
         ctx.mark_non_differentiable(lse)
         return out, lse
 
     @staticmethod
     def backward(ctx, dout, _dlse):
-        q, k, v, out, lse, indices, counts, cu_seqlens = ctx.saved_tensors
-        block_index = None if indices is None else BlockIndex(indices, counts, *ctx.index_meta)
+        q, k, v, out, lse, cu_seqlens = ctx.saved_tensors
+        block_index = ctx.block_index
+        key_major = None if block_index is None else cached_key_major_index(block_index)
         dq, dk, dv = block_sparse_backward(dout, q, k, v, out, lse, block_index, causal=ctx.causal,
-                                           scale=ctx.scale, cu_seqlens=cu_seqlens, max_seqlen=ctx.max_seqlen)
-        return dq, dk, dv, None, None, None, None, None, None, None
+                                           scale=ctx.scale, cu_seqlens=cu_seqlens, max_seqlen=ctx.max_seqlen,
+                                           key_major=key_major)
+        return dq, dk, dv, None, None, None, None, None
 
 
 # ==================================================================================================
@@ -1099,13 +1156,7 @@ def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bl
         True
     """
     _validate(q, k, v, block_index, causal, scale, cu_seqlens, max_seqlen)
-    if block_index is None:
-        indices = counts = None
-        meta = None
-    else:
-        indices, counts = block_index.indices, block_index.counts
-        meta = (block_index.block_q, block_index.block_k, block_index.q_len, block_index.k_len)
     if cu_seqlens is not None and max_seqlen is None and block_index is not None:
         max_seqlen = block_index.q_len
-    out, lse = _BlockSparseAttention.apply(q, k, v, indices, counts, meta, causal, scale, cu_seqlens, max_seqlen)
+    out, lse = _BlockSparseAttention.apply(q, k, v, block_index, causal, scale, cu_seqlens, max_seqlen)
     return (out, lse) if return_lse else out
