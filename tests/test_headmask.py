@@ -616,23 +616,11 @@ def test_gpu_decode_with_eviction_matches_the_masking_reference():
 # --------------------------------------------------------------------------------------------
 
 
-def _embedded_model_path():
-    import os
-
-    from sparseattn.models import DEFAULT_MODEL_FILE, default_cache_dir
-
-    local = os.environ.get("SPARSEATTN_DEFAULT_MODEL")
-    path = Path(local) if local else default_cache_dir() / DEFAULT_MODEL_FILE
-    return path if path.is_file() else None
-
-
-@pytest.mark.skipif(_embedded_model_path() is None,
-                    reason="the embedded SmolLM2 GGUF is not in the local cache (run `sparseattn demo` once)")
-def test_embedded_model_decode_matches_the_masking_reference():
+def test_embedded_model_decode_matches_the_masking_reference(embedded_model_path):
     from sparseattn.models import load_llama
     from sparseattn.tasks import haystack_text
 
-    model, tokenizer = load_llama(_embedded_model_path(), device="cpu")
+    model, tokenizer = load_llama(embedded_model_path, device="cpu")
     model.generation_config.eos_token_id = None
     ids = tokenizer(haystack_text(2000), return_tensors="pt")["input_ids"][:, :120]
     mask = random_head_mask(30, 3, 45, seed=0)

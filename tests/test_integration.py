@@ -144,6 +144,33 @@ def test_layer_configs_and_stats():
     assert torch.equal(keep_all, torch.ones(1, 4))
 
 
+# Each method's keep-everything setting (test_api.py checks the same at the attention level).
+KEEP_EVERYTHING = {
+    "xattention": dict(threshold=1.0, stride=16, block_size=64),
+    "flexprefill": dict(gamma=1.0, tau=0.0, sparsity_ratio=None, block_size=64),
+    "minference": dict(vertical_size=4096, slash_size=4096),
+    "streaming": dict(sink=64, window=4096, block_size=64),
+}
+
+
+def test_keep_everything_generates_like_dense_on_the_embedded_model(embedded_model_path):
+    """SmolLM2 (30 layers), a passkey prompt: every method at its keep-everything setting generates
+    dense's tokens, with every prefill call taking the sparse path."""
+    from sparseattn.tasks import build_passkey_prompt
+
+    model, tokenizer = load_llama(embedded_model_path, device="cpu")
+    model.generation_config.eos_token_id = None  # always 8 new tokens
+    ids = torch.tensor([build_passkey_prompt(tokenizer, 300, depth=0.5).input_ids])
+    dense = greedy(model, ids, n=8, pad_token_id=0)
+    for method, options in KEEP_EVERYTHING.items():
+        with patch(model, method=method, min_sparse_len=0, collect_stats=True, **options) as handle:
+            tokens = greedy(model, ids, n=8, pad_token_id=0)
+        assert torch.equal(tokens, dense), method
+        prefill = [s for s in handle.stats if s.q_len > 1]
+        assert len(prefill) == 30 and all(s.reason == "sparse" for s in prefill), method
+        assert all(bool((s.density == 1).all()) for s in prefill), method
+
+
 def test_layer_configs_from_data_files(tmp_path):
     """``layer_configs`` may name a data file; its JSON "format" picks the loader and must match the method."""
     model = tiny_model()

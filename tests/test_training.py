@@ -667,15 +667,8 @@ def test_sft_script_runs_with_a_frozen_mask(tmp_path):
     assert (tmp_path / "run" / "model.safetensors").is_file()
 
 
-def _default_model_cached() -> bool:
-    from sparseattn.models import DEFAULT_MODEL_FILE, default_cache_dir
-
-    return bool(os.environ.get("SPARSEATTN_DEFAULT_MODEL")) or (default_cache_dir() / DEFAULT_MODEL_FILE).is_file()
-
-
-@pytest.mark.skipif(not _default_model_cached(), reason="the embedded model is not cached (tests never download)")
-def test_masks_only_script_on_the_embedded_model(tmp_path):
-    log = run_script("prulong_masksonly.sh", tmp_path / "run", MODEL="default", SEQ_LEN="256", STEPS="1",
+def test_masks_only_script_on_the_embedded_model(tmp_path, embedded_model_path):
+    log = run_script("prulong_masksonly.sh", tmp_path / "run", MODEL=str(embedded_model_path), SEQ_LEN="256", STEPS="1",
                      SAVE_STEPS="1", SINK_SIZE="64", CONTEXT_WINDOW_IF_TOGGLED="64", BLOCK_SIZE="64")
     assert len(log) == 1 and 0.0 < float(log[0]["lm_loss"]) < 20
     mask = load_head_mask(tmp_path / "run" / "head_mask_sp0.5.tsv")
