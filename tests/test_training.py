@@ -479,7 +479,7 @@ def test_read_records_from_files(tmp_path):
 
 
 def test_read_parquet(tmp_path):
-    pa = pytest.importorskip("pyarrow")
+    import pyarrow as pa  # a test dependency (pyproject's [test] extra): parquet input is tested, not skipped
     import pyarrow.parquet as pq
 
     pq.write_table(pa.table({"text": ["one", "two"]}), tmp_path / "d.parquet")
