@@ -6,7 +6,8 @@ The "Done when" run of issue 9 (training half), on one GPU:
    rows of ``--seq-len`` tokens (8K) of synthetic passkey retrieval data, target sparsity
    ``--sparsity`` (0.5) reached at half the run; writes ``train_log.csv``, ``summary.json`` and
    ``head_mask_sp0.5.tsv`` (global top-k of the gates) under ``--out/run``;
-2. timing: one train step (forward + backward + optimizer step) on the same 8K row, warmed up:
+2. timing: one train step (forward + backward + optimizer step) on the same 8K row, warmed up,
+   every case timed in interleaved rounds (ratios: medians of per-round ratios):
    dense (transformers' SDPA attention, every weight trained), dense with frozen weights (the
    backward still runs through every layer), PruLong masks-and-weights and masks-only with every
    head computing both branches (the upper bound), with the initial gates and with the trained
@@ -66,7 +67,7 @@ def parse_args(argv=None):
     p.add_argument("--sink", type=int, default=128)
     p.add_argument("--window", type=int, default=1024)
     p.add_argument("--block-size", type=int, default=64)
-    p.add_argument("--timing-steps", type=int, default=10)
+    p.add_argument("--timing-steps", type=int, default=20, help="interleaved timing rounds (one step of each case)")
     p.add_argument("--eval-len", type=int, default=8000, help="retrieval prompt tokens (<= 8192 - answer)")
     p.add_argument("--eval-prompts", type=int, default=20)
     p.add_argument("--skip-train", action="store_true", help="reuse --out/run from an earlier run")
@@ -104,20 +105,6 @@ def train(args) -> dict:
 # ---- 2. step timing --------------------------------------------------------------------------
 
 
-def _time_steps(step_fn, n: int) -> dict:
-    for _ in range(3):  # warm-up: Triton compiles, cuDNN plans, allocator
-        step_fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(n):
-        start = time.perf_counter()
-        step_fn()
-        torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return {"median_ms": 1e3 * statistics.median(times), "mean_ms": 1e3 * statistics.fmean(times),
-            "min_ms": 1e3 * min(times), "peak_mem_gb": torch.cuda.max_memory_allocated() / 2**30}
-
-
 def _profile_steps(step_fn, path: Path, n: int = 3) -> dict:
     """Wall time and GPU kernel time of ``n`` warmed steps; the operator tables go to ``path``."""
     from torch.profiler import ProfilerActivity, profile
@@ -141,10 +128,12 @@ def _profile_steps(step_fn, path: Path, n: int = 3) -> dict:
 
 
 def timing(args, base_model, tokenizer) -> dict:
+    """Every case built first, then timed in interleaved rounds (one step of each case per round, the
+    order rotating): a CPU-bound step drifts with the host, and interleaving puts a mixed step and
+    its dense baseline under the same conditions. Ratios are medians of per-round ratios."""
     device = torch.device("cuda")
     data = SyntheticRetrievalDataset(tokenizer, args.seq_len, 1, seed=123, loss_on="all")
     batch = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in PackedCollator()([data[0]]).items()}
-    results = {}
 
     def make_step(model, forward):
         params = [p for p in model.parameters() if p.requires_grad]
@@ -158,6 +147,14 @@ def timing(args, base_model, tokenizer) -> dict:
                 optimizer.zero_grad(set_to_none=True)
         return step
 
+    def dense_forward(m):
+        return m(input_ids=batch["input_ids"], labels=batch["labels"], position_ids=batch["position_ids"],
+                 use_cache=False).loss
+
+    def prulong_forward(m):
+        return m(**batch, target_sparsity=args.sparsity)["loss"]
+
+    steps = {}
     # Dense: the model as transformers runs it (SDPA), packed row as position_ids / one document.
     for name, train_weights in (("dense_full_weights", True), ("dense_frozen_weights", False)):
         model = copy.deepcopy(base_model).to(device).train()
@@ -167,17 +164,7 @@ def timing(args, base_model, tokenizer) -> dict:
             p.requires_grad_(train_weights)
         if not train_weights:
             model.enable_input_require_grads()  # backward through every layer, no weight gradients
-
-        def dense_forward(m):
-            return m(input_ids=batch["input_ids"], labels=batch["labels"], position_ids=batch["position_ids"],
-                     use_cache=False).loss
-        torch.cuda.reset_peak_memory_stats()
-        results[name] = _time_steps(make_step(model, dense_forward), args.timing_steps)
-        if args.profile:
-            results[name]["profile"] = _profile_steps(make_step(model, dense_forward), args.out / "profile" / f"{name}.txt")
-        del model
-        torch.cuda.empty_cache()
-
+        steps[name] = make_step(model, dense_forward)
     # Gate states: every head computing both branches (the upper bound), the initial gates (log_alpha 4:
     # most samples exactly 1, full branch only), and the trained gates of this run (if it trained).
     states = {"both_branches": (None, False), "initial_gates": (None, True)}
@@ -191,23 +178,44 @@ def timing(args, base_model, tokenizer) -> dict:
             if log_alpha is not None:
                 with torch.no_grad():
                     model.gates.log_alpha.copy_(log_alpha)
+            steps[f"prulong_{mode}_{state}"] = make_step(model, prulong_forward)
 
-            def prulong_forward(m):
-                return m(**batch, target_sparsity=args.sparsity)["loss"]
+    names = list(steps)
+    for name in names:  # warm-up: Triton compiles, cuDNN plans, allocator
+        for _ in range(3):
+            steps[name]()
+    torch.cuda.synchronize()
+    times = {name: [] for name in names}
+    extra = {name: 0 for name in names}
+    for r in range(args.timing_steps):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            before = torch.cuda.memory_allocated()
             torch.cuda.reset_peak_memory_stats()
-            name = f"prulong_{mode}_{state}"
-            results[name] = _time_steps(make_step(model, prulong_forward), args.timing_steps)
-            if args.profile and state == "both_branches":
-                results[name]["profile"] = _profile_steps(make_step(model, prulong_forward),
-                                                          args.out / "profile" / f"{name}.txt")
-            del model
-            torch.cuda.empty_cache()
+            start = time.perf_counter()
+            steps[name]()
+            torch.cuda.synchronize()
+            times[name].append(time.perf_counter() - start)
+            extra[name] = max(extra[name], torch.cuda.max_memory_allocated() - before)
 
-    for name in [n for n in results if n.startswith("prulong_")]:
-        results[name]["vs_dense"] = results[name]["median_ms"] / results["dense_full_weights"]["median_ms"]
+    def summary(values):
+        q = statistics.quantiles(values, n=4) if len(values) >= 2 else [values[0]] * 3
+        return {"median_ms": 1e3 * statistics.median(values), "q1_ms": 1e3 * q[0], "q3_ms": 1e3 * q[2],
+                "min_ms": 1e3 * min(values), "mean_ms": 1e3 * statistics.fmean(values)}
+
+    results = {name: dict(summary(times[name]), step_extra_mem_gb=extra[name] / 2**30, rounds=len(times[name]))
+               for name in names}
+    for name in [n for n in names if n.startswith("prulong_")]:
+        baselines = {"vs_dense": "dense_full_weights"}
         if "masks_only" in name:
-            results[name]["vs_dense_frozen"] = results[name]["median_ms"] / results["dense_frozen_weights"]["median_ms"]
+            baselines["vs_dense_frozen"] = "dense_frozen_weights"
+        for key, base in baselines.items():
+            results[name][key] = statistics.median(a / b for a, b in zip(times[name], times[base]))
+    if args.profile:
+        for name in ("dense_full_weights", "dense_frozen_weights", "prulong_masks_and_weights_both_branches",
+                     "prulong_masks_only_both_branches"):
+            results[name]["profile"] = _profile_steps(steps[name], args.out / "profile" / f"{name}.txt")
     results["tokens_per_step"] = int(batch["input_ids"].numel())
+    results["timing"] = "interleaved rounds; ratios are medians of per-round ratios"
     return results
 
 
@@ -283,7 +291,8 @@ def main(argv=None) -> dict:
             if isinstance(row, dict):
                 ratios = "".join(f", {key.replace('_', ' ')} {row[key]:.2f}x" for key in ("vs_dense", "vs_dense_frozen")
                                  if key in row)
-                print(f"step {name:42s} {row['median_ms']:7.1f} ms (median), peak {row['peak_mem_gb']:.1f} GB{ratios}")
+                print(f"step {name:42s} {row['median_ms']:7.1f} ms (median; IQR {row['q1_ms']:.1f}-{row['q3_ms']:.1f}), "
+                      f"+{row['step_extra_mem_gb']:.1f} GB in the step{ratios}")
                 if "profile" in row:
                     prof = row["profile"]
                     print(f"     profiled: wall {prof['wall_ms_per_step']:.1f} ms/step, GPU kernels "
