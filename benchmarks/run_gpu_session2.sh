@@ -8,17 +8,7 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 STEPS=${STEPS:-tests,rows,flex,minf,cross}
 MODEL=${MODEL:-}
-python3 -c "import torch, triton, transformers; print(torch.__version__, triton.__version__, transformers.__version__, torch.cuda.get_device_name())"
-summary=()
-step() {  # name, seconds, command...
-  local name=$1 secs=$2; shift 2
-  [[ ",$STEPS," == *",$name,"* ]] || return 0
-  local t0=$SECONDS
-  timeout "$secs" "$@" > "$OUT/$name.log" 2>&1
-  local rc=$?
-  summary+=("$name rc=$rc $((SECONDS - t0))s")
-  echo "=== $name (rc=$rc, $((SECONDS - t0)) s)"; grep -v '^{' "$OUT/$name.log" | tail -${TAIL:-14}
-}
+source "$(dirname "$0")/gpu_steps.sh"
 step tests 150 python3 -m pytest -q -x -m gpu tests/test_kernels.py tests/test_estimate.py tests/test_flexprefill.py tests/test_minference.py
 step rows 120 python3 benchmarks/bench_row_groups.py --out "$OUT/row_groups.json"
 step flex 150 python3 benchmarks/bench_flexprefill.py --out "$OUT/flexprefill.json"

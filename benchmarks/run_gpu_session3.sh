@@ -13,17 +13,7 @@ STEPS=${STEPS:-models}
 SA="python3 -m sparseattn.cli"
 SMOL=/root/m/smollm2.gguf GEMMA=/root/m/gemma.gguf
 export SPARSEATTN_DEFAULT_MODEL=$SMOL
-python3 -c "import torch, triton, transformers; print(torch.__version__, triton.__version__, transformers.__version__, torch.cuda.get_device_name())"
-summary=()
-step() {  # name, seconds, command...
-  local name=$1 secs=$2; shift 2
-  [[ ",$STEPS," == *",$name,"* ]] || return 0
-  local t0=$SECONDS
-  timeout "$secs" "$@" > "$OUT/$name.log" 2>&1
-  local rc=$?
-  summary+=("$name rc=$rc $((SECONDS - t0))s")
-  echo "=== $name (rc=$rc, $((SECONDS - t0)) s)"; grep -v '^{' "$OUT/$name.log" | tr '\r' '\n' | tail -${TAIL:-14}
-}
+source "$(dirname "$0")/gpu_steps.sh"
 assemble() {  # SmolLM2 from blobs 0-1, Gemma once all six blobs are there
   [[ -f $SMOL && ( -f $GEMMA || ! -f /root/m/blob_05 ) ]] && return 0
   cat /root/m/blob_0* > /root/m/all && head -c 98362432 /root/m/all > $SMOL
