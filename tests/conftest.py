@@ -41,3 +41,14 @@ def embedded_model_path():
     from sparseattn.models import fetch_default_model
 
     return fetch_default_model()
+
+
+@pytest.fixture(autouse=True)
+def restore_logger():
+    """cli.main() gives the ``sparseattn`` logger a stderr handler; later tests (caplog) need it back as it was."""
+    import logging
+
+    logger = logging.getLogger("sparseattn")
+    saved = (list(logger.handlers), logger.level, logger.propagate)
+    yield
+    logger.handlers[:], logger.level, logger.propagate = saved

@@ -8,7 +8,6 @@ what is tested. Nothing loads the real 98 MB model.
 
 import io
 import json
-import os
 import sys
 
 import pytest
@@ -19,55 +18,16 @@ from sparseattn import cli, demo
 from sparseattn.demo import DEMO_METHODS, MethodResult, greedy_decode, parse_overrides, parse_value, run_demo
 from sparseattn.integrations import transformers as integration
 from sparseattn.tasks import ANSWER_PREFIX, LINE_REACH, build_passkey_prompt, is_correct
-
-CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-                 "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
-NUM_LAYERS = 2
-
-
-def make_tokenizer(chat=True):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=320, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    with open(os.path.join(os.path.dirname(os.__file__), "textwrap.py"), encoding="utf-8") as f:
-        tok.train_from_iterator([f.read()], trainer)
-    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>",
-                                                bos_token="<|endoftext|>")
-    if chat:
-        fast.chat_template = CHAT_TEMPLATE
-    return fast
-
-
-@pytest.fixture(autouse=True)
-def restore_logger():
-    """cli.main() gives the ``sparseattn`` logger a stderr handler; later tests (caplog) need it back as it was."""
-    import logging
-
-    logger = logging.getLogger("sparseattn")
-    saved = (list(logger.handlers), logger.level, logger.propagate)
-    yield
-    logger.handlers[:], logger.level, logger.propagate = saved
-
+from tiny_models import NUM_LAYERS, make_tokenizer, save_tiny_llama
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    return make_tokenizer()
+    return make_tokenizer(vocab_size=320)
 
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory, tokenizer):
-    folder = tmp_path_factory.mktemp("tiny-llama")
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=NUM_LAYERS,
-                                      num_attention_heads=4, num_key_value_heads=2, vocab_size=len(tokenizer),
-                                      max_position_embeddings=2048, eos_token_id=tokenizer.eos_token_id)
-    transformers.LlamaForCausalLM(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny-llama"), tokenizer, max_positions=2048)
 
 
 @pytest.fixture(scope="module")
@@ -102,7 +62,7 @@ def test_prompt_length_and_needle_depth(tokenizer, length, depth):
 
 
 def test_prompt_is_deterministic_and_without_chat_template():
-    plain = make_tokenizer(chat=False)
+    plain = make_tokenizer(chat=False, vocab_size=320)
     a = build_passkey_prompt(plain, 500, depth=0.3)
     b = build_passkey_prompt(plain, 500, depth=0.3)
     assert a == b and not a.chat and len(a.input_ids) == 500
@@ -124,7 +84,7 @@ def test_prompt_rejects_bad_input(tokenizer, kwargs, match):
 
 def test_prompt_chat_needs_a_template():
     with pytest.raises(ValueError, match="no chat template"):
-        build_passkey_prompt(make_tokenizer(chat=False), 500, chat=True)
+        build_passkey_prompt(make_tokenizer(chat=False, vocab_size=320), 500, chat=True)
 
 
 @pytest.mark.parametrize("answer, ok", [(" 71432.", True), ("71432", True), ("is 71432, yes", True),
@@ -304,7 +264,7 @@ def test_cli_generate_rejects_bad_input(argv, stdin, match, monkeypatch, capsys)
 def test_cli_generate_chat_needs_a_template(tmp_path, model_dir, monkeypatch, capsys):
     folder = tmp_path / "no-template"
     transformers.AutoModelForCausalLM.from_pretrained(model_dir).save_pretrained(folder)
-    make_tokenizer(chat=False).save_pretrained(folder)
+    make_tokenizer(chat=False, vocab_size=320).save_pretrained(folder)
     monkeypatch.setattr(sys, "stdin", _Stdin("hi"))
     assert cli.main(["generate", "--model", str(folder), "--chat"]) == 2
     assert "--chat needs a tokenizer with a chat template" in capsys.readouterr().err

@@ -2,13 +2,12 @@
 
 Models: a tiny random-weight Llama (hidden 64, 2 layers, 4 / 2 heads) with a 400-token byte-level
 BPE tokenizer trained here on one standard-library file (answers are noise: plumbing, scoring,
-resuming and the measurements' arithmetic are what is tested), and, when it is already cached,
-the embedded SmolLM2 for fidelity on real activations.
+resuming and the measurements' arithmetic are what is tested), and the embedded SmolLM2
+(fetched once, like `sparseattn demo`) for fidelity on real activations.
 """
 
 import collections
 import json
-import os
 import re
 
 import pytest
@@ -21,59 +20,22 @@ from sparseattn.evaluation import external, fidelity, memory, perplexity, report
 from sparseattn.evaluation.haystack import REPEAT_SENTENCES
 from sparseattn.methods import get_method
 from sparseattn.reference.attention import reference_attention
+from tiny_models import NUM_LAYERS, make_tokenizer, save_tiny_llama
 
-CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-                 "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
-NUM_LAYERS = 2
 NEEDLE_TASKS = ("niah_single", "niah_multikey", "niah_multivalue", "niah_multiquery", "passkey", "vt")
 # Methods small enough to sparsify a few hundred tokens.
 SMALL = {"streaming": {"sink": 16, "window": 64, "block_size": 16},
          "xattention": {"block_size": 16, "stride": 8, "threshold": 0.9}}
 
 
-def make_tokenizer(chat=True):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    with open(os.path.join(os.path.dirname(os.__file__), "textwrap.py"), encoding="utf-8") as f:
-        tok.train_from_iterator([f.read()], trainer)
-    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>",
-                                                bos_token="<|endoftext|>")
-    if chat:
-        fast.chat_template = CHAT_TEMPLATE
-    return fast
-
-
-@pytest.fixture(autouse=True)
-def restore_logger():
-    """cli.main() gives the ``sparseattn`` logger a stderr handler; later tests (caplog) need it back as it was."""
-    import logging
-
-    logger = logging.getLogger("sparseattn")
-    saved = (list(logger.handlers), logger.level, logger.propagate)
-    yield
-    logger.handlers[:], logger.level, logger.propagate = saved
-
-
 @pytest.fixture(scope="module")
 def tokenizer():
-    return make_tokenizer()
+    return make_tokenizer(vocab_size=400)
 
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory, tokenizer):
-    folder = tmp_path_factory.mktemp("tiny-llama")
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=NUM_LAYERS,
-                                      num_attention_heads=4, num_key_value_heads=2, vocab_size=len(tokenizer),
-                                      max_position_embeddings=4096, eos_token_id=tokenizer.eos_token_id)
-    transformers.LlamaForCausalLM(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny-llama"), tokenizer, max_positions=4096)
 
 
 @pytest.fixture(scope="module")
