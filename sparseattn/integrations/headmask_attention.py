@@ -104,7 +104,6 @@ class _Active:
 # id(config) -> (weak reference to the config, its state), as in sparseattn.integrations.transformers.
 _ACTIVE = ConfigRegistry()
 _get_active = _ACTIVE.get
-_set_active = _ACTIVE.set
 
 
 def settings_for(model) -> HeadMaskSettings | None:
@@ -357,9 +356,7 @@ class HeadMaskPatch:
         """Put back the previous attention implementation (idempotent)."""
         if not self.active:
             return
-        for config, implementation, state in reversed(self._saved):
-            config._attn_implementation_internal = implementation
-            _set_active(config, state)
+        _ACTIVE.restore(self._saved)
         self.active = False
 
     def __enter__(self) -> HeadMaskPatch:
@@ -372,18 +369,6 @@ class HeadMaskPatch:
         s = self.settings
         return (f"HeadMaskPatch({type(self.model).__name__}, {int(s.full_heads.sum())}/{s.full_heads.numel()} full "
                 f"heads, sink={s.sink}, window={s.window}, active={self.active})")
-
-
-def _model_configs(model) -> list:
-    found: dict[int, object] = {}
-    pending = [model.config] + [m.config for m in model.modules() if isinstance(m, transformers.PreTrainedModel)]
-    while pending:
-        config = pending.pop()
-        if config is None or id(config) in found:
-            continue
-        found[id(config)] = config
-        pending.extend(getattr(config, key, None) for key in getattr(config, "sub_configs", {}) or {})
-    return list(found.values())
 
 
 def patch_head_mask(model, mask_or_path, *, sink: int = 128, window: int = 1024,
@@ -413,16 +398,7 @@ def patch_head_mask(model, mask_or_path, *, sink: int = 128, window: int = 1024,
     mask = head_mask_for_model(mask_or_path, text_config)
     state = _Active(HeadMaskSettings(mask, sink=sink, window=window, block_size=block_size))
     register()
-    configs = _model_configs(model)
-    saved = [(cfg, getattr(cfg, "_attn_implementation_internal", None), _get_active(cfg)) for cfg in configs]
-    if hasattr(model, "set_attn_implementation"):
-        model.set_attn_implementation(IMPLEMENTATION)
-    else:
-        for cfg in configs:
-            cfg._attn_implementation = IMPLEMENTATION
-    for cfg in configs:
-        _set_active(cfg, state)
-    return HeadMaskPatch(model, state, saved)
+    return HeadMaskPatch(model, state, _ACTIVE.switch(model, IMPLEMENTATION, state))
 
 
 def make_cache(model) -> HeadMaskCache:

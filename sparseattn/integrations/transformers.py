@@ -206,11 +206,32 @@ class ConfigRegistry:
             return
         self._entries[key] = (weakref.ref(config, lambda _ref, key=key: self._entries.pop(key, None)), value)
 
+    def switch(self, model, implementation: str, value) -> list:
+        """Run every config of ``model`` on ``implementation`` with ``value`` registered for it.
+
+        Returns what :meth:`restore` needs to put back each config's implementation and value.
+        """
+        configs = model_configs(model)
+        saved = [(cfg, getattr(cfg, "_attn_implementation_internal", None), self.get(cfg)) for cfg in configs]
+        if hasattr(model, "set_attn_implementation"):
+            model.set_attn_implementation(implementation)
+        else:
+            for cfg in configs:
+                cfg._attn_implementation = implementation
+        for cfg in configs:
+            self.set(cfg, value)
+        return saved
+
+    def restore(self, saved: list) -> None:
+        """Undo a :meth:`switch` (nested switches restore in reverse order)."""
+        for config, implementation, value in reversed(saved):
+            config._attn_implementation_internal = implementation
+            self.set(config, value)
+
 
 # The settings of each patched config; see the module docstring.
 _SETTINGS = ConfigRegistry()
 _get_settings = _SETTINGS.get
-_set_settings = _SETTINGS.set
 _default_settings: SparseAttentionSettings | None = None
 _warned_no_config = False
 
@@ -450,7 +471,7 @@ def build_settings(method: str = DEFAULT_METHOD, *, config=None, min_sparse_len:
     return SparseAttentionSettings(default, layers, collect_stats)
 
 
-def _model_configs(model) -> list:
+def model_configs(model) -> list:
     """Every config object of ``model``: its own, its sub-models', and their sub-configs."""
     found: dict[int, Any] = {}
     pending = [model.config] + [m.config for m in model.modules()
@@ -501,9 +522,7 @@ class SparseAttentionPatch:
         """Put back the previous attention implementation (idempotent)."""
         if not self.active:
             return
-        for config, implementation, settings in reversed(self._saved):
-            config._attn_implementation_internal = implementation
-            _set_settings(config, settings)
+        _SETTINGS.restore(self._saved)
         self.active = False
 
     def __enter__(self) -> "SparseAttentionPatch":
@@ -621,13 +640,4 @@ def patch(model, method: str = DEFAULT_METHOD, *, config=None, min_sparse_len: i
     settings = build_settings(method, config=config, min_sparse_len=min_sparse_len, dense_layers=dense_layers,
                               layer_configs=layer_configs, collect_stats=collect_stats,
                               num_layers=getattr(text_config, "num_hidden_layers", None), **overrides)
-    configs = _model_configs(model)
-    saved = [(cfg, getattr(cfg, "_attn_implementation_internal", None), _get_settings(cfg)) for cfg in configs]
-    if hasattr(model, "set_attn_implementation"):
-        model.set_attn_implementation(IMPLEMENTATION)
-    else:
-        for cfg in configs:
-            cfg._attn_implementation = IMPLEMENTATION
-    for cfg in configs:
-        _set_settings(cfg, settings)
-    return SparseAttentionPatch(model, settings, saved)
+    return SparseAttentionPatch(model, settings, _SETTINGS.switch(model, IMPLEMENTATION, settings))

@@ -83,7 +83,6 @@ class SequenceParallelSettings:
 
 _SETTINGS = ConfigRegistry()
 _get_settings = _SETTINGS.get
-_set_settings = _SETTINGS.set
 
 
 def _inner_function(inner):
@@ -180,18 +179,6 @@ def register() -> None:
 register()
 
 
-def _model_configs(model) -> list:
-    found: dict[int, object] = {}
-    pending = [model.config] + [m.config for m in model.modules() if isinstance(m, transformers.PreTrainedModel)]
-    while pending:
-        config = pending.pop()
-        if config is None or id(config) in found:
-            continue
-        found[id(config)] = config
-        pending.extend(getattr(config, key, None) for key in getattr(config, "sub_configs", {}) or {})
-    return list(found.values())
-
-
 class SequenceParallelPatch:
     """A model switched to sequence-parallel attention; a context manager and a plain handle.
 
@@ -213,9 +200,7 @@ class SequenceParallelPatch:
         """Put back the previous attention implementation (idempotent)."""
         if not self.active:
             return
-        for config, implementation, settings in reversed(self._saved):
-            config._attn_implementation_internal = implementation
-            _set_settings(config, settings)
+        _SETTINGS.restore(self._saved)
         self.active = False
 
     def __enter__(self) -> SequenceParallelPatch:
@@ -264,13 +249,4 @@ def enable_sequence_parallel(model, group: dist.ProcessGroup | None, inner: str 
                     getattr(text_config, "num_key_value_heads", None) or text_config.num_attention_heads, P)
     register()
     settings = SequenceParallelSettings(group, inner)
-    configs = _model_configs(model)
-    saved = [(cfg, getattr(cfg, "_attn_implementation_internal", None), _get_settings(cfg)) for cfg in configs]
-    if hasattr(model, "set_attn_implementation"):
-        model.set_attn_implementation(IMPLEMENTATION)
-    else:
-        for cfg in configs:
-            cfg._attn_implementation = IMPLEMENTATION
-    for cfg in configs:
-        _set_settings(cfg, settings)
-    return SequenceParallelPatch(model, settings, saved)
+    return SequenceParallelPatch(model, settings, _SETTINGS.switch(model, IMPLEMENTATION, settings))
