@@ -284,6 +284,25 @@ def test_method_options():
             runner.method_options(items, names)
 
 
+def test_eval_with_a_per_layer_data_file(tiny, tmp_path):
+    """``--set xattention.layer_configs=FILE`` reaches patch(): per-head thresholds from the file."""
+    doc = {"format": "sparseattn.xattention_thresholds", "version": 1, "model": "tiny", "num_layers": NUM_LAYERS,
+           "num_heads": 4, "stride": 8, "block_size": 16, "target_coverage": 0.9, "statistic": "mean",
+           "thresholds": [[0.3, 0.5, 0.7, 0.9]] * NUM_LAYERS}
+    path = tmp_path / "thresholds.json"
+    path.write_text(json.dumps(doc))
+    options = runner.method_options([f"xattention.layer_configs={path}"], ["xattention"])
+    assert options == {"xattention": {"layer_configs": str(path)}}
+    rows = runner.run_eval(*tiny, tmp_path / "out", tasks=["passkey"], lengths=[300], samples=1, methods=options,
+                           ppl_lengths=[], progress=False)
+    sparse = [r for r in rows if r["method"] == "xattention"]
+    assert len(sparse) == 1 and sparse[0]["sparse_calls"] == NUM_LAYERS and sparse[0]["density"] < 1
+    assert sparse[0]["settings"]["options"] == {"layer_configs": str(path)}
+    with pytest.raises(ValueError, match="use method='xattention'"):
+        runner.run_eval(*tiny, tmp_path / "bad", tasks=["passkey"], lengths=[300], samples=1, ppl_lengths=[],
+                        methods={"minference": {"layer_configs": str(path)}}, progress=False)
+
+
 def test_summary_arithmetic():
     def row(method, task, length, score, density=1.0):
         return {"kind": "task", "method": method, "task": task, "length": length, "sample": 0, "score": score,

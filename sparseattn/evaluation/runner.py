@@ -64,10 +64,19 @@ def method_options(items: Iterable[str], methods: Iterable[str]) -> dict[str, di
         options[target].update(parse_overrides([rest]))
     for name, values in options.items():
         try:
-            resolve_config(name, **values)
+            resolve_config(name, **_config_options(values))
         except (TypeError, ValueError) as err:
             raise ValueError(f"{name}: {err}") from err
     return options
+
+
+# Options that go to patch() itself rather than to the method's config: a per-layer data file
+# (``--set xattention.layer_configs=smollm2`` runs the calibrated per-head thresholds).
+PATCH_OPTIONS = ("layer_configs",)
+
+
+def _config_options(options: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in options.items() if k not in PATCH_OPTIONS}
 
 
 def load_rows(path: Path) -> list[dict]:
@@ -198,7 +207,7 @@ def run_eval(model, tokenizer, out_dir, *, tasks: Iterable[str] = tuple(ruler.TA
     for task in tasks:
         if task not in ruler.TASKS:
             raise ValueError(f"unknown task {task!r}; tasks are {sorted(ruler.TASKS)}")
-    configs = {m: config_dict(resolve_config(m, **o)) for m, o in methods.items()}  # validates the options
+    configs = {m: config_dict(resolve_config(m, **_config_options(o))) for m, o in methods.items()}  # validates
     data_files = external.find_data_files(data_dir) if data_dir is not None else []
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
