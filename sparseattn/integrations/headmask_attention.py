@@ -71,7 +71,7 @@ from ..methods import headmask as _headmask_method  # noqa: F401  registers meth
 from ..methods.full import dense_attention
 from ..reference.streaming import streaming_select
 from .headmask_cache import IMPLEMENTATION, HeadMaskCache, HeadMaskSettings, HeadSplitKV
-from .transformers import ConfigRegistry, check_model_type, sparse_attention_mask
+from .transformers import ConfigRegistry, SwitchedModel, check_model_type, sparse_attention_mask
 
 logger = logging.getLogger("sparseattn")
 
@@ -321,7 +321,7 @@ def _check_layers_full_attention(text_config) -> None:
                          f"{text_config.sliding_window} tokens")
 
 
-class HeadMaskPatch:
+class HeadMaskPatch(SwitchedModel):
     """A model running a head mask; a context manager and a plain handle.
 
     Attributes:
@@ -333,10 +333,8 @@ class HeadMaskPatch:
     """
 
     def __init__(self, model, state: _Active, saved: list):
-        self.model = model
+        super().__init__(model, _ACTIVE, saved)
         self._state = state
-        self._saved = saved
-        self.active = True
 
     @property
     def settings(self) -> HeadMaskSettings:
@@ -351,19 +349,6 @@ class HeadMaskPatch:
         if not self.active:
             raise RuntimeError("this head-mask patch was restored; patch the model again to make a cache")
         return HeadMaskCache(self.settings, config=self.model.config)
-
-    def restore(self) -> None:
-        """Put back the previous attention implementation (idempotent)."""
-        if not self.active:
-            return
-        _ACTIVE.restore(self._saved)
-        self.active = False
-
-    def __enter__(self) -> HeadMaskPatch:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.restore()
 
     def __repr__(self) -> str:
         s = self.settings

@@ -87,6 +87,7 @@ __all__ = [
     "LayerStats",
     "SparseAttentionPatch",
     "SparseAttentionSettings",
+    "SwitchedModel",
     "build_settings",
     "load_layer_configs",
     "check_model_type",
@@ -227,6 +228,33 @@ class ConfigRegistry:
         for config, implementation, value in reversed(saved):
             config._attn_implementation_internal = implementation
             self.set(config, value)
+
+
+class SwitchedModel:
+    """A model whose configs :meth:`ConfigRegistry.switch` moved to another attention implementation.
+
+    A context manager and a plain handle: ``restore()`` (or leaving the ``with`` block) puts back
+    each config's previous implementation and registry value (idempotent; ``active`` is False
+    afterwards). Nested switches restore in reverse order.
+    """
+
+    def __init__(self, model, registry: ConfigRegistry, saved: list):
+        self.model = model
+        self._registry = registry
+        self._saved = saved
+        self.active = True
+
+    def restore(self) -> None:
+        """Put back the previous attention implementation (idempotent)."""
+        if self.active:
+            self._registry.restore(self._saved)
+            self.active = False
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.restore()
 
 
 # The settings of each patched config; see the module docstring.
@@ -485,7 +513,7 @@ def model_configs(model) -> list:
     return list(found.values())
 
 
-class SparseAttentionPatch:
+class SparseAttentionPatch(SwitchedModel):
     """A model switched to ``attn_implementation="sparseattn"``; a context manager and a plain handle.
 
     ``restore()`` (or leaving the ``with`` block) puts back each config's previous attention
@@ -500,10 +528,8 @@ class SparseAttentionPatch:
     """
 
     def __init__(self, model, settings: SparseAttentionSettings, saved: list):
-        self.model = model
+        super().__init__(model, _SETTINGS, saved)
         self.settings = settings
-        self._saved = saved
-        self.active = True
 
     @property
     def stats(self) -> list[LayerStats]:
@@ -517,19 +543,6 @@ class SparseAttentionPatch:
         """Forget the recorded stats and counts."""
         self.settings.stats.clear()
         self.settings.counts.clear()
-
-    def restore(self) -> None:
-        """Put back the previous attention implementation (idempotent)."""
-        if not self.active:
-            return
-        _SETTINGS.restore(self._saved)
-        self.active = False
-
-    def __enter__(self) -> "SparseAttentionPatch":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.restore()
 
     def __repr__(self) -> str:
         route = self.settings.default

@@ -52,7 +52,7 @@ from transformers.masking_utils import AttentionMaskInterface
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from .comm import group_rank, group_size
-from ..integrations.transformers import ConfigRegistry
+from ..integrations.transformers import ConfigRegistry, SwitchedModel
 from .ulysses import check_heads, gather_heads, scatter_heads
 
 __all__ = ["IMPLEMENTATION", "SequenceParallelPatch", "SequenceParallelSettings", "enable_sequence_parallel",
@@ -179,7 +179,7 @@ def register() -> None:
 register()
 
 
-class SequenceParallelPatch:
+class SequenceParallelPatch(SwitchedModel):
     """A model switched to sequence-parallel attention; a context manager and a plain handle.
 
     Attributes:
@@ -190,24 +190,9 @@ class SequenceParallelPatch:
     """
 
     def __init__(self, model, settings: SequenceParallelSettings, saved: list):
-        self.model = model
+        super().__init__(model, _SETTINGS, saved)
         self.group = settings.group
         self.inner = settings.inner
-        self._saved = saved
-        self.active = True
-
-    def restore(self) -> None:
-        """Put back the previous attention implementation (idempotent)."""
-        if not self.active:
-            return
-        _SETTINGS.restore(self._saved)
-        self.active = False
-
-    def __enter__(self) -> SequenceParallelPatch:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.restore()
 
 
 def enable_sequence_parallel(model, group: dist.ProcessGroup | None, inner: str | Callable | None = None
