@@ -29,7 +29,7 @@ from sparseattn.kernels.block_sparse import (
     key_major_index,
     row_group_index,
 )
-from sparseattn.kernels.vertical_slash import vertical_slash_attention
+from sparseattn.kernels.vertical_slash import vertical_slash_attention, vertical_slash_forward
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 GPU_DTYPES = [torch.float32, torch.bfloat16] if DEVICE == "cuda" else [torch.float32]
@@ -185,14 +185,16 @@ def test_forward_property(B, Hkv, G, Lq, extra, D, bq, bk, causal, sparse):
     assert rel_err(out, reference(q, k, v, allowed)[0]) < 1e-5
 
 
+@pytest.mark.parametrize("kv_major", [True, False], ids=["kv-major", "head-major"])
 @pytest.mark.parametrize("sparse", [False, True], ids=["dense", "sparse"])
-def test_config_override(sparse):
-    """Benchmark sweeps pass configs: tiles smaller than the selection blocks stay exact."""
-    q, k, v = make_qkv(1, 2, 1, 150, 150, 16, seed=30, requires_grad=True)
-    index = random_index(1, 2, 150, 150, 64, 32, seed=31) if sparse else None
+def test_config_override(sparse, kv_major):
+    """Benchmark sweeps pass configs: tiles smaller than the selection blocks stay exact, in both
+    program orders (GQA 4/2 and batch 2, so a wrong head or batch mapping shows)."""
+    q, k, v = make_qkv(2, 4, 2, 150, 150, 16, seed=30, requires_grad=True)
+    index = random_index(2, 4, 150, 150, 64, 32, seed=31) if sparse else None
     allowed = element_mask(index, True) if sparse else causal_allowed(150, 150)
-    tile = KernelConfig(16, 16, num_warps=4, num_stages=1)
-    wide = KernelConfig(32, 64, num_warps=4, num_stages=1)
+    tile = KernelConfig(16, 16, num_warps=4, num_stages=1, kv_major=kv_major)
+    wide = KernelConfig(32, 64, num_warps=4, num_stages=1, kv_major=kv_major)
     out, lse = block_sparse_forward(q, k, v, index, config=wide if not sparse else tile)
     dout = torch.randn(out.shape, generator=torch.Generator().manual_seed(32)).to(DEVICE)
     grads = block_sparse_backward(dout, q, k, v, out, lse, index, configs=AttentionConfigs(tile, wide, tile))
@@ -506,6 +508,15 @@ def test_vertical_slash(B, Hq, Hkv, Lq, Lk, D, bq, bk, dtype):
     assert torch.isfinite(out).all()
     assert rel_err(out, ref) < TOL[dtype]
     assert rel_err(lse, ref_lse) < TOL[dtype]
+
+
+def test_vertical_slash_head_major_order():
+    """The other program order (all heads of a query tile together) computes the same output."""
+    q, k, v = make_qkv(2, 4, 2, 63, 200, 16, seed=17)
+    index = random_vs_index(2, 4, 63, 200, 16, 32, seed=18)
+    out = vertical_slash_forward(q, k, v, index, config=KernelConfig(16, 32, num_warps=4, num_stages=1,
+                                                                       kv_major=False))[0]
+    assert rel_err(out, reference(q, k, v, vs_element_mask(index))[0]) < 1e-5
 
 
 # ---- test machinery and validation -------------------------------------------------------------

@@ -137,6 +137,37 @@ def _fwd_tile(acc, l_i, m_i, q, k_base, v_base, start_n, k_tile_offs, v_tile_off
 
 
 @triton.jit
+def _query_program(num_heads, group_size, REVERSE: tl.constexpr, KV_MAJOR: tl.constexpr):
+    """``(b, h, kvh, pid_m)`` of a query-tile program (forward, dQ, vertical-slash).
+
+    ``KV_MAJOR``: the grid is ``(group_size * n_m, B * Hkv)`` with the G query heads of a KV head
+    fastest, then the query tiles: the ~100+ programs resident at once all read one KV head, so a
+    K/V tile fetched from HBM serves every resident program that selected it (L2 reuse across the
+    group and across query tiles). Otherwise ``(B * Hq, n_m)`` with all heads of a few query tiles
+    resident together. ``REVERSE`` (causal) starts the last, heaviest query tiles first.
+    """
+    if KV_MAJOR:
+        pid_g = tl.program_id(0)
+        pid_bk = tl.program_id(1).to(tl.int64)
+        num_kv = num_heads // group_size
+        b = pid_bk // num_kv
+        kvh = pid_bk % num_kv
+        h = kvh * group_size + pid_g % group_size
+        pid_m = pid_g // group_size
+        n_m = tl.num_programs(0) // group_size
+    else:
+        pid_bh = tl.program_id(0).to(tl.int64)
+        pid_m = tl.program_id(1)
+        n_m = tl.num_programs(1)
+        b = pid_bh // num_heads
+        h = pid_bh % num_heads
+        kvh = h // group_size
+    if REVERSE:
+        pid_m = n_m - 1 - pid_m
+    return b, h, kvh, pid_m
+
+
+@triton.jit
 def _fwd_kernel(
     Q, K, V, Out, Lse, Indices, Counts, CuSeqlens, Codes, NPlain,
     stride_qb, stride_qh, stride_qm,
@@ -151,14 +182,9 @@ def _fwd_kernel(
     SEL_BLOCK_Q: tl.constexpr, SEL_BLOCK_K: tl.constexpr,
     IS_CAUSAL: tl.constexpr, SPARSE: tl.constexpr, VARLEN: tl.constexpr, REVERSE: tl.constexpr,
     DOT_PREC: tl.constexpr, MAX_MASKED: tl.constexpr, SPLIT_MASKED: tl.constexpr, ROWS: tl.constexpr,
+    KV_MAJOR: tl.constexpr,
 ):
-    pid_bh = tl.program_id(0).to(tl.int64)
-    pid_m = tl.program_id(1)
-    if REVERSE:  # causal: the last query tiles carry the most keys; start them first
-        pid_m = tl.num_programs(1) - 1 - pid_m
-    b = pid_bh // num_heads
-    h = pid_bh % num_heads
-    kvh = h // group_size
+    b, h, kvh, pid_m = _query_program(num_heads, group_size, REVERSE, KV_MAJOR)
     if VARLEN:
         seq_start = tl.load(CuSeqlens + b).to(tl.int64)
         q_len = (tl.load(CuSeqlens + b + 1) - tl.load(CuSeqlens + b)).to(tl.int32)
@@ -495,15 +521,9 @@ def _bwd_dq_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     SEL_BLOCK_Q: tl.constexpr, SEL_BLOCK_K: tl.constexpr,
     IS_CAUSAL: tl.constexpr, SPARSE: tl.constexpr, VARLEN: tl.constexpr, REVERSE: tl.constexpr,
-    DOT_PREC: tl.constexpr,
+    DOT_PREC: tl.constexpr, KV_MAJOR: tl.constexpr,
 ):
-    pid_bh = tl.program_id(0).to(tl.int64)
-    pid_m = tl.program_id(1)
-    if REVERSE:
-        pid_m = tl.num_programs(1) - 1 - pid_m
-    b = pid_bh // num_heads
-    h = pid_bh % num_heads
-    kvh = h // group_size
+    b, h, kvh, pid_m = _query_program(num_heads, group_size, REVERSE, KV_MAJOR)
     if VARLEN:
         seq_start = tl.load(CuSeqlens + b).to(tl.int64)
         q_len = (tl.load(CuSeqlens + b + 1) - tl.load(CuSeqlens + b)).to(tl.int32)
@@ -606,6 +626,10 @@ class KernelConfig:
     # Sparse forward: one tile spans this many selection rows (their key-block union, see
     # row_group_index) when block_m allows. Measured slower than 64-row tiles on the H100 (run 8).
     rows_per_tile: int = 1
+    # Query-tile kernels (forward, dQ, vertical-slash): launch the programs of one KV head together
+    # (its G query heads fastest, then the query tiles) instead of all heads of a few query tiles,
+    # so the resident programs share K/V tiles in L2 (see _query_program; NOTES.md, run 10).
+    kv_major: bool = True
 
     def __post_init__(self):
         for name in ("block_m", "block_n"):
@@ -756,7 +780,7 @@ def block_sparse_forward(q, k, v, block_index: BlockIndex | None = None, *, caus
     else:
         indices, counts = _index_tensors(block_index, q.device)
         codes, n_plain = indices, counts  # never read
-    grid = (batch * Hq, triton.cdiv(grid_len, BLOCK_M))
+    grid = _query_grid(batch, Hq, Hkv, triton.cdiv(grid_len, BLOCK_M), cfg.kv_major)
     _fwd_kernel[grid](
         q, k, v, out, lse, indices, counts, cu_seqlens if cu_seqlens is not None else counts, codes, n_plain,
         *_bhl(q), *_bhl(k), *_bhl(v), *_bhl(out), lse.stride(0), lse.stride(1),
@@ -768,10 +792,17 @@ def block_sparse_forward(q, k, v, block_index: BlockIndex | None = None, *, caus
         DOT_PREC=_dot_precision(q.dtype), MAX_MASKED=_max_masked_blocks(BLOCK_M, SEL_K),
         # Measured (NOTES.md, run 3): the split pays when a tile is a whole selection block and
         # costs 15% when each block is several tiles; split only in the first case.
-        SPLIT_MASKED=cfg.split_masked and BLOCK_N == SEL_K, ROWS=rows,
+        SPLIT_MASKED=cfg.split_masked and BLOCK_N == SEL_K, ROWS=rows, KV_MAJOR=cfg.kv_major,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return out, lse
+
+
+def _query_grid(batch: int, q_heads: int, kv_heads: int, num_tiles: int, kv_major: bool) -> tuple[int, int]:
+    """The launch grid of a query-tile kernel, in ``_query_program``'s two layouts."""
+    if kv_major:
+        return (q_heads // kv_heads * num_tiles, batch * kv_heads)
+    return (batch * q_heads, num_tiles)
 
 
 def _max_masked_blocks(block_m: int, sel_block_k: int) -> int:
@@ -1001,14 +1032,14 @@ def block_sparse_backward(do, q, k, v, out, lse, block_index: BlockIndex | None 
     cfg = configs.backward_dq
     BLOCK_M, BLOCK_N, SEL_Q, SEL_K = _sparse_tiles(cfg, block_index)
     indices, counts = _index_tensors(block_index, q.device)
-    grid = (batch * Hq, triton.cdiv(grid_len, BLOCK_M))
+    grid = _query_grid(batch, Hq, Hkv, triton.cdiv(grid_len, BLOCK_M), cfg.kv_major)
     _bwd_dq_kernel[grid](
         q, k, v, do, lse, delta, dq, indices, counts, cu,
         *_bhl(q), *_bhl(k), *_bhl(v), *_bhl(do), *_bhl(dq), lse.stride(0), lse.stride(1),
         *indices.stride(), *counts.stride(),
         Hq, Hq // Hkv, varlen_len or Lq, varlen_len or Lk, scale * LOG2E, scale,
         BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, SEL_BLOCK_Q=SEL_Q, SEL_BLOCK_K=SEL_K, REVERSE=causal,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **common,
+        KV_MAJOR=cfg.kv_major, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **common,
     )
     return dq, dk, dv
 

@@ -31,6 +31,8 @@ from .block_sparse import (
     _is_pow2_at_least_16,
     _last_dim_contiguous,
     _padded_head_dim,
+    _query_grid,
+    _query_program,
     _softmax_update,
     alloc_output,
     default_configs,
@@ -53,13 +55,10 @@ def _vs_fwd_kernel(
     stride_ccb, stride_cch, stride_ccq,
     num_heads, group_size, q_len, k_len, qk_scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    SEL_BLOCK_Q: tl.constexpr, SEL_BLOCK_K: tl.constexpr, DOT_PREC: tl.constexpr,
+    SEL_BLOCK_Q: tl.constexpr, SEL_BLOCK_K: tl.constexpr, DOT_PREC: tl.constexpr, KV_MAJOR: tl.constexpr,
 ):
-    pid_bh = tl.program_id(0).to(tl.int64)
-    pid_m = tl.num_programs(1) - 1 - tl.program_id(1)  # heaviest (last) query tiles first
-    b = pid_bh // num_heads
-    h = pid_bh % num_heads
-    kvh = h // group_size
+    # Heaviest (last) query tiles first; with KV_MAJOR one KV head's programs run together.
+    b, h, kvh, pid_m = _query_program(num_heads, group_size, True, KV_MAJOR)
     start_m = pid_m * BLOCK_M
     off = k_len - q_len
 
@@ -139,7 +138,7 @@ def vertical_slash_forward(q, k, v, vs_index: VerticalSlashIndex, *, scale: floa
     out = alloc_output(q)
     lse = alloc_output(q, (B, Hq, Lq), torch.float32)
     idx = (vs_index.range_starts, vs_index.range_counts, vs_index.columns, vs_index.column_counts)
-    grid = (B * Hq, triton.cdiv(Lq, BLOCK_M))
+    grid = _query_grid(B, Hq, Hkv, triton.cdiv(Lq, BLOCK_M), cfg.kv_major)
     _vs_fwd_kernel[grid](
         q, k, v, out, lse, *idx,
         *_bhl(q), *_bhl(k), *_bhl(v), *_bhl(out), lse.stride(0), lse.stride(1),
@@ -147,7 +146,7 @@ def vertical_slash_forward(q, k, v, vs_index: VerticalSlashIndex, *, scale: floa
         Hq, Hq // Hkv, Lq, Lk, scale * LOG2E,
         HEAD_DIM=D, BLOCK_D=_padded_head_dim(D), BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
         SEL_BLOCK_Q=vs_index.block_q, SEL_BLOCK_K=vs_index.block_k, DOT_PREC=_dot_precision(q.dtype),
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        KV_MAJOR=cfg.kv_major, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return out, lse
 
