@@ -12,9 +12,11 @@ cuDNN SDPA dense and FlexAttention on the same blocks as baselines:
 
 - dense forward (32K, 128K) and the dense backward at 32K (dQ changes order; FA2 SDPA baseline);
 - random per-head 128-blocks at 5/10/20% (128K) and 10% (32K), random 64-blocks at 10%;
-- FlexPrefill's selection (64-blocks) and MInference's vertical-slash index (v512/s512, 128-blocks)
+- FlexPrefill's selection (default config: 128-blocks) and MInference's vertical-slash index (v512/s512, 128-blocks)
   on the LLM-like input at 128K;
-- a few tile configs in the new order on the 128K 10% cases.
+- XAttention's estimation (``block_mass_forward``, S = 16 and 8, 128-blocks) on the LLM-like input,
+  whose grid now puts one head's query tiles together (``EstimateConfig.kv_major``);
+- a few tile configs in the new order on the 128K 10% and S = 16 cases.
 
 Every variant's output is checked against the head-major output (bf16 rounding only) before
 any time is recorded.
@@ -37,6 +39,7 @@ from sparseattn.bench.peers import DENSE_PEERS, SPARSE_PEERS
 from sparseattn.bench.timing import machine_record, time_ms
 from sparseattn.kernels.block_sparse import (AttentionConfigs, KernelConfig, block_sparse_backward,
                                              block_sparse_forward, default_configs)
+from sparseattn.kernels.estimate import EstimateConfig, block_mass_forward, default_estimate_configs
 from sparseattn.kernels.minference_index import minference_select_fast
 from sparseattn.kernels.vertical_slash import vertical_slash_forward
 from sparseattn.methods import get_method
@@ -45,6 +48,8 @@ HEADS, KV_HEADS, D = 32, 8, 128
 TABLE = default_configs(D, torch.bfloat16, interpret=False)
 EXTRA_128 = [KernelConfig(128, 128, num_warps=8, num_stages=2), KernelConfig(128, 128, num_warps=8, num_stages=4),
              KernelConfig(128, 64, num_warps=8, num_stages=3), KernelConfig(128, 64, num_warps=4, num_stages=3)]
+EXTRA_EST = [EstimateConfig(128, 128, 8, 3), EstimateConfig(64, 256, 8, 2), EstimateConfig(128, 256, 8, 2),
+             EstimateConfig(64, 128, 4, 2)]
 EXTRA_64 = [KernelConfig(64, 64, num_warps=4, num_stages=2), KernelConfig(64, 64, num_warps=4, num_stages=4),
             KernelConfig(64, 32, num_warps=4, num_stages=3)]
 
@@ -53,11 +58,11 @@ def _rel(a, b) -> float:
     return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
-def _orders(cfg: KernelConfig) -> dict[str, KernelConfig]:
+def _orders(cfg):
     return {"head_major": dataclasses.replace(cfg, kv_major=False), "kv_major": dataclasses.replace(cfg, kv_major=True)}
 
 
-def _cfg_name(cfg: KernelConfig) -> str:
+def _cfg_name(cfg) -> str:
     return f"{cfg.block_m}x{cfg.block_n}/{cfg.num_warps}w/{cfg.num_stages}s"
 
 
@@ -148,10 +153,15 @@ def main() -> None:
             do = out = lse = qg = kg = vg = o = fa2 = None
         q, k, v = llm_like_qkv(1, HEADS, KV_HEADS, L, D, seed=L)
         index = get_method("flexprefill").select(q, k, resolve_config("flexprefill"), causal=True)
-        add(time_variants(lambda c: block_sparse_forward(q, k, v, index, config=c)[0], TABLE.forward_narrow,
+        add(time_variants(lambda c: block_sparse_forward(q, k, v, index, config=c)[0], TABLE.forward_for(index),
                           (), flex_for(q, k, v, index)),
-            L=L, case="FlexPrefill selection (LLM-like), 64-blocks", density=float(index.density().mean()),
-            cudnn_ms=t_dense)
+            L=L, case=f"FlexPrefill selection (LLM-like), {index.block_q}-blocks",
+            density=float(index.density().mean()), cudnn_ms=t_dense)
+        est = default_estimate_configs(D, q.dtype, q.device)[0]
+        for S in (16, 8):
+            add(time_variants(lambda c: block_mass_forward(q, k, stride=S, block_size=128, config=c), est,
+                              EXTRA_EST if S == 16 and L >= 131072 else ()),
+                L=L, case=f"XAttention estimation S={S} (LLM-like)", density=1 / (2 * S), cudnn_ms=t_dense)
         vs = minference_select_fast(q, k, vertical_size=512, slash_size=512, block_size=128)
         add(time_variants(lambda c: vertical_slash_forward(q, k, v, vs, config=c)[0], TABLE.forward),
             L=L, case="MInference v512/s512 (LLM-like), vertical-slash", density=float(vs.density().mean()),
@@ -163,8 +173,9 @@ def main() -> None:
     with open(args.out, "w") as f:
         json.dump(result, f, indent=1)
     print(f"\nDevice: {result['machine'].get('device')}; B=1 GQA 32/8 D=128 bf16 causal; median ms")
-    print("| L | case | density | baseline | head-major | kv-major | Flex | kv-major x d x baseline |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("(estimation rows: 'density' is the score GEMM's share of dense attention FLOPs, 1/(2S))")
+    print("| L | case | density | baseline | head-major | kv-major | Flex | kv-major x d x baseline | kv-major, % of baseline |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in result["records"]:
         if not r["gate_ok"]:
             print(f"| {r['L'] // 1024}K | {r['case']} | GATE FAILED {r['rel_err']} {r.get('errors')} |")
@@ -173,10 +184,10 @@ def main() -> None:
         ms = r["ms"]
         print(f"| {r['L'] // 1024}K | {r['case']} | {100 * r['density']:.1f}% | {base:.2f} | {ms['head_major']:.2f} | "
               f"{ms['kv_major']:.2f} | {ms.get('flex', float('nan')):.2f} | "
-              f"{ms['kv_major'] / (r['density'] * base):.2f} |")
+              f"{ms['kv_major'] / (r['density'] * base):.2f} | {100 * ms['kv_major'] / base:.1f}% |")
         for name, t in ms.items():
             if name.startswith("kv_major "):
-                print(f"|   | {name} | | | | {t:.2f} | | |")
+                print(f"|   | {name} | | | | {t:.2f} | | | {100 * t / base:.1f}% |")
 
 
 if __name__ == "__main__":

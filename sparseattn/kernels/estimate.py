@@ -46,8 +46,8 @@ Why this design (H100, B=1, Hq=32, D=128, bf16, causal, L=128K; cuDNN dense ~245
   its ``q`` rows for every key tile, as any GEMM re-reads its A panel): 64 FLOP per L2 byte, the
   usual 128 x 128 tile. Compiled offline for sm_90a (triton 3.6 and 3.9): wgmma, 3-stage cp.async
   pipeline, 194 KB shared memory, ~190-210 registers, no spills, one CTA per SM.
-- Work order: programs of one launch are ordered heaviest query tiles first (causal), all heads
-  of a chunk interleaved, so the tail of a launch is short.
+- Work order: programs of one launch are ordered heaviest query tiles first (causal), one head's
+  tiles together (``EstimateConfig.kv_major``): the resident programs stream the same K rows.
 
 Selection (``xattention_select_fast``) then runs the reference's ``keep_until_covered`` on the
 masses (torch sort/cumsum, ``[B, Hq, nq, nk]``: 1024 x 1024 per head at 128K with bs=128) and
@@ -172,19 +172,27 @@ def _block_mass_kernel(
     head0, row0, num_heads, group_size, q_len, k_len, num_q_blocks, num_k_blocks, qk_scale,
     HEAD_DIM: tl.constexpr, STRIDE: tl.constexpr, PER_BLOCK: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    IS_CAUSAL: tl.constexpr, IEEE: tl.constexpr, REVERSE: tl.constexpr,
+    IS_CAUSAL: tl.constexpr, IEEE: tl.constexpr, REVERSE: tl.constexpr, TILES_FIRST: tl.constexpr,
 ):
     """Block masses of ``BLOCK_M`` reshaped rows of one (batch, query head).
 
-    Grid: ``(heads in this launch, query tiles in this launch)``. ``Sums [heads, rows, nk_pad]`` and
-    ``Maxes [heads, rows, n_tiles]`` are this launch's scratch (rows relative to ``row0``).
+    Grid: ``(query tiles, heads)`` of this launch with ``TILES_FIRST`` (the resident programs are
+    one head's query tiles, which stream the same K rows in the same order: L2 reuse), else
+    ``(heads, query tiles)``. ``Sums [heads, rows, nk_pad]`` and ``Maxes [heads, rows, n_tiles]``
+    are this launch's scratch (rows relative to ``row0``).
     """
     KB_PER_TILE: tl.constexpr = BLOCK_N // PER_BLOCK
     QB_PER_TILE: tl.constexpr = BLOCK_M // PER_BLOCK
-    pid_h = tl.program_id(0).to(tl.int64)
-    pid_m = tl.program_id(1)
+    if TILES_FIRST:
+        pid_m = tl.program_id(0)
+        pid_h = tl.program_id(1).to(tl.int64)
+        num_m = tl.num_programs(0)
+    else:
+        pid_h = tl.program_id(0).to(tl.int64)
+        pid_m = tl.program_id(1)
+        num_m = tl.num_programs(1)
     if REVERSE:  # causal: the last query tiles see the most keys; start them first
-        pid_m = tl.num_programs(1) - 1 - pid_m
+        pid_m = num_m - 1 - pid_m
     bh = head0 + pid_h
     b = bh // num_heads
     h = bh % num_heads
@@ -269,12 +277,15 @@ class EstimateConfig:
         block_n: reshaped key columns per tile (raised to ``2 * bs/S`` when smaller).
         num_warps: warps per program.
         num_stages: software-pipelining depth of the loop over (key tile, stride step).
+        kv_major: launch a head's query tiles together (they share the K rows in L2) instead of
+            all heads of a few query tiles.
     """
 
     block_m: int = 128
     block_n: int = 128
     num_warps: int = 8
     num_stages: int = 3
+    kv_major: bool = True  # grid order: one head's query tiles together (NOTES.md, run 10)
 
     def __post_init__(self):
         for name in ("block_m", "block_n", "num_warps", "num_stages"):
@@ -397,7 +408,8 @@ def _launch(q, k, out, S, per_block, causal, cfg: EstimateConfig, scratch_elemen
         num_h = min(heads_per_launch, heads - head0)
         for tile0 in range(0, m_tiles, tiles_per_launch):
             num_m = min(tiles_per_launch, m_tiles - tile0)
-            _block_mass_kernel[(num_h, num_m)](
+            grid = (num_m, num_h) if cfg.kv_major else (num_h, num_m)
+            _block_mass_kernel[grid](
                 q, k, out, sums, maxes,
                 q.stride(0), q.stride(1), q.stride(2),
                 k.stride(0), k.stride(1), k.stride(2),
@@ -405,7 +417,7 @@ def _launch(q, k, out, S, per_block, causal, cfg: EstimateConfig, scratch_elemen
                 sums.stride(0), sums.stride(1), maxes.stride(0), maxes.stride(1),
                 head0, tile0 * block_m, Hq, Hq // Hkv, Lq, Lk, nq, nk, qk_scale,
                 HEAD_DIM=D, STRIDE=S, PER_BLOCK=per_block, BLOCK_M=block_m, BLOCK_N=block_n,
-                IS_CAUSAL=causal, IEEE=q.dtype == torch.float32, REVERSE=causal,
+                IS_CAUSAL=causal, IEEE=q.dtype == torch.float32, REVERSE=causal, TILES_FIRST=cfg.kv_major,
                 num_warps=cfg.num_warps, num_stages=cfg.num_stages,
             )
 
