@@ -173,13 +173,17 @@ def bench_case(q, k, v, dense_ms, dense_out, cfg: FlexPrefillConfig, with_refere
 def sweep_last_block(q, k, block_size) -> list[dict]:
     """Tile options of ``_last_block_kernel`` (both passes and the folds)."""
     rows = []
-    for block_m, block_n in ((128, 64), (128, 128), (64, 64), (128, 32), (64, 128)):
+    options = [(128, 64, None), (128, 128, None), (64, 64, None), (128, 32, None), (64, 128, None)]
+    options += [(128, 64, n) for n in (1, 4, 16, 32)]  # key tiles per program of the first pass
+    for block_m, block_n, stat_tiles in options:
+        entry = {"block_m": block_m, "block_n": block_n, "stat_tiles": stat_tiles or fast.STAT_TILES}
         try:
             t = time_ms(lambda: fast.last_block_distributions_fast(q, k, block_size, True, block_m=block_m,
-                                                                   block_n=block_n), max_runs=30)
-            rows.append({"block_m": block_m, "block_n": block_n, "ms": t["ms"]})
+                                                                   block_n=block_n, stat_tiles=stat_tiles),
+                        max_runs=30)
+            rows.append({**entry, "ms": t["ms"]})
         except Exception as err:  # noqa: BLE001 - a config that does not compile is a result, not a failure
-            rows.append({"block_m": block_m, "block_n": block_n, "error": f"{type(err).__name__}: {str(err)[:200]}"})
+            rows.append({**entry, "error": f"{type(err).__name__}: {str(err)[:200]}"})
     return rows
 
 

@@ -14,9 +14,11 @@ cuDNN SDPA dense and FlexAttention on the same blocks as baselines:
 - random per-head 128-blocks at 5/10/20% (128K) and 10% (32K), random 64-blocks at 10%;
 - FlexPrefill's selection (default config: 128-blocks) and MInference's vertical-slash index (v512/s512, 128-blocks)
   on the LLM-like input at 128K;
-- XAttention's estimation (``block_mass_forward``, S = 16 and 8, 128-blocks) on the LLM-like input,
-  whose grid now puts one head's query tiles together (``EstimateConfig.kv_major``);
-- a few tile configs in the new order on the 128K 10% and S = 16 cases.
+- a few tile configs in the new order on the 128K 10% cases.
+
+Run 11's XAttention-estimation rows came from this script at commit "XAttention estimation launches
+one head's query tiles together": that order lost (18.08 vs 14.62 ms at S = 16, 128K) and was
+removed with its rows.
 
 Every variant's output is checked against the head-major output (bf16 rounding only) before
 any time is recorded.
@@ -39,7 +41,6 @@ from sparseattn.bench.peers import DENSE_PEERS, SPARSE_PEERS
 from sparseattn.bench.timing import machine_record, time_ms
 from sparseattn.kernels.block_sparse import (AttentionConfigs, KernelConfig, block_sparse_backward,
                                              block_sparse_forward, default_configs)
-from sparseattn.kernels.estimate import EstimateConfig, block_mass_forward, default_estimate_configs
 from sparseattn.kernels.minference_index import minference_select_fast
 from sparseattn.kernels.vertical_slash import vertical_slash_forward
 from sparseattn.methods import get_method
@@ -48,8 +49,6 @@ HEADS, KV_HEADS, D = 32, 8, 128
 TABLE = default_configs(D, torch.bfloat16, interpret=False)
 EXTRA_128 = [KernelConfig(128, 128, num_warps=8, num_stages=2), KernelConfig(128, 128, num_warps=8, num_stages=4),
              KernelConfig(128, 64, num_warps=8, num_stages=3), KernelConfig(128, 64, num_warps=4, num_stages=3)]
-EXTRA_EST = [EstimateConfig(128, 128, 8, 3), EstimateConfig(64, 256, 8, 2), EstimateConfig(128, 256, 8, 2),
-             EstimateConfig(64, 128, 4, 2)]
 EXTRA_64 = [KernelConfig(64, 64, num_warps=4, num_stages=2), KernelConfig(64, 64, num_warps=4, num_stages=4),
             KernelConfig(64, 32, num_warps=4, num_stages=3)]
 
@@ -157,11 +156,6 @@ def main() -> None:
                           (), flex_for(q, k, v, index)),
             L=L, case=f"FlexPrefill selection (LLM-like), {index.block_q}-blocks",
             density=float(index.density().mean()), cudnn_ms=t_dense)
-        est = default_estimate_configs(D, q.dtype, q.device)[0]
-        for S in (16, 8):
-            add(time_variants(lambda c: block_mass_forward(q, k, stride=S, block_size=128, config=c), est,
-                              EXTRA_EST if S == 16 and L >= 131072 else ()),
-                L=L, case=f"XAttention estimation S={S} (LLM-like)", density=1 / (2 * S), cudnn_ms=t_dense)
         vs = minference_select_fast(q, k, vertical_size=512, slash_size=512, block_size=128)
         add(time_variants(lambda c: vertical_slash_forward(q, k, v, vs, config=c)[0], TABLE.forward),
             L=L, case="MInference v512/s512 (LLM-like), vertical-slash", density=float(vs.density().mean()),
@@ -173,7 +167,6 @@ def main() -> None:
     with open(args.out, "w") as f:
         json.dump(result, f, indent=1)
     print(f"\nDevice: {result['machine'].get('device')}; B=1 GQA 32/8 D=128 bf16 causal; median ms")
-    print("(estimation rows: 'density' is the score GEMM's share of dense attention FLOPs, 1/(2S))")
     print("| L | case | density | baseline | head-major | kv-major | Flex | kv-major x d x baseline | kv-major, % of baseline |")
     print("|---|---|---|---|---|---|---|---|---|")
     for r in result["records"]:

@@ -95,7 +95,7 @@ def correctness_gate(threshold) -> dict:
 
 def sweep_configs(q, k, S) -> list[dict]:
     rows = []
-    candidates = default_estimate_configs(HEAD_DIM, q.dtype, q.device) + [
+    candidates = default_estimate_configs(HEAD_DIM, q.dtype, q.device, S) + [
         EstimateConfig(64, 128, 4, 3), EstimateConfig(128, 64, 8, 3), EstimateConfig(256, 64, 8, 2),
         EstimateConfig(256, 128, 16, 2)]
     seen = set()
@@ -109,7 +109,7 @@ def sweep_configs(q, k, S) -> list[dict]:
         except Exception as err:  # noqa: BLE001 - a config that does not compile is a result, not a failure
             rows.append({"S": S, "config": cfg.__dict__, "error": f"{type(err).__name__}: {str(err)[:200]}"})
     # The default tiles with a 4x larger scratch: fewer, fuller launches.
-    cfg = default_estimate_configs(HEAD_DIM, q.dtype, q.device)[0]
+    cfg = default_estimate_configs(HEAD_DIM, q.dtype, q.device, S)[0]
     t = time_ms(lambda: block_mass_forward(q, k, stride=S, block_size=BLOCK, config=cfg,
                                            scratch_elements=SCRATCH_ELEMENTS * 4), max_runs=20)
     rows.append({"S": S, "config": cfg.__dict__, "scratch_elements": SCRATCH_ELEMENTS * 4, "ms": t["ms"]})

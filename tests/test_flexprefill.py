@@ -229,11 +229,13 @@ SHAPES = [  # B, Hq, Hkv, Lq, Lk, D, bs, causal
     pytest.param(1, 3, 1, 1, 63, 16, 16, True, 16, 16, id="B1-H3-HKV1-Lq1-Lk63-D16-bs16-m16n16"),
     pytest.param(1, 2, 2, 130, 130, 16, 128, True, None, None, id="B1-H2-HKV2-L130-D16-bs128-defaults"),
 ])
-def test_last_block_distributions_match_reference(B, Hq, Hkv, Lq, Lk, D, bs, causal, block_m, block_n):
-    """Several key tiles, several row groups (``n > block_m``), partial tiles, non-causal offsets."""
+@pytest.mark.parametrize("stat_tiles", [1, 3], ids=["stat1", "stat3"])
+def test_last_block_distributions_match_reference(B, Hq, Hkv, Lq, Lk, D, bs, causal, block_m, block_n, stat_tiles):
+    """Several key tiles, several row groups (``n > block_m``), partial tiles, non-causal offsets;
+    the first pass with one or three key tiles per program (a partial last chunk)."""
     q, k = make_qk(B, Hq, Hkv, Lq, Lk, D, seed=1, device=DEVICE)
     vertical, slash, min_offset = fast.last_block_distributions_fast(q, k, bs, causal, block_m=block_m,
-                                                                     block_n=block_n)
+                                                                     block_n=block_n, stat_tiles=stat_tiles)
     v_ref, s_ref, off_ref = ref.last_block_distributions(q, k, bs, causal)
     assert min_offset == off_ref and slash.shape == s_ref.shape
     torch.testing.assert_close(vertical, v_ref, rtol=1e-5, atol=1e-7)

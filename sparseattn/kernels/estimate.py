@@ -46,8 +46,8 @@ Why this design (H100, B=1, Hq=32, D=128, bf16, causal, L=128K; cuDNN dense ~245
   its ``q`` rows for every key tile, as any GEMM re-reads its A panel): 64 FLOP per L2 byte, the
   usual 128 x 128 tile. Compiled offline for sm_90a (triton 3.6 and 3.9): wgmma, 3-stage cp.async
   pipeline, 194 KB shared memory, ~190-210 registers, no spills, one CTA per SM.
-- Work order: programs of one launch are ordered heaviest query tiles first (causal), one head's
-  tiles together (``EstimateConfig.kv_major``): the resident programs stream the same K rows.
+- Work order: programs of one launch are ordered heaviest query tiles first (causal), all heads
+  of a chunk interleaved, so the tail of a launch is short.
 
 Selection (``xattention_select_fast``) then runs the reference's ``keep_until_covered`` on the
 masses (torch sort/cumsum, ``[B, Hq, nq, nk]``: 1024 x 1024 per head at 128K with bs=128) and
@@ -172,27 +172,19 @@ def _block_mass_kernel(
     head0, row0, num_heads, group_size, q_len, k_len, num_q_blocks, num_k_blocks, qk_scale,
     HEAD_DIM: tl.constexpr, STRIDE: tl.constexpr, PER_BLOCK: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    IS_CAUSAL: tl.constexpr, IEEE: tl.constexpr, REVERSE: tl.constexpr, TILES_FIRST: tl.constexpr,
+    IS_CAUSAL: tl.constexpr, IEEE: tl.constexpr, REVERSE: tl.constexpr,
 ):
     """Block masses of ``BLOCK_M`` reshaped rows of one (batch, query head).
 
-    Grid: ``(query tiles, heads)`` of this launch with ``TILES_FIRST`` (the resident programs are
-    one head's query tiles, which stream the same K rows in the same order: L2 reuse), else
-    ``(heads, query tiles)``. ``Sums [heads, rows, nk_pad]`` and ``Maxes [heads, rows, n_tiles]``
-    are this launch's scratch (rows relative to ``row0``).
+    Grid: ``(heads in this launch, query tiles in this launch)``. ``Sums [heads, rows, nk_pad]`` and
+    ``Maxes [heads, rows, n_tiles]`` are this launch's scratch (rows relative to ``row0``).
     """
     KB_PER_TILE: tl.constexpr = BLOCK_N // PER_BLOCK
     QB_PER_TILE: tl.constexpr = BLOCK_M // PER_BLOCK
-    if TILES_FIRST:
-        pid_m = tl.program_id(0)
-        pid_h = tl.program_id(1).to(tl.int64)
-        num_m = tl.num_programs(0)
-    else:
-        pid_h = tl.program_id(0).to(tl.int64)
-        pid_m = tl.program_id(1)
-        num_m = tl.num_programs(1)
+    pid_h = tl.program_id(0).to(tl.int64)
+    pid_m = tl.program_id(1)
     if REVERSE:  # causal: the last query tiles see the most keys; start them first
-        pid_m = num_m - 1 - pid_m
+        pid_m = tl.num_programs(1) - 1 - pid_m
     bh = head0 + pid_h
     b = bh // num_heads
     h = bh % num_heads
@@ -277,15 +269,12 @@ class EstimateConfig:
         block_n: reshaped key columns per tile (raised to ``2 * bs/S`` when smaller).
         num_warps: warps per program.
         num_stages: software-pipelining depth of the loop over (key tile, stride step).
-        kv_major: launch a head's query tiles together (they share the K rows in L2) instead of
-            all heads of a few query tiles.
     """
 
     block_m: int = 128
     block_n: int = 128
     num_warps: int = 8
     num_stages: int = 3
-    kv_major: bool = True  # grid order: one head's query tiles together (NOTES.md, run 10)
 
     def __post_init__(self):
         for name in ("block_m", "block_n", "num_warps", "num_stages"):
@@ -298,12 +287,13 @@ class EstimateConfig:
                 raise ValueError(f"EstimateConfig: {name} must be a power of two >= 16 (tl.dot), got {value}")
 
 
-def default_estimate_configs(head_dim: int, dtype: torch.dtype, device: torch.device) -> list[EstimateConfig]:
+def default_estimate_configs(head_dim: int, dtype: torch.dtype, device: torch.device,
+                             stride: int = 8) -> list[EstimateConfig]:
     """Configs to try in order; a config that runs out of shared memory falls through to the next.
 
-    D = 128 is tuned on the H100 (``benchmarks/bench_xattention.py --sweep``, benchmarks/NOTES.md):
-    64x128 tiles with 4 warps beat 128x128 with 8 warps at 128K (14.4 vs 15.8 ms at S=16,
-    24.0 vs 25.2 ms at S=8). D = 64 is untuned.
+    D = 128 is tuned on the H100 (``benchmarks/bench_xattention.py --sweep``, benchmarks/NOTES.md
+    runs 3 and 11): at S >= 16, 128x256 tiles with 8 warps and 2 stages (12.96 ms at 128K against
+    14.40 for 64x128/4 warps/3 stages); at S = 8 the latter (24.07 vs 24.22 ms). D = 64 is untuned.
     """
     if device.type != "cuda":  # the interpreter: numpy cost grows with the number of tl ops, not tile size
         return [EstimateConfig(block_m=32, block_n=32, num_warps=1, num_stages=1)]
@@ -311,7 +301,10 @@ def default_estimate_configs(head_dim: int, dtype: torch.dtype, device: torch.de
         return [EstimateConfig(64, 64, 4, 2), EstimateConfig(32, 32, 4, 1)]
     if head_dim <= 64:
         return [EstimateConfig(128, 128, 8, 3), EstimateConfig(128, 64, 4, 3), EstimateConfig(64, 64, 4, 2)]
-    # D = 128: a stage is (128 + 128) x 128 bf16 = 64 KB of shared memory.
+    # D = 128: a stage is (128 + 128) x 128 bf16 = 64 KB of shared memory ((128 + 256) x 128: 96 KB).
+    if stride >= 16:
+        return [EstimateConfig(128, 256, 8, 2), EstimateConfig(64, 128, 4, 3), EstimateConfig(128, 128, 8, 3),
+                EstimateConfig(128, 64, 4, 2), EstimateConfig(64, 64, 4, 2)]
     return [EstimateConfig(64, 128, 4, 3), EstimateConfig(128, 128, 8, 3), EstimateConfig(128, 64, 4, 2),
             EstimateConfig(64, 64, 4, 2)]
 
@@ -355,7 +348,7 @@ def block_mass_forward(q: torch.Tensor, k: torch.Tensor, *, stride: int, block_s
     elif key in _WORKING_CONFIG:
         configs = [_WORKING_CONFIG[key]]
     else:
-        configs = default_estimate_configs(D, q.dtype, q.device)
+        configs = default_estimate_configs(D, q.dtype, q.device, S)
     last_error = None
     for cfg in configs:
         try:
@@ -408,8 +401,7 @@ def _launch(q, k, out, S, per_block, causal, cfg: EstimateConfig, scratch_elemen
         num_h = min(heads_per_launch, heads - head0)
         for tile0 in range(0, m_tiles, tiles_per_launch):
             num_m = min(tiles_per_launch, m_tiles - tile0)
-            grid = (num_m, num_h) if cfg.kv_major else (num_h, num_m)
-            _block_mass_kernel[grid](
+            _block_mass_kernel[(num_h, num_m)](
                 q, k, out, sums, maxes,
                 q.stride(0), q.stride(1), q.stride(2),
                 k.stride(0), k.stride(1), k.stride(2),
@@ -417,7 +409,7 @@ def _launch(q, k, out, S, per_block, causal, cfg: EstimateConfig, scratch_elemen
                 sums.stride(0), sums.stride(1), maxes.stride(0), maxes.stride(1),
                 head0, tile0 * block_m, Hq, Hq // Hkv, Lq, Lk, nq, nk, qk_scale,
                 HEAD_DIM=D, STRIDE=S, PER_BLOCK=per_block, BLOCK_M=block_m, BLOCK_N=block_n,
-                IS_CAUSAL=causal, IEEE=q.dtype == torch.float32, REVERSE=causal, TILES_FIRST=cfg.kv_major,
+                IS_CAUSAL=causal, IEEE=q.dtype == torch.float32, REVERSE=causal,
                 num_warps=cfg.num_warps, num_stages=cfg.num_stages,
             )
 

@@ -96,7 +96,7 @@ def _last_block_kernel(
     num_heads, group_size, q_len, k_len, n_hat, num_tiles, qk_scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     SKEW_W: tl.constexpr, ROW_GROUPS: tl.constexpr, PHASE: tl.constexpr, IS_CAUSAL: tl.constexpr,
-    DOT_PREC: tl.constexpr,
+    DOT_PREC: tl.constexpr, STAT_TILES: tl.constexpr,
 ):
     """One key tile of ``BLOCK_N`` keys against one group of ``BLOCK_M`` last-block rows of one head.
 
@@ -104,8 +104,9 @@ def _last_block_kernel(
     the same K tile from L2 at about the same time. Row ``t`` (0-based among the last ``n_hat``
     queries) sits at absolute position ``k_len - n_hat + t``.
 
-    PHASE 0 writes ``Stats [2, B*Hq, ROW_GROUPS*BLOCK_M, num_tiles]``: the row max (log2 units) and
-    the sum of ``exp2(s - max)`` over this tile.
+    PHASE 0 (grid axis 1 over chunks of ``STAT_TILES`` key tiles) writes ``Stats [2, B*Hq,
+    ROW_GROUPS*BLOCK_M, num_chunks]``: the row max (log2 units) and the sum of ``exp2(s - max)``
+    over the chunk's tiles, an online softmax with ``q`` loaded once and the K tiles pipelined.
     PHASE 1 reads ``Lse [B*Hq, ROW_GROUPS*BLOCK_M]`` (log2 units) and writes the tile's column sums
     of probabilities to ``Vert [B*Hq, ROW_GROUPS, k_len]`` and its diagonal sums to
     ``SlashPart [B*Hq, ROW_GROUPS, num_tiles, BLOCK_M + BLOCK_N]``: entry ``c`` sums ``P[t, j]`` over
@@ -133,6 +134,32 @@ def _last_block_kernel(
     q_base = Q + b * stride_qb + h * stride_qh + tl.cast(q_len - n_hat, tl.int64) * stride_qm
     q_offs = tl.minimum(rows, n_hat - 1)[:, None] * stride_qm + offs_d[None, :]  # [BLOCK_M, BLOCK_D]
     k_offs = offs_n[:, None] * stride_kn + offs_d[None, :]  # [BLOCK_N, BLOCK_D]
+    stat_rows = ROW_GROUPS * BLOCK_M
+    if PHASE == 0:
+        d_ok = offs_d < HEAD_DIM
+        q = tl.load(q_base + q_offs, mask=d_ok[None, :], other=0.0)
+        k_base = K + b * stride_kb + kvh * stride_kh
+        m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+        for i in range(0, STAT_TILES):
+            start = (tile * STAT_TILES + i) * BLOCK_N
+            keys = start + offs_n
+            k_ok = keys < k_len
+            k = tl.load(k_base + tl.cast(start, tl.int64) * stride_kn + k_offs, mask=k_ok[:, None] & d_ok[None, :],
+                        other=0.0)
+            s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale  # [BLOCK_M, BLOCK_N], log2 units
+            keep = row_ok[:, None] & k_ok[None, :]
+            if IS_CAUSAL:
+                keep = keep & (keys[None, :] <= (k_len - n_hat + rows)[:, None])
+            s = tl.where(keep, s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows that saw no key yet
+            l_i = l_i * tl.math.exp2(m_i - m_safe) + tl.sum(tl.math.exp2(s - m_safe[:, None]), 1)
+            m_i = m_new
+        base = Stats + (bh * stat_rows + rows) * tl.num_programs(1) + tile
+        tl.store(base, m_i)
+        tl.store(base + stride_plane, l_i)
+        return
     if BLOCK_D == HEAD_DIM:
         q = tl.load(q_base + q_offs)
         k = tl.load(k_base + k_offs, mask=k_ok[:, None], other=0.0)
@@ -145,28 +172,19 @@ def _last_block_kernel(
     if IS_CAUSAL:
         keep = keep & (keys[None, :] <= (k_len - n_hat + rows)[:, None])
     s = tl.where(keep, s, float("-inf"))
-    stat_rows = ROW_GROUPS * BLOCK_M
-    if PHASE == 0:
-        m = tl.max(s, 1)  # [BLOCK_M]
-        m_safe = tl.where(m == float("-inf"), 0.0, m)  # rows that see no key of this tile
-        l_tile = tl.sum(tl.math.exp2(s - m_safe[:, None]), 1)
-        base = Stats + (bh * stat_rows + rows) * num_tiles + tile
-        tl.store(base, m)
-        tl.store(base + stride_plane, l_tile)
-    else:
-        lse = tl.load(Lse + bh * stat_rows + rows)
-        lse = tl.where(row_ok, lse, 0.0)
-        p = tl.where(keep, tl.math.exp2(s - lse[:, None]), 0.0)  # [BLOCK_M, BLOCK_N]
-        tl.store(Vert + (bh * ROW_GROUPS + group) * k_len + keys, tl.sum(p, 0), mask=k_ok)
-        part = SlashPart + ((bh * ROW_GROUPS + group) * num_tiles + tile) * (BLOCK_M + BLOCK_N)
-        # Diagonal sums: column c of the skewed tile holds P[t, t + BLOCK_N - 1 - c], gathered
-        # SKEW_W columns at a time (the whole [BLOCK_M, BLOCK_M + BLOCK_N] skew would spill).
-        for chunk in tl.static_range((BLOCK_M + BLOCK_N) // SKEW_W):
-            c = chunk * SKEW_W + tl.arange(0, SKEW_W)  # [SKEW_W]
-            src = offs_t[:, None] + (BLOCK_N - 1) - c[None, :]  # [BLOCK_M, SKEW_W] column of p
-            skew = tl.gather(p, tl.minimum(tl.maximum(src, 0), BLOCK_N - 1), 1)
-            skew = tl.where((src >= 0) & (src < BLOCK_N), skew, 0.0)
-            tl.store(part + c, tl.sum(skew, 0))
+    lse = tl.load(Lse + bh * stat_rows + rows)
+    lse = tl.where(row_ok, lse, 0.0)
+    p = tl.where(keep, tl.math.exp2(s - lse[:, None]), 0.0)  # [BLOCK_M, BLOCK_N]
+    tl.store(Vert + (bh * ROW_GROUPS + group) * k_len + keys, tl.sum(p, 0), mask=k_ok)
+    part = SlashPart + ((bh * ROW_GROUPS + group) * num_tiles + tile) * (BLOCK_M + BLOCK_N)
+    # Diagonal sums: column c of the skewed tile holds P[t, t + BLOCK_N - 1 - c], gathered
+    # SKEW_W columns at a time (the whole [BLOCK_M, BLOCK_M + BLOCK_N] skew would spill).
+    for chunk in tl.static_range((BLOCK_M + BLOCK_N) // SKEW_W):
+        c = chunk * SKEW_W + tl.arange(0, SKEW_W)  # [SKEW_W]
+        src = offs_t[:, None] + (BLOCK_N - 1) - c[None, :]  # [BLOCK_M, SKEW_W] column of p
+        skew = tl.gather(p, tl.minimum(tl.maximum(src, 0), BLOCK_N - 1), 1)
+        skew = tl.where((src >= 0) & (src < BLOCK_N), skew, 0.0)
+        tl.store(part + c, tl.sum(skew, 0))
 
 
 @triton.jit
@@ -418,14 +436,21 @@ def block_mean(x: torch.Tensor, block_size: int, heads: torch.Tensor | None = No
     return out
 
 
+# Key tiles per program in the first pass of ``last_block_distributions_fast`` (row max and sum):
+# q loaded once per program and the K tiles pipelined, instead of one 128 x 64 tile per program.
+STAT_TILES = 8
+
+
 def last_block_distributions_fast(q: torch.Tensor, k: torch.Tensor, block_size: int, causal: bool = True, *,
-                                  block_n: int | None = None, block_m: int | None = None):
+                                  block_n: int | None = None, block_m: int | None = None,
+                                  stat_tiles: int | None = None):
     """Same contract as ``reference.flexprefill.last_block_distributions``, with the fused kernel.
 
     ``block_m`` (last-block rows per program) and ``block_n`` (keys per tile) are powers of two
     >= 16, by default 128 and 64 (no register spills for D <= 128 in bf16/fp16 with 8 warps on
     sm_90, triton 3.6 and 3.9), and 32 x 32 for fp32 on a GPU; tests pass small values to exercise
-    several tiles and row groups.
+    several tiles and row groups. ``stat_tiles``: key tiles per program of the first pass (row
+    max and sum), default ``STAT_TILES`` on a GPU.
 
     Returns:
         ``(vertical [B, Hq, Lk], slash [B, Hq, n_off], min_offset)`` fp32.
@@ -449,16 +474,19 @@ def last_block_distributions_fast(q: torch.Tensor, k: torch.Tensor, block_size: 
                   num_stages=1)
     grid = (B * Hq, tiles, groups)
     stat_rows = groups * block_m
-    stats = _alloc((2, B * Hq, stat_rows, tiles), torch.float32, dev)
+    stat_tiles = stat_tiles or (1 if interpret else STAT_TILES)
+    chunks = cdiv(tiles, stat_tiles)
+    stats = _alloc((2, B * Hq, stat_rows, chunks), torch.float32, dev)
     args = (*_bhl(q), *_bhl(k), stats.stride(0), Hq, G, Lq, Lk, n_hat, tiles, LOG2E / math.sqrt(D))
-    _last_block_kernel[grid](q, k, stats, stats, stats, stats, *args, PHASE=0, **common)
+    _last_block_kernel[(B * Hq, chunks, groups)](q, k, stats, stats, stats, stats, *args, PHASE=0,
+                                                 STAT_TILES=stat_tiles, **{**common, "num_stages": 2})
     row_max = stats[0].amax(-1, keepdim=True)
     row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
     lse = row_max[..., 0] + torch.log2((stats[1] * torch.exp2(stats[0] - row_max)).sum(-1))  # [B*Hq, rows]
     stats = None  # release before the next allocation
     vert = _alloc((B * Hq, groups, Lk), torch.float32, dev)
     part = _alloc((B * Hq, groups, tiles, width), torch.float32, dev)
-    _last_block_kernel[grid](q, k, lse, lse.contiguous(), vert, part, *args, PHASE=1, **common)
+    _last_block_kernel[grid](q, k, lse, lse.contiguous(), vert, part, *args, PHASE=1, STAT_TILES=1, **common)
 
     vertical = vert.sum(1).view(B, Hq, Lk) / n_hat
     min_offset = 0 if causal else 1 - n_hat
