@@ -447,8 +447,8 @@ def last_block_distributions_fast(q: torch.Tensor, k: torch.Tensor, block_size: 
     """Same contract as ``reference.flexprefill.last_block_distributions``, with the fused kernel.
 
     ``block_m`` (last-block rows per program) and ``block_n`` (keys per tile) are powers of two
-    >= 16, by default 128 and 64 (no register spills for D <= 128 in bf16/fp16 with 8 warps on
-    sm_90, triton 3.6 and 3.9), and 32 x 32 for fp32 on a GPU; tests pass small values to exercise
+    >= 16, by default 128 and 32 (2.36 ms at 128K against 2.63 for 128 x 64 on the H100, NOTES.md
+    run 11), and 32 x 32 for fp32 on a GPU; tests pass small values to exercise
     several tiles and row groups. ``stat_tiles``: key tiles per program of the first pass (row
     max and sum), default ``STAT_TILES`` on a GPU.
 
@@ -462,7 +462,7 @@ def last_block_distributions_fast(q: torch.Tensor, k: torch.Tensor, block_size: 
     interpret = _interpreting()
     exact = q.dtype == torch.float32 and not interpret  # fp32 "ieee" dots run on CUDA cores: small tiles
     block_m = min(max(16, triton.next_power_of_2(n_hat)), block_m or (32 if exact else 128))
-    block_n = block_n or (32 if exact else 64)
+    block_n = block_n or 32
     groups = cdiv(n_hat, block_m)
     tiles = cdiv(Lk, block_n)
     width = block_m + block_n  # diagonals of one [block_m, block_n] tile, padded by one
