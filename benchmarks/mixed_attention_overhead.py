@@ -83,7 +83,28 @@ def main() -> None:
         "ours streaming (varlen)": lambda: backward(streaming_attention(q, k, v, streaming=streaming, **packed)),
         "mixed, both branches (varlen)": lambda: backward(mixed_attention(q, k, v, z, streaming=streaming, **packed)),
     }
-    result = {"suite": "mixed_attention_overhead", "machine": machine_record(),
+    # Gate: the fused mixed node against the two branches composed by autograd (bf16 rounding only).
+    def composed():
+        full, local = full_attention(q, k, v, **packed), streaming_attention(q, k, v, streaming=streaming, **packed)
+        zq = z.to(full.dtype).repeat_interleave(HQ // HKV)[None, :, None, None]
+        return torch.lerp(local, full, zq)
+
+    errors = {}
+    for name, make in (("fused", lambda: mixed_attention(q, k, v, z, streaming=streaming, **packed)),
+                       ("composed", composed)):
+        out = make()
+        grads = torch.autograd.grad(out, (q, k, v, z), do)
+        errors[name] = (out.detach().float(), [t.float() for t in grads])
+
+    def rel(a, b):
+        return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+    gate = {"out": rel(errors["fused"][0], errors["composed"][0])}
+    gate.update({f"d{n}": rel(a, b) for n, a, b in zip("qkvz", errors["fused"][1], errors["composed"][1])})
+    gate["passed"] = all(e < 2e-2 for e in gate.values())
+    errors = None
+    print("gate:", json.dumps(gate), flush=True)
+    result = {"suite": "mixed_attention_overhead", "gate": gate, "machine": machine_record(),
               "shape": dict(batch=1, q_heads=HQ, kv_heads=HKV, head_dim=D, tokens=L, documents=DOCS,
                             dtype="bfloat16", sink=128, window=1024, block=64), "records": []}
     for name, fn in cases.items():

@@ -15,12 +15,13 @@ step gputests 330 python3 -m pytest -q -m gpu tests/test_kernels.py tests/test_e
   tests/test_minference.py
 # The interpreter's kernel tests, on the GPU in bf16/fp16 (both program orders, gradients, varlen).
 step gradtests 240 python3 -m pytest -q tests/test_kernels.py -k "gradients or varlen or transposes or deterministic \
-or config_override or vertical_slash or sparse_forward or dense_forward"
+or config_override or vertical_slash or sparse_forward or dense_forward or scales_and_accumulates"
 step order 420 python3 benchmarks/bench_program_order.py --out "$OUT/program-order.json"
 step bench-kernel 330 $SA bench kernel --out "$OUT/bench"
 step bench-methods 200 $SA bench methods --lengths 32768,131072 --out "$OUT/bench"
 step bench-flex 300 python3 benchmarks/bench_flexprefill.py --out "$OUT/flexprefill.json"
 step bench-xattn 300 python3 benchmarks/bench_xattention.py --out "$OUT/xattention.json"
 step bench-minf 300 python3 benchmarks/bench_minference.py --out "$OUT/minference.json"
+step overhead 200 python3 benchmarks/mixed_attention_overhead.py --profile --out "$OUT/mixed-overhead.json"
 step timing 400 python3 benchmarks/train_prulong_gpu.py --skip-train --skip-eval --out "$OUT/prulong-timing"
 printf '%s\n' "${summary[@]}"

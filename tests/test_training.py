@@ -255,13 +255,20 @@ def test_varlen_attention_never_crosses_documents():
     assert rel_rms(packed, torch.cat(parts, 2)) < 1e-5
 
 
-def test_varlen_attention_through_the_triton_kernel(monkeypatch):
-    """The GPU code path (one varlen launch per branch), run in the Triton interpreter on the CPU."""
+@pytest.mark.parametrize("split", [False, True], ids=["one-pass-dkdv", "split-dkdv"])
+def test_varlen_attention_through_the_triton_kernel(monkeypatch, split):
+    """The GPU code path (both branches as one fused autograd node: gate-scaled gradients, the
+    second branch accumulated onto the first's), run in the Triton interpreter on the CPU; GQA 4/2
+    with two gates, and the split dK/dV pass (fp32 partials reduced into the gradients)."""
+    import sparseattn.kernels.block_sparse as bs
+
+    if split:
+        monkeypatch.setattr(bs, "DKDV_SPLIT_ENTRIES", 1)
     docs = [40, 1, 70]
-    q, k, v = qkv(1, 2, 1, sum(docs), 16, requires_grad=True)
+    q, k, v = qkv(1, 4, 2, sum(docs), 16, requires_grad=True)
     cu = torch.tensor([0, 40, 41, 111], dtype=torch.int32)
-    z = torch.tensor([0.6], requires_grad=True)
-    weight = torch.randn(1, 2, sum(docs), 16)
+    z = torch.tensor([0.6, 0.25], requires_grad=True)
+    weight = torch.randn(1, 4, sum(docs), 16)
     outs, grads = [], []
     for backend in ("reference", "triton"):
         monkeypatch.setenv("SPARSEATTN_BACKEND", backend)

@@ -33,6 +33,7 @@ No host synchronization in any launch path (CUDA-graph capturable), except compu
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from dataclasses import dataclass
@@ -302,10 +303,12 @@ def _fwd_kernel(
 
 
 @triton.jit
-def _bwd_preprocess_kernel(Out, DO, Delta, stride_ob, stride_oh, stride_om, stride_db, stride_dh, stride_dm,
+def _bwd_preprocess_kernel(Out, DO, Delta, DoScale, stride_ob, stride_oh, stride_om, stride_db, stride_dh, stride_dm,
                            num_heads, rows,
-                           HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr):
-    """``delta[b, h, i] = sum_d dO * O`` in fp32 (``Delta`` is contiguous ``[B, H, rows]``)."""
+                           HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+                           HAS_SCALE: tl.constexpr):
+    """``delta[b, h, i] = sum_d dO * O`` in fp32 (``Delta`` is contiguous ``[B, H, rows]``); with
+    ``HAS_SCALE`` the incoming gradient is ``DoScale[h] * dO`` (see ``block_sparse_backward``)."""
     pid_bh = tl.program_id(0).to(tl.int64)
     start_m = tl.program_id(1) * BLOCK_M
     b = pid_bh // num_heads
@@ -317,13 +320,16 @@ def _bwd_preprocess_kernel(Out, DO, Delta, stride_ob, stride_oh, stride_om, stri
                 mask=mask, other=0.0).to(tl.float32)
     do = tl.load(DO + b * stride_db + h * stride_dh + offs_m[:, None].to(tl.int64) * stride_dm + offs_d[None, :],
                  mask=mask, other=0.0).to(tl.float32)
-    tl.store(Delta + pid_bh * rows + offs_m, tl.sum(o * do, 1), mask=offs_m < rows)
+    delta = tl.sum(o * do, 1)
+    if HAS_SCALE:
+        delta = delta * tl.load(DoScale + h)
+    tl.store(Delta + pid_bh * rows + offs_m, delta, mask=offs_m < rows)
 
 
 @triton.jit
 def _bwd_dkdv_tile(dk, dv, k, v, q_base, do_base, lse_base, delta_base, start_m, need_mask,
-                   offs_m, offs_d, d_ok, k_pos, q_len, off, qk_scale, stride_qm, stride_dom,
-                   MODE: tl.constexpr, IS_CAUSAL: tl.constexpr, DOT_PREC: tl.constexpr):
+                   offs_m, offs_d, d_ok, k_pos, q_len, off, qk_scale, stride_qm, stride_dom, do_scale,
+                   MODE: tl.constexpr, IS_CAUSAL: tl.constexpr, DOT_PREC: tl.constexpr, HAS_SCALE: tl.constexpr):
     """Accumulate one query tile's contribution to the dK/dV of this key tile (transposed math)."""
     rows = start_m + offs_m  # [BLOCK_M]
     row_ok = rows < q_len
@@ -332,6 +338,8 @@ def _bwd_dkdv_tile(dk, dv, k, v, q_base, do_base, lse_base, delta_base, start_m,
                 mask=row_ok[:, None] & d_ok[None, :], other=0.0)  # [BLOCK_M, BLOCK_D]
     do = tl.load(do_base + start * stride_dom + offs_m[:, None] * stride_dom + offs_d[None, :],
                  mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    if HAS_SCALE:
+        do = (do * do_scale).to(q.dtype)
     # lse = +inf makes p = 0 for rows past q_len and for rows the forward found empty (lse = -inf).
     lse = tl.load(lse_base + rows, mask=row_ok, other=float("inf")) * _LOG2E
     lse = tl.where(lse == float("-inf"), float("inf"), lse)
@@ -353,7 +361,7 @@ def _bwd_dkdv_tile(dk, dv, k, v, q_base, do_base, lse_base, delta_base, start_m,
 
 @triton.jit
 def _bwd_dkdv_kernel(
-    Q, K, V, DO, Lse, Delta, DK, DV, KIndices, KCounts, CuSeqlens,
+    Q, K, V, DO, Lse, Delta, DK, DV, KIndices, KCounts, CuSeqlens, DoScale,
     stride_qb, stride_qh, stride_qm,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
@@ -367,6 +375,7 @@ def _bwd_dkdv_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     SEL_BLOCK_Q: tl.constexpr, SEL_BLOCK_K: tl.constexpr,
     IS_CAUSAL: tl.constexpr, SPARSE: tl.constexpr, VARLEN: tl.constexpr, DOT_PREC: tl.constexpr,
+    HAS_SCALE: tl.constexpr, ACCUMULATE: tl.constexpr,
 ):
     # Sparse: program (b, kv head, key tile, split) takes entries [split x split_len, + split_len) of
     # each key block's query-block list and writes its partial dK/dV at DK/DV + split x stride_split
@@ -423,6 +432,9 @@ def _bwd_dkdv_kernel(
         do_base = DO + do_row0 + h * stride_doh
         lse_base = Lse + lse_row0 + h * stride_lh
         delta_base = Delta + lse_row0 + h * stride_lh
+        do_scale = 1.0
+        if HAS_SCALE:
+            do_scale = tl.load(DoScale + h)
         if SPARSE:
             SUB_M: tl.constexpr = SEL_BLOCK_Q // BLOCK_M
             kb = start_n // SEL_BLOCK_K
@@ -439,7 +451,7 @@ def _bwd_dkdv_kernel(
                     need_mask = False
                 dk, dv = _bwd_dkdv_tile(dk, dv, k, v, q_base, do_base, lse_base, delta_base, start_m, need_mask,
                                         offs_m, offs_d, d_ok, k_pos, q_len, off, qk_scale, stride_qm, stride_dom,
-                                        2, IS_CAUSAL, DOT_PREC)
+                                        do_scale, 2, IS_CAUSAL, DOT_PREC, HAS_SCALE)
         else:
             num_m = tl.cdiv(q_len, BLOCK_M)
             if IS_CAUSAL:
@@ -453,18 +465,21 @@ def _bwd_dkdv_kernel(
             for m in range(m_first, m_mid):
                 dk, dv = _bwd_dkdv_tile(dk, dv, k, v, q_base, do_base, lse_base, delta_base, m * BLOCK_M, True,
                                         offs_m, offs_d, d_ok, k_pos, q_len, off, qk_scale, stride_qm, stride_dom,
-                                        1, IS_CAUSAL, DOT_PREC)
+                                        do_scale, 1, IS_CAUSAL, DOT_PREC, HAS_SCALE)
             for m in range(m_mid, num_m):
                 dk, dv = _bwd_dkdv_tile(dk, dv, k, v, q_base, do_base, lse_base, delta_base, m * BLOCK_M, False,
                                         offs_m, offs_d, d_ok, k_pos, q_len, off, qk_scale, stride_qm, stride_dom,
-                                        0, IS_CAUSAL, DOT_PREC)
+                                        do_scale, 0, IS_CAUSAL, DOT_PREC, HAS_SCALE)
 
     dk = dk * sm_scale
     out_mask = col_ok[:, None] & d_ok[None, :]
-    tl.store(dk_base + start * stride_dkn + offs_n[:, None] * stride_dkn + offs_d[None, :],
-             dk.to(DK.dtype.element_ty), mask=out_mask)
-    tl.store(dv_base + start * stride_dvn + offs_n[:, None] * stride_dvn + offs_d[None, :],
-             dv.to(DV.dtype.element_ty), mask=out_mask)
+    dk_ptrs = dk_base + start * stride_dkn + offs_n[:, None] * stride_dkn + offs_d[None, :]
+    dv_ptrs = dv_base + start * stride_dvn + offs_n[:, None] * stride_dvn + offs_d[None, :]
+    if ACCUMULATE:  # add to the gradients already there (another branch's, see block_sparse_backward)
+        dk += tl.load(dk_ptrs, mask=out_mask, other=0.0).to(tl.float32)
+        dv += tl.load(dv_ptrs, mask=out_mask, other=0.0).to(tl.float32)
+    tl.store(dk_ptrs, dk.to(DK.dtype.element_ty), mask=out_mask)
+    tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=out_mask)
 
 
 @triton.jit
@@ -508,7 +523,7 @@ def _bwd_dq_tile(dq, q, do, lse, delta, k_base, v_base, start_n, need_mask, k_ti
 
 @triton.jit
 def _bwd_dq_kernel(
-    Q, K, V, DO, Lse, Delta, DQ, Indices, Counts, CuSeqlens,
+    Q, K, V, DO, Lse, Delta, DQ, Indices, Counts, CuSeqlens, DoScale,
     stride_qb, stride_qh, stride_qm,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
@@ -521,7 +536,7 @@ def _bwd_dq_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     SEL_BLOCK_Q: tl.constexpr, SEL_BLOCK_K: tl.constexpr,
     IS_CAUSAL: tl.constexpr, SPARSE: tl.constexpr, VARLEN: tl.constexpr, REVERSE: tl.constexpr,
-    DOT_PREC: tl.constexpr, KV_MAJOR: tl.constexpr,
+    DOT_PREC: tl.constexpr, KV_MAJOR: tl.constexpr, HAS_SCALE: tl.constexpr, ACCUMULATE: tl.constexpr,
 ):
     b, h, kvh, pid_m = _query_program(num_heads, group_size, REVERSE, KV_MAJOR)
     if VARLEN:
@@ -561,6 +576,8 @@ def _bwd_dq_kernel(
     q = tl.load(q_base + start * stride_qm + offs_m[:, None] * stride_qm + offs_d[None, :], mask=io_mask, other=0.0)
     do = tl.load(do_base + start * stride_dom + offs_m[:, None] * stride_dom + offs_d[None, :], mask=io_mask,
                  other=0.0)
+    if HAS_SCALE:
+        do = (do * tl.load(DoScale + h)).to(q.dtype)
     lse = tl.load(lse_base + rows, mask=row_ok, other=float("inf")) * _LOG2E
     lse = tl.where(lse == float("-inf"), float("inf"), lse)
     delta = tl.load(delta_base + rows, mask=row_ok, other=0.0)
@@ -601,8 +618,41 @@ def _bwd_dq_kernel(
                               1, IS_CAUSAL, PAD_D, DOT_PREC)
 
     dq = dq * sm_scale
-    tl.store(dq_base + start * stride_dqm + offs_m[:, None] * stride_dqm + offs_d[None, :],
-             dq.to(DQ.dtype.element_ty), mask=io_mask)
+    dq_ptrs = dq_base + start * stride_dqm + offs_m[:, None] * stride_dqm + offs_d[None, :]
+    if ACCUMULATE:
+        dq += tl.load(dq_ptrs, mask=io_mask, other=0.0).to(tl.float32)
+    tl.store(dq_ptrs, dq.to(DQ.dtype.element_ty), mask=io_mask)
+
+
+@triton.jit
+def _sum_splits_kernel(Parts, DK, DV, splits, stride_which, stride_split, stride_pb, stride_ph, stride_pl,
+                       stride_kb, stride_kh, stride_kl, stride_vb, stride_vh, stride_vl, num_heads, length,
+                       HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr,
+                       ACCUMULATE: tl.constexpr):
+    """dK (grid axis 2 = 0) or dV (= 1) of a split dK/dV pass: the ``splits`` fp32 partials summed in
+    a fixed order (deterministic), cast and stored in the gradient's own layout (added to what is
+    there with ``ACCUMULATE``). ``Parts [2, splits, B, H, L, D]``."""
+    pid_bh = tl.program_id(0).to(tl.int64)
+    which = tl.program_id(2)
+    b = pid_bh // num_heads
+    h = pid_bh % num_heads
+    rows = (tl.program_id(1) * BLOCK_L + tl.arange(0, BLOCK_L)).to(tl.int64)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask = (rows < length)[:, None] & (offs_d < HEAD_DIM)[None, :]
+    src = Parts + which * stride_which + b * stride_pb + h * stride_ph + rows[:, None] * stride_pl + offs_d[None, :]
+    acc = tl.zeros([BLOCK_L, BLOCK_D], dtype=tl.float32)
+    for split in range(0, splits):
+        acc += tl.load(src + split * stride_split, mask=mask, other=0.0)
+    if which == 0:
+        dst = DK + b * stride_kb + h * stride_kh + rows[:, None] * stride_kl + offs_d[None, :]
+        if ACCUMULATE:
+            acc += tl.load(dst, mask=mask, other=0.0).to(tl.float32)
+        tl.store(dst, acc.to(DK.dtype.element_ty), mask=mask)
+    else:
+        dst = DV + b * stride_vb + h * stride_vh + rows[:, None] * stride_vl + offs_d[None, :]
+        if ACCUMULATE:
+            acc += tl.load(dst, mask=mask, other=0.0).to(tl.float32)
+        tl.store(dst, acc.to(DV.dtype.element_ty), mask=mask)
 
 
 # ==================================================================================================
@@ -672,6 +722,12 @@ def default_configs(head_dim: int, dtype: torch.dtype, interpret: bool | None = 
     """
     if interpret is None:
         interpret = _interpreting()
+    return _default_configs(head_dim, dtype, interpret)
+
+
+@functools.lru_cache(maxsize=None)
+def _default_configs(head_dim: int, dtype: torch.dtype, interpret: bool) -> AttentionConfigs:
+    # Cached: every launch asks, and the table is fixed.
     if interpret:
         tile = KernelConfig(32, 32, num_warps=4, num_stages=1)
         return AttentionConfigs(tile, tile, tile)
@@ -981,8 +1037,16 @@ def dkdv_splits(key_major: KeyMajorIndex, k: torch.Tensor) -> tuple[int, int]:
 def block_sparse_backward(do, q, k, v, out, lse, block_index: BlockIndex | None = None, *, causal: bool = True,
                           scale: float | None = None, cu_seqlens: torch.Tensor | None = None,
                           max_seqlen: int | None = None, configs: AttentionConfigs | None = None,
-                          key_major: KeyMajorIndex | None = None):
-    """Launch the backward kernels; returns ``(dq, dk, dv)`` in the input dtypes."""
+                          key_major: KeyMajorIndex | None = None, do_scale: torch.Tensor | None = None,
+                          accumulate: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None):
+    """Launch the backward kernels; returns ``(dq, dk, dv)`` in the input dtypes.
+
+    ``do_scale [Hq]`` fp32: the incoming gradient of query head ``h`` is ``do_scale[h] * do`` (a
+    gated branch's share, applied as the kernels load ``do``; nothing is materialized).
+    ``accumulate = (dq, dk, dv)``: add to these gradients (last dim contiguous, shapes of q, k, v)
+    instead of allocating new ones, e.g. a second branch's gradients onto the first's, without
+    extra sum kernels. Both are for ``sparseattn.training.attention``'s mixed attention.
+    """
     q, k, v, out, do = (_last_dim_contiguous(t) for t in (q, k, v, out, do))
     _, Hq, Lq, D = q.shape
     Hkv, Lk = k.shape[1], k.shape[2]
@@ -990,9 +1054,16 @@ def block_sparse_backward(do, q, k, v, out, lse, block_index: BlockIndex | None 
     configs = configs or default_configs(D, q.dtype, interpret=q.device.type == "cpu")
     batch, grid_len, varlen_len = _varlen_dims(q, cu_seqlens, max_seqlen)
     BLOCK_D = _padded_head_dim(D)
-    dq, dk, dv = alloc_output(q), alloc_output(k), alloc_output(v)
-    if Lq == 0:
-        return dq, dk.zero_(), dv.zero_()
+    if accumulate is not None:
+        dq, dk, dv = accumulate
+        if Lq == 0:
+            return dq, dk, dv
+    else:
+        dq, dk, dv = alloc_output(q), alloc_output(k), alloc_output(v)
+        if Lq == 0:
+            return dq, dk.zero_(), dv.zero_()
+    scaled = dict(HAS_SCALE=do_scale is not None)
+    do_scale = do_scale if do_scale is not None else lse  # never read without HAS_SCALE
     common = dict(HEAD_DIM=D, BLOCK_D=BLOCK_D, IS_CAUSAL=causal, SPARSE=block_index is not None,
                   VARLEN=cu_seqlens is not None, DOT_PREC=_dot_precision(q.dtype))
     cu = cu_seqlens if cu_seqlens is not None else lse
@@ -1000,7 +1071,8 @@ def block_sparse_backward(do, q, k, v, out, lse, block_index: BlockIndex | None 
     delta = alloc_output(lse)  # same [B, Hq, Lq] fp32 contiguous layout as lse
     pre_m = 32 if q.device.type == "cpu" else 64
     _bwd_preprocess_kernel[(q.shape[0] * Hq, triton.cdiv(Lq, pre_m))](
-        out, do, delta, *_bhl(out), *_bhl(do), Hq, Lq, HEAD_DIM=D, BLOCK_D=BLOCK_D, BLOCK_M=pre_m,
+        out, do, delta, do_scale, *_bhl(out), *_bhl(do), Hq, Lq, HEAD_DIM=D, BLOCK_D=BLOCK_D, BLOCK_M=pre_m,
+        **scaled,
     )
 
     if block_index is not None and key_major is None:
@@ -1009,37 +1081,41 @@ def block_sparse_backward(do, q, k, v, out, lse, block_index: BlockIndex | None 
     BLOCK_M, BLOCK_N, SEL_Q, SEL_K = _sparse_tiles(cfg, block_index)
     k_idx, k_cnt = _index_tensors(key_major, q.device)
     splits, split_len = (1, max(1, k_idx.shape[-1])) if key_major is None else dkdv_splits(key_major, k)
-    if splits > 1:  # fp32 partials [splits, *dk.shape], summed in a fixed order: deterministic
-        dk_out = torch.empty((splits, *dk.shape), dtype=torch.float32, device=dk.device)
-        dv_out = torch.empty((splits, *dv.shape), dtype=torch.float32, device=dv.device)
-        dk_dst, dv_dst = dk_out[0], dv_out[0]
+    if splits > 1:  # fp32 partials [2 (dK, dV), splits, *dk.shape], summed in a fixed order: deterministic
+        parts = torch.empty((2, splits, *dk.shape), dtype=torch.float32, device=dk.device)
+        dk_dst, dv_dst = parts[0, 0], parts[1, 0]
     else:
-        dk_out, dv_out = dk_dst, dv_dst = dk, dv
+        dk_dst, dv_dst = dk, dv
     grid = (batch * Hkv, triton.cdiv(varlen_len or Lk, BLOCK_N), splits)
     _bwd_dkdv_kernel[grid](
-        q, k, v, do, lse, delta, dk_dst, dv_dst, k_idx, k_cnt, cu,
+        q, k, v, do, lse, delta, dk_dst, dv_dst, k_idx, k_cnt, cu, do_scale,
         *_bhl(q), *_bhl(k), *_bhl(v), *_bhl(do), *_bhl(dk_dst), *_bhl(dv_dst), lse.stride(0), lse.stride(1),
         *k_idx.stride(), *k_cnt.stride(),
         Hkv, Hq // Hkv, varlen_len or Lq, varlen_len or Lk, scale * LOG2E, scale, split_len,
-        dk_out.stride(0) if splits > 1 else 0,
+        parts.stride(1) if splits > 1 else 0,
         BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, SEL_BLOCK_Q=SEL_Q, SEL_BLOCK_K=SEL_K,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **common,
+        ACCUMULATE=accumulate is not None and splits == 1,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **common, **scaled,
     )
     if splits > 1:
-        dk.copy_(dk_out.sum(0))
-        dv.copy_(dv_out.sum(0))
+        red_l = 32 if q.device.type == "cpu" else 64
+        _sum_splits_kernel[(dk.shape[0] * Hkv, triton.cdiv(dk.shape[2], red_l), 2)](
+            parts, dk, dv, splits, parts.stride(0), parts.stride(1), *parts.stride()[2:5], *_bhl(dk), *_bhl(dv),
+            Hkv, dk.shape[2], HEAD_DIM=D, BLOCK_D=BLOCK_D, BLOCK_L=red_l, ACCUMULATE=accumulate is not None,
+        )
 
     cfg = configs.backward_dq
     BLOCK_M, BLOCK_N, SEL_Q, SEL_K = _sparse_tiles(cfg, block_index)
     indices, counts = _index_tensors(block_index, q.device)
     grid = _query_grid(batch, Hq, Hkv, triton.cdiv(grid_len, BLOCK_M), cfg.kv_major)
     _bwd_dq_kernel[grid](
-        q, k, v, do, lse, delta, dq, indices, counts, cu,
+        q, k, v, do, lse, delta, dq, indices, counts, cu, do_scale,
         *_bhl(q), *_bhl(k), *_bhl(v), *_bhl(do), *_bhl(dq), lse.stride(0), lse.stride(1),
         *indices.stride(), *counts.stride(),
         Hq, Hq // Hkv, varlen_len or Lq, varlen_len or Lk, scale * LOG2E, scale,
         BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, SEL_BLOCK_Q=SEL_Q, SEL_BLOCK_K=SEL_K, REVERSE=causal,
-        KV_MAJOR=cfg.kv_major, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **common,
+        KV_MAJOR=cfg.kv_major, ACCUMULATE=accumulate is not None, num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages, **common, **scaled,
     )
     return dq, dk, dv
 

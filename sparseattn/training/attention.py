@@ -134,6 +134,50 @@ def _on_heads(fn, kv_heads: list[int], q, k, v, **kwargs) -> torch.Tensor | None
     return q.new_zeros(B, Hq, Lq, v.shape[-1]).index_copy(1, q_idx, part)
 
 
+class _MixedAttention(torch.autograd.Function):
+    """Both branches of every head as one autograd node, on packed rows through the Triton kernel.
+
+    Forward: the dense and the streaming forward kernels and one ``lerp``. Backward: the streaming
+    branch's backward kernels, then the dense branch's adding into the same gradient buffers, each
+    scaling the incoming gradient by its gate share as it loads it (``do_scale``, ``accumulate``
+    of ``block_sparse_backward``), and ``dL/dz`` as one product and one sum. Autograd's version of
+    the same math (a ``lerp`` node, two attention nodes, gradient sums) queued about 20 more small
+    kernels per layer; the training step is bound by the host's launch cost (NOTES.md, run 11).
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, v, z, index, scale, cu_seqlens, max_seqlen):
+        from ..kernels.block_sparse import block_sparse_forward
+
+        kwargs = dict(scale=scale, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
+        full, lse_full = block_sparse_forward(q, k, v, None, **kwargs)
+        local, lse_local = block_sparse_forward(q, k, v, index, **kwargs)
+        Hkv, G = k.shape[1], q.shape[1] // k.shape[1]
+        gate = z.detach().to(full.dtype).view(1, Hkv, 1, 1, 1)
+        out = torch.lerp(local.unflatten(1, (Hkv, G)), full.unflatten(1, (Hkv, G)), gate).flatten(1, 2)
+        ctx.save_for_backward(q, k, v, z, full, lse_full, local, lse_local, cu_seqlens)
+        ctx.index, ctx.scale, ctx.max_seqlen = index, scale, max_seqlen
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        from ..kernels.block_sparse import block_sparse_backward, cached_key_major_index
+
+        q, k, v, z, full, lse_full, local, lse_local, cu_seqlens = ctx.saved_tensors
+        Hkv, G = k.shape[1], q.shape[1] // k.shape[1]
+        dq = dk = dv = dz = None
+        if ctx.needs_input_grad[3]:  # dL/dz = <dout, full - local> over the KV head's query heads
+            dz = (dout * (full - local)).sum(dim=(0, 2, 3), dtype=torch.float32).view(Hkv, G).sum(1).to(z.dtype)
+        if any(ctx.needs_input_grad[:3]):
+            share = z.detach().float().repeat_interleave(G)  # [Hq] the dense branch's share of dout
+            kwargs = dict(scale=ctx.scale, cu_seqlens=cu_seqlens, max_seqlen=ctx.max_seqlen)
+            grads = block_sparse_backward(dout, q, k, v, local, lse_local, ctx.index, do_scale=1.0 - share,
+                                          key_major=cached_key_major_index(ctx.index), **kwargs)
+            dq, dk, dv = block_sparse_backward(dout, q, k, v, full, lse_full, None, do_scale=share,
+                                               accumulate=grads, **kwargs)
+        return dq, dk, dv, dz, None, None, None, None
+
+
 def mixed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, z: torch.Tensor, *,
                     streaming: StreamingConfig, scale: float | None = None,
                     cu_seqlens: torch.Tensor | None = None, max_seqlen: int | None = None,
@@ -167,6 +211,11 @@ def mixed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, z: torch.
     heads = range(Hkv)
     need_full = [h for h in heads if z_values is None or z_values[h] > 0.0]
     need_local = [h for h in heads if z_values is None or z_values[h] < 1.0]
+    if len(need_full) == len(need_local) == Hkv and not _single_sequence(cu_seqlens) and _use_triton(q):
+        # Every head computes both branches of a packed row: one fused autograd node.
+        cu_seqlens, max_seqlen = _check_varlen(q, k, cu_seqlens, max_seqlen)
+        index = streaming_index(max_seqlen, max_seqlen, cu_seqlens.numel() - 1, Hq, streaming, q.device)
+        return _MixedAttention.apply(q, k, v, z, index, scale, cu_seqlens, max_seqlen)
     kwargs = dict(scale=scale, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
     full = _on_heads(full_attention, need_full, q, k, v, **kwargs)
     local = _on_heads(streaming_attention, need_local, q, k, v, streaming=streaming, **kwargs)
