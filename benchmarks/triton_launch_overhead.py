@@ -39,7 +39,7 @@ def _k48(X, a0, a1, a2, a3, a4, a5, a6, a7, a8, a9, a10, a11, a12, a13, a14, a15
     tl.store(X + tl.program_id(0), a0 + a46 + C0 + C1 + C2 + C3)
 
 
-def per_call_us(fn, iters=2000) -> float:
+def per_call_us(fn, iters=200) -> float:  # under the ~1000-entry launch queue, or launches block
     fn()
     torch.cuda.synchronize()
     torch.cuda._sleep(3_000_000_000)
