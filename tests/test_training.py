@@ -265,10 +265,11 @@ def test_varlen_attention_through_the_triton_kernel(monkeypatch, split):
     if split:
         monkeypatch.setattr(bs, "DKDV_SPLIT_ENTRIES", 1)
     docs = [40, 1, 70]
-    q, k, v = qkv(1, 4, 2, sum(docs), 16, requires_grad=True)
-    cu = torch.tensor([0, 40, 41, 111], dtype=torch.int32)
-    z = torch.tensor([0.6, 0.25], requires_grad=True)
-    weight = torch.randn(1, 4, sum(docs), 16)
+    dev = "cuda" if torch.cuda.is_available() else "cpu"  # CPU: the interpreter (conftest)
+    q, k, v = (t.detach().to(dev).requires_grad_() for t in qkv(1, 4, 2, sum(docs), 16))
+    cu = torch.tensor([0, 40, 41, 111], dtype=torch.int32, device=dev)
+    z = torch.tensor([0.6, 0.25], device=dev, requires_grad=True)
+    weight = torch.randn(1, 4, sum(docs), 16).to(dev)
     outs, grads = [], []
     for backend in ("reference", "triton"):
         monkeypatch.setenv("SPARSEATTN_BACKEND", backend)

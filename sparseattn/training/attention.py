@@ -147,8 +147,9 @@ class _MixedAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, z, index, scale, cu_seqlens, max_seqlen):
-        from ..kernels.block_sparse import block_sparse_forward
+        from ..kernels.block_sparse import _validate, block_sparse_forward
 
+        _validate(q, k, v, None, True, scale, cu_seqlens, max_seqlen)  # clear errors (e.g. CPU tensors)
         kwargs = dict(scale=scale, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
         full, lse_full = block_sparse_forward(q, k, v, None, **kwargs)
         local, lse_local = block_sparse_forward(q, k, v, index, **kwargs)
