@@ -5,10 +5,7 @@ programs were all 32 heads of a few query tiles, so the 4 query heads x ~4 tiles
 that run together rarely selected the same K/V block, and per-head random blocks at 128K streamed
 almost every selected tile from HBM (128 FLOP per byte at 128-blocks, below the H100's ~295).
 ``KernelConfig.kv_major`` (the default since run 10) launches one KV head's programs together,
-its G query heads fastest, then the query tiles; since run 12 in chunks of ``kv_chunk`` tiles
-(chunks slowest, heaviest first), because the unchunked order left the heavy tiles of the last KV
-head for the end of the launch (a slow tail at 8K). Variants: head-major, chunked (default 16),
-unchunked, chunks of 8 and 32.
+its G query heads fastest, then the query tiles.
 
 This script times both orders in one run on the GPU (B=1, GQA 32/8, D=128, bf16, causal), with
 cuDNN SDPA dense and FlexAttention on the same blocks as baselines:
@@ -61,12 +58,7 @@ def _rel(a, b) -> float:
 
 
 def _orders(cfg):
-    """head-major, the default KV-major order in chunks, and the variants run 12 compares."""
-    return {"head_major": dataclasses.replace(cfg, kv_major=False),
-            "kv_major": dataclasses.replace(cfg, kv_major=True),
-            "kv_major unchunked": dataclasses.replace(cfg, kv_major=True, kv_chunk=1 << 20),
-            "kv_major chunk 8": dataclasses.replace(cfg, kv_major=True, kv_chunk=8),
-            "kv_major chunk 32": dataclasses.replace(cfg, kv_major=True, kv_chunk=32)}
+    return {"head_major": dataclasses.replace(cfg, kv_major=False), "kv_major": dataclasses.replace(cfg, kv_major=True)}
 
 
 def _cfg_name(cfg) -> str:
@@ -115,7 +107,7 @@ def flex_for(q, k, v, index):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", required=True)
-    parser.add_argument("--lengths", default="8192,32768,131072")
+    parser.add_argument("--lengths", default="32768,131072")
     args = parser.parse_args()
     result = {"suite": "program_order", "machine": machine_record(),
               "shape": dict(batch=1, q_heads=HEADS, kv_heads=KV_HEADS, head_dim=D, dtype="bfloat16", causal=True),
@@ -187,7 +179,7 @@ def main() -> None:
               f"{ms['kv_major']:.2f} | {ms.get('flex', float('nan')):.2f} | "
               f"{ms['kv_major'] / (r['density'] * base):.2f} | {100 * ms['kv_major'] / base:.1f}% |")
         for name, t in ms.items():
-            if name.startswith("kv_major ") or name == "kv_major unchunked":
+            if name.startswith("kv_major "):
                 print(f"|   | {name} | | | | {t:.2f} | | | {100 * t / base:.1f}% |")
 
 

@@ -138,42 +138,33 @@ def _fwd_tile(acc, l_i, m_i, q, k_base, v_base, start_n, k_tile_offs, v_tile_off
 
 
 @triton.jit
-def _query_program(num_heads, group_size, num_m, chunk, REVERSE: tl.constexpr, KV_MAJOR: tl.constexpr):
-    """``(b, h, kvh, pid_m)`` of a query-tile program (forward, dQ, vertical-slash) over ``num_m``
-    query tiles. In ``KV_MAJOR`` mode ``pid_m`` may fall outside ``[0, num_m)`` (the padding of the
-    last chunk): the caller exits on it.
+def _query_program(num_heads, group_size, REVERSE: tl.constexpr, KV_MAJOR: tl.constexpr):
+    """``(b, h, kvh, pid_m)`` of a query-tile program (forward, dQ, vertical-slash).
 
-    ``KV_MAJOR``: the grid is ``(group_size * chunk, n_chunks * B * Hkv)``. The query tiles, in
-    launch order (heaviest first with ``REVERSE``, i.e. causal), are cut into chunks of ``chunk``
-    tiles; chunks are the slowest axis, then (batch, KV head), then the chunk's tiles, with the G
-    query heads of the KV head fastest. The resident programs are then mostly one KV head's heads
-    and tiles, so a K/V tile fetched from HBM serves every resident program that selected it (L2
-    reuse across the group and across query tiles), and the heavy tiles of every head still run
-    first, so the end of the launch is light. Otherwise the grid is ``(B * Hq, num_m)``: all heads
-    of a few query tiles resident together.
+    ``KV_MAJOR``: the grid is ``(group_size * n_m, B * Hkv)`` with the G query heads of a KV head
+    fastest, then the query tiles: the ~100+ programs resident at once all read one KV head, so a
+    K/V tile fetched from HBM serves every resident program that selected it (L2 reuse across the
+    group and across query tiles). Otherwise ``(B * Hq, n_m)`` with all heads of a few query tiles
+    resident together. ``REVERSE`` (causal) starts the last, heaviest query tiles first.
     """
     if KV_MAJOR:
         pid_g = tl.program_id(0)
-        pid_c = tl.program_id(1)
-        n_bkv = tl.num_programs(1) // tl.cdiv(num_m, chunk)  # B * Hkv
-        bkv = (pid_c % n_bkv).to(tl.int64)
+        pid_bk = tl.program_id(1).to(tl.int64)
         num_kv = num_heads // group_size
-        b = bkv // num_kv
-        kvh = bkv % num_kv
+        b = pid_bk // num_kv
+        kvh = pid_bk % num_kv
         h = kvh * group_size + pid_g % group_size
-        rank = (pid_c // n_bkv) * chunk + pid_g // group_size  # position in launch order
-        if REVERSE:
-            pid_m = num_m - 1 - rank
-        else:
-            pid_m = rank
+        pid_m = pid_g // group_size
+        n_m = tl.num_programs(0) // group_size
     else:
         pid_bh = tl.program_id(0).to(tl.int64)
         pid_m = tl.program_id(1)
+        n_m = tl.num_programs(1)
         b = pid_bh // num_heads
         h = pid_bh % num_heads
         kvh = h // group_size
-        if REVERSE:
-            pid_m = num_m - 1 - pid_m
+    if REVERSE:
+        pid_m = n_m - 1 - pid_m
     return b, h, kvh, pid_m
 
 
@@ -187,16 +178,14 @@ def _fwd_kernel(
     stride_lb, stride_lh,
     stride_ib, stride_ih, stride_iq, stride_ik,
     stride_cb, stride_ch, stride_cq,
-    num_heads, group_size, q_len, k_len, qk_scale, num_m, chunk,
+    num_heads, group_size, q_len, k_len, qk_scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     SEL_BLOCK_Q: tl.constexpr, SEL_BLOCK_K: tl.constexpr,
     IS_CAUSAL: tl.constexpr, SPARSE: tl.constexpr, VARLEN: tl.constexpr, REVERSE: tl.constexpr,
     DOT_PREC: tl.constexpr, MAX_MASKED: tl.constexpr, SPLIT_MASKED: tl.constexpr, ROWS: tl.constexpr,
     KV_MAJOR: tl.constexpr,
 ):
-    b, h, kvh, pid_m = _query_program(num_heads, group_size, num_m, chunk, REVERSE, KV_MAJOR)
-    if (pid_m < 0) | (pid_m >= num_m):  # the padding of the last chunk (KV_MAJOR)
-        return
+    b, h, kvh, pid_m = _query_program(num_heads, group_size, REVERSE, KV_MAJOR)
     if VARLEN:
         seq_start = tl.load(CuSeqlens + b).to(tl.int64)
         q_len = (tl.load(CuSeqlens + b + 1) - tl.load(CuSeqlens + b)).to(tl.int32)
@@ -543,15 +532,13 @@ def _bwd_dq_kernel(
     stride_lb, stride_lh,
     stride_ib, stride_ih, stride_iq, stride_ik,
     stride_cb, stride_ch, stride_cq,
-    num_heads, group_size, q_len, k_len, qk_scale, sm_scale, num_m, chunk,
+    num_heads, group_size, q_len, k_len, qk_scale, sm_scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     SEL_BLOCK_Q: tl.constexpr, SEL_BLOCK_K: tl.constexpr,
     IS_CAUSAL: tl.constexpr, SPARSE: tl.constexpr, VARLEN: tl.constexpr, REVERSE: tl.constexpr,
     DOT_PREC: tl.constexpr, KV_MAJOR: tl.constexpr, HAS_SCALE: tl.constexpr, ACCUMULATE: tl.constexpr,
 ):
-    b, h, kvh, pid_m = _query_program(num_heads, group_size, num_m, chunk, REVERSE, KV_MAJOR)
-    if (pid_m < 0) | (pid_m >= num_m):  # the padding of the last chunk (KV_MAJOR)
-        return
+    b, h, kvh, pid_m = _query_program(num_heads, group_size, REVERSE, KV_MAJOR)
     if VARLEN:
         seq_start = tl.load(CuSeqlens + b).to(tl.int64)
         q_len = (tl.load(CuSeqlens + b + 1) - tl.load(CuSeqlens + b)).to(tl.int32)
@@ -693,17 +680,12 @@ class KernelConfig:
     # (its G query heads fastest, then the query tiles) instead of all heads of a few query tiles,
     # so the resident programs share K/V tiles in L2 (see _query_program; NOTES.md, run 10).
     kv_major: bool = True
-    # With kv_major: query tiles per chunk (chunks are the slowest launch axis, heaviest first), so
-    # ~kv_chunk x G programs of one KV head are resident together. Run 12 on the H100.
-    kv_chunk: int = 16
 
     def __post_init__(self):
         for name in ("block_m", "block_n"):
             value = getattr(self, name)
             if value < 16 or value & (value - 1):
                 raise ValueError(f"KernelConfig.{name} must be a power of two >= 16, got {value}")
-        if not isinstance(self.kv_chunk, int) or self.kv_chunk < 1:
-            raise ValueError(f"KernelConfig.kv_chunk must be a positive int, got {self.kv_chunk!r}")
         if self.rows_per_tile not in (1, 2, 4, 8):
             raise ValueError(f"KernelConfig.rows_per_tile must be 1, 2, 4 or 8, got {self.rows_per_tile}")
 
@@ -854,13 +836,12 @@ def block_sparse_forward(q, k, v, block_index: BlockIndex | None = None, *, caus
     else:
         indices, counts = _index_tensors(block_index, q.device)
         codes, n_plain = indices, counts  # never read
-    num_m = triton.cdiv(grid_len, BLOCK_M)
-    grid, chunk = _query_grid(batch, Hq, Hkv, num_m, cfg)
+    grid = _query_grid(batch, Hq, Hkv, triton.cdiv(grid_len, BLOCK_M), cfg.kv_major)
     _fwd_kernel[grid](
         q, k, v, out, lse, indices, counts, cu_seqlens if cu_seqlens is not None else counts, codes, n_plain,
         *_bhl(q), *_bhl(k), *_bhl(v), *_bhl(out), lse.stride(0), lse.stride(1),
         *indices.stride(), *counts.stride(),
-        Hq, Hq // Hkv, varlen_len or Lq, varlen_len or Lk, scale * LOG2E, num_m, chunk,
+        Hq, Hq // Hkv, varlen_len or Lq, varlen_len or Lk, scale * LOG2E,
         HEAD_DIM=D, BLOCK_D=_padded_head_dim(D), BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
         SEL_BLOCK_Q=SEL_Q, SEL_BLOCK_K=SEL_K,
         IS_CAUSAL=causal, SPARSE=block_index is not None, VARLEN=cu_seqlens is not None, REVERSE=causal,
@@ -873,12 +854,11 @@ def block_sparse_forward(q, k, v, block_index: BlockIndex | None = None, *, caus
     return out, lse
 
 
-def _query_grid(batch: int, q_heads: int, kv_heads: int, num_tiles: int, cfg: KernelConfig):
-    """``(grid, chunk)`` of a query-tile kernel, in ``_query_program``'s two layouts."""
-    if cfg.kv_major:
-        chunk = max(1, min(cfg.kv_chunk, num_tiles))
-        return (q_heads // kv_heads * chunk, triton.cdiv(num_tiles, chunk) * batch * kv_heads), chunk
-    return (batch * q_heads, num_tiles), num_tiles
+def _query_grid(batch: int, q_heads: int, kv_heads: int, num_tiles: int, kv_major: bool) -> tuple[int, int]:
+    """The launch grid of a query-tile kernel, in ``_query_program``'s two layouts."""
+    if kv_major:
+        return (q_heads // kv_heads * num_tiles, batch * kv_heads)
+    return (batch * q_heads, num_tiles)
 
 
 def _max_masked_blocks(block_m: int, sel_block_k: int) -> int:
@@ -1127,13 +1107,12 @@ def block_sparse_backward(do, q, k, v, out, lse, block_index: BlockIndex | None 
     cfg = configs.backward_dq
     BLOCK_M, BLOCK_N, SEL_Q, SEL_K = _sparse_tiles(cfg, block_index)
     indices, counts = _index_tensors(block_index, q.device)
-    num_m = triton.cdiv(grid_len, BLOCK_M)
-    grid, chunk = _query_grid(batch, Hq, Hkv, num_m, cfg)
+    grid = _query_grid(batch, Hq, Hkv, triton.cdiv(grid_len, BLOCK_M), cfg.kv_major)
     _bwd_dq_kernel[grid](
         q, k, v, do, lse, delta, dq, indices, counts, cu, do_scale,
         *_bhl(q), *_bhl(k), *_bhl(v), *_bhl(do), *_bhl(dq), lse.stride(0), lse.stride(1),
         *indices.stride(), *counts.stride(),
-        Hq, Hq // Hkv, varlen_len or Lq, varlen_len or Lk, scale * LOG2E, scale, num_m, chunk,
+        Hq, Hq // Hkv, varlen_len or Lq, varlen_len or Lk, scale * LOG2E, scale,
         BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, SEL_BLOCK_Q=SEL_Q, SEL_BLOCK_K=SEL_K, REVERSE=causal,
         KV_MAJOR=cfg.kv_major, ACCUMULATE=accumulate is not None, num_warps=cfg.num_warps,
         num_stages=cfg.num_stages, **common, **scaled,

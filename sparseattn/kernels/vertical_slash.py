@@ -53,14 +53,12 @@ def _vs_fwd_kernel(
     stride_rcb, stride_rch, stride_rcq,
     stride_cb, stride_ch, stride_cq, stride_ck,
     stride_ccb, stride_cch, stride_ccq,
-    num_heads, group_size, q_len, k_len, qk_scale, num_m, chunk,
+    num_heads, group_size, q_len, k_len, qk_scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     SEL_BLOCK_Q: tl.constexpr, SEL_BLOCK_K: tl.constexpr, DOT_PREC: tl.constexpr, KV_MAJOR: tl.constexpr,
 ):
     # Heaviest (last) query tiles first; with KV_MAJOR one KV head's programs run together.
-    b, h, kvh, pid_m = _query_program(num_heads, group_size, num_m, chunk, True, KV_MAJOR)
-    if (pid_m < 0) | (pid_m >= num_m):  # the padding of the last chunk (KV_MAJOR)
-        return
+    b, h, kvh, pid_m = _query_program(num_heads, group_size, True, KV_MAJOR)
     start_m = pid_m * BLOCK_M
     off = k_len - q_len
 
@@ -140,13 +138,12 @@ def vertical_slash_forward(q, k, v, vs_index: VerticalSlashIndex, *, scale: floa
     out = alloc_output(q)
     lse = alloc_output(q, (B, Hq, Lq), torch.float32)
     idx = (vs_index.range_starts, vs_index.range_counts, vs_index.columns, vs_index.column_counts)
-    num_m = triton.cdiv(Lq, BLOCK_M)
-    grid, chunk = _query_grid(B, Hq, Hkv, num_m, cfg)
+    grid = _query_grid(B, Hq, Hkv, triton.cdiv(Lq, BLOCK_M), cfg.kv_major)
     _vs_fwd_kernel[grid](
         q, k, v, out, lse, *idx,
         *_bhl(q), *_bhl(k), *_bhl(v), *_bhl(out), lse.stride(0), lse.stride(1),
         *(s for t in idx for s in t.stride()),
-        Hq, Hq // Hkv, Lq, Lk, scale * LOG2E, num_m, chunk,
+        Hq, Hq // Hkv, Lq, Lk, scale * LOG2E,
         HEAD_DIM=D, BLOCK_D=_padded_head_dim(D), BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
         SEL_BLOCK_Q=vs_index.block_q, SEL_BLOCK_K=vs_index.block_k, DOT_PREC=_dot_precision(q.dtype),
         KV_MAJOR=cfg.kv_major, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
