@@ -45,7 +45,9 @@ Why this design (H100, B=1, Hq=32, D=128, bf16, causal, L=128K; cuDNN dense ~245
   ``[128,128]x[128,128]`` dots per softmax epilogue; operands stream from L2 (a program re-reads
   its ``q`` rows for every key tile, as any GEMM re-reads its A panel): 64 FLOP per L2 byte, the
   usual 128 x 128 tile. Compiled offline for sm_90a (triton 3.6 and 3.9): wgmma, 3-stage cp.async
-  pipeline, 194 KB shared memory, ~190-210 registers, no spills, one CTA per SM.
+  pipeline, 194 KB shared memory, ~190-210 registers, no spills, one CTA per SM. Measured since
+  (benchmarks/NOTES.md, run 11): at S >= 16 128 x 256 tiles with 2 stages are fastest (12.96 ms at
+  128K, 5.4% of dense: the goal of 4% is not reached); at S = 8, 64 x 128 with 3 stages (24.07 ms).
 - Work order: programs of one launch are ordered heaviest query tiles first (causal), all heads
   of a chunk interleaved, so the tail of a launch is short.
 

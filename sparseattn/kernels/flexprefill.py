@@ -12,16 +12,17 @@ select 6.56 ms (2.7% of dense), stage times measured one at a time.
 - Last-block softmax (``_last_block_kernel``): the last ``n = bs`` queries of each head against
   all keys, ``Hq n L`` = 537 M scores, 137 GFLOP per pass. The reference materializes them in fp32
   chunks (2 GB written and read back, plus int64 gather indices as large for the diagonal sums).
-  Here two passes over ``[n, 64]`` tiles store no score: pass 0 writes each row's max and sum-exp
-  per key tile (``[B, Hq, n, L/64]``, 67 MB; a torch reduction makes the log-sum-exps); pass 1
+  Here two passes over ``[n, 32]`` tiles store no score: pass 0 writes each row's max and sum-exp
+  per chunk of ``STAT_TILES`` key tiles (an online softmax over the chunk with q loaded once; a
+  torch reduction over the chunks makes the log-sum-exps); pass 1
   recomputes the tile, normalizes it and reduces it in registers to column sums (the vertical
   distribution) and to diagonal sums: a ``tl.gather`` skews the tile so each diagonal becomes a
   column (``[B, Hq, L/64, n + 64]`` partial sums that a torch overlap-add folds into the slash
   distribution). One program per (head, key tile), heads fastest, so the ``G`` heads of a KV head
   read a K tile from L2 together; K is never repeated. 65 K programs per pass, 64-80 registers,
-  no spills (sm_90, triton 3.6 and 3.9). Run 8: 3.1 ms for both passes and the folds (predicted
-  ~1 ms); the benchmark sweeps the tile shape (e.g. ``[64, 128]`` halves the gather work and the
-  query reloads per score, at lower occupancy).
+  no spills (sm_90, triton 3.6 and 3.9). Run 8: 3.1 ms for both passes and the folds with one
+  ``[n, 64]`` tile per program in both passes (predicted ~1 ms); run 11: 2.63 ms with 8 tiles per
+  pass-0 program, 2.36 ms with ``[n, 32]`` tiles (the benchmark sweeps both).
 - Cover counts (``_cover_count_kernel``): the fewest largest entries of a ``[L]`` distribution
   reaching ``gamma`` is a sort of ``[B, Hq, L]`` in the reference (twice). Here a search over the
   fp32 bit pattern of the crossing value, 8 probes per pass over the L2-resident row (12 passes).
