@@ -10,7 +10,6 @@ STEPS=${STEPS:-tests,rows,flex,minf,cross}
 MODEL=${MODEL:-}
 source "$(dirname "$0")/gpu_steps.sh"
 step tests 150 python3 -m pytest -q -x -m gpu tests/test_kernels.py tests/test_estimate.py tests/test_flexprefill.py tests/test_minference.py
-step rows 120 python3 benchmarks/bench_row_groups.py --out "$OUT/row_groups.json"
 step flex 150 python3 benchmarks/bench_flexprefill.py --out "$OUT/flexprefill.json"
 step minf 150 python3 benchmarks/bench_minference.py --out "$OUT/minference.json"
 step methods 200 python3 -m sparseattn.cli bench methods --lengths 32768,131072 --out "$OUT/results"

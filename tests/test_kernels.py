@@ -27,7 +27,6 @@ from sparseattn.kernels.block_sparse import (
     block_sparse_backward,
     block_sparse_forward,
     key_major_index,
-    row_group_index,
 )
 from sparseattn.kernels.vertical_slash import vertical_slash_attention, vertical_slash_forward
 
@@ -386,72 +385,6 @@ def test_varlen(sparse):
     if not sparse:  # without max_seqlen the launcher reads it back once; same result
         again = block_sparse_attention(q, k, v, cu_seqlens=cu)
         assert torch.equal(again, out)
-
-
-# ---- one tile over several selection rows --------------------------------------------------------
-
-
-@pytest.mark.parametrize("causal", [True, False], ids=["causal", "noncausal"])
-@pytest.mark.parametrize("B,Hq,Hkv,Lq,Lk,bq,bk", [
-    pytest.param(1, 2, 1, 100, 100, 16, 16, id="L100-bq16-bk16"),
-    pytest.param(2, 4, 2, 77, 130, 16, 32, id="B2-Lq77-Lk130-bq16-bk32"),
-    pytest.param(1, 2, 2, 33, 33, 16, 16, id="L33-odd-groups"),
-    pytest.param(1, 3, 1, 130, 150, 32, 16, id="H3-Lq130-Lk150-bq32"),
-])
-def test_row_group_forward(B, Hq, Hkv, Lq, Lk, bq, bk, causal):
-    """A tile of 2 * block_q rows over the union of two selection rows, with per-row masks."""
-    q, k, v = make_qkv(B, Hq, Hkv, Lq, Lk, 16, seed=40)
-    index = random_index(B, Hq, Lq, Lk, bq, bk, causal, density=0.4, seed=41)
-    config = KernelConfig(2 * bq, min(bk, 32), num_warps=4, num_stages=1, rows_per_tile=2)
-    out, lse = block_sparse_forward(q, k, v, index, causal=causal, config=config)
-    ref, ref_lse = reference(q, k, v, element_mask(index, causal))
-    assert rel_err(out, ref) < 1e-5 and rel_err(lse, ref_lse) < 1e-5
-
-
-def test_row_group_index():
-    index = random_index(2, 3, 100, 130, 16, 32, causal=True, density=0.4, seed=42)
-    grouped = row_group_index(index, 2, causal=True)
-    mask = block_mask(index)  # [B, H, nq, nk]
-    nq, nk = mask.shape[2], mask.shape[3]
-    off = 130 - 100
-    for b in range(2):
-        for h in range(3):
-            for g in range(grouped.counts.shape[2]):
-                rows = mask[b, h, 2 * g:2 * g + 2]
-                union = rows.any(0).nonzero().flatten().tolist()
-                n = grouped.counts[b, h, g].item()
-                got = grouped.indices[b, h, g, :n].tolist()
-                assert sorted(got) == union and (grouped.indices[b, h, g, n:] == -1).all()
-                codes = grouped.codes[b, h, g, :n].tolist()
-                assert codes == [int(rows[0, j]) + 2 * int(rows[1, j]) if rows.shape[0] == 2 else int(rows[0, j])
-                                 for j in got]
-                # Plain entries: selected by every row of the group, wholly below its first row's diagonal.
-                mask_from = min(130 // 32, (off + 2 * g * 16 + 1) // 32)
-                full = (1 << rows.shape[0]) - 1
-                plain = [j for j, c in zip(got, codes) if c == full and j < mask_from]
-                n_plain = grouped.n_plain[b, h, g].item()
-                assert got[:n_plain] == plain and got[:n_plain] == sorted(got[:n_plain])
-                assert got[n_plain:] == sorted(got[n_plain:])
-
-
-def test_row_group_varlen():
-    lengths, Hq, Hkv, D, bq, bk = [63, 1, 100, 40], 2, 1, 16, 16, 16
-    q, k, v, cu = _varlen_inputs(lengths, Hq, Hkv, D, seed=43)
-    max_len = max(lengths)
-    per_seq = [random_index(1, Hq, n, n, bq, bk, density=0.4, seed=44 + i, device="cpu") for i, n in enumerate(lengths)]
-    nq, nk = -(-max_len // bq), -(-max_len // bk)
-    mask = torch.zeros(len(lengths), Hq, nq, nk, dtype=torch.bool)
-    for i, idx in enumerate(per_seq):
-        m = block_mask(idx)
-        mask[i, :, :m.shape[2], :m.shape[3]] = m[0]
-    index = BlockIndex.from_mask(mask.to(DEVICE), block_q=bq, block_k=bk, q_len=max_len, k_len=max_len, max_k=nk)
-    out, _ = block_sparse_forward(q, k, v, index, cu_seqlens=cu, max_seqlen=max_len,
-                                  config=KernelConfig(32, 16, num_warps=4, num_stages=1, rows_per_tile=2))
-    refs = []
-    for i, (s, n) in enumerate(zip(cu[:-1].tolist(), lengths)):
-        refs.append(reference(q[:, :, s:s + n], k[:, :, s:s + n], v[:, :, s:s + n],
-                              element_mask(per_seq[i].to(DEVICE), True))[0])
-    assert rel_err(out, torch.cat(refs, dim=2)) < 1e-5
 
 
 # ---- key-major transpose -----------------------------------------------------------------------

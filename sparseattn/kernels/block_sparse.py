@@ -12,10 +12,8 @@ each program finds its sequence's rows from ``cu_seqlens`` and exits when its ti
 Tiles. A program owns ``BLOCK_M`` query rows and walks key tiles of ``BLOCK_N`` keys. In sparse
 mode ``BLOCK_M`` divides ``block_q`` and ``BLOCK_N`` divides ``block_k`` (both powers of two), so a
 selected key block is ``block_k // BLOCK_N`` consecutive key tiles and the math stays exact.
-With ``KernelConfig.rows_per_tile > 1`` the forward runs tiles taller than ``block_q`` (e.g. a
-128-row tile over two 64-row selection blocks): it walks the union of the rows' key blocks, those
-all rows chose first with no mask, then the others with a per-row mask (``row_group_index``).
-Measured slower than 64-row tiles on the H100, so the default table does not use it.
+(128-row tiles over pairs of 64-row selection blocks, walking the union of their key blocks, were
+measured slower than 64-row tiles in every configuration and removed: benchmarks/NOTES.md, run 8.)
 
 Masking. Dense mode splits the key loop: full tiles first with no element mask, then the tiles
 that straddle the causal diagonal or the end of the keys, with a constexpr ``MASK``. Sparse mode
@@ -99,14 +97,12 @@ def _softmax_update(acc, l_i, m_i, qk, v, qk_scale, GUARD: tl.constexpr, DOT_PRE
 
 @triton.jit
 def _fwd_tile(acc, l_i, m_i, q, k_base, v_base, start_n, k_tile_offs, v_tile_offs, offs_n, d_ok,
-              q_pos, k_bound, qk_scale, stride_kn, stride_vn, row_keep,
+              q_pos, k_bound, qk_scale, stride_kn, stride_vn,
               MODE: tl.constexpr, IS_CAUSAL: tl.constexpr, PAD_D: tl.constexpr, DOT_PREC: tl.constexpr):
     """Attend one key tile starting at ``start_n``.
 
     MODE 0: full tile (in bounds, below the diagonal): no load mask, no element mask.
     MODE 1: masked (tiles that reach the causal diagonal or the end of the keys).
-    MODE 2: MODE 1 plus a per-row mask ``row_keep [BLOCK_M]``: a tile spanning several selection
-        rows, only some of which selected this key block.
     """
     k_pos = start_n + offs_n  # [BLOCK_N]
     start = tl.cast(start_n, tl.int64)
@@ -124,8 +120,6 @@ def _fwd_tile(acc, l_i, m_i, q, k_base, v_base, start_n, k_tile_offs, v_tile_off
         keep = k_pos[None, :] < k_bound
         if IS_CAUSAL:
             keep = keep & (k_pos[None, :] <= q_pos[:, None])
-        if MODE == 2:
-            keep = keep & row_keep[:, None]
         qk = tl.where(keep, qk, float("-inf"))
     if MODE == 0:
         if PAD_D:
@@ -170,7 +164,7 @@ def _query_program(num_heads, group_size, REVERSE: tl.constexpr, KV_MAJOR: tl.co
 
 @triton.jit
 def _fwd_kernel(
-    Q, K, V, Out, Lse, Indices, Counts, CuSeqlens, Codes, NPlain,
+    Q, K, V, Out, Lse, Indices, Counts, CuSeqlens,
     stride_qb, stride_qh, stride_qm,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
@@ -182,8 +176,7 @@ def _fwd_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     SEL_BLOCK_Q: tl.constexpr, SEL_BLOCK_K: tl.constexpr,
     IS_CAUSAL: tl.constexpr, SPARSE: tl.constexpr, VARLEN: tl.constexpr, REVERSE: tl.constexpr,
-    DOT_PREC: tl.constexpr, MAX_MASKED: tl.constexpr, SPLIT_MASKED: tl.constexpr, ROWS: tl.constexpr,
-    KV_MAJOR: tl.constexpr,
+    DOT_PREC: tl.constexpr, MAX_MASKED: tl.constexpr, SPLIT_MASKED: tl.constexpr, KV_MAJOR: tl.constexpr,
 ):
     b, h, kvh, pid_m = _query_program(num_heads, group_size, REVERSE, KV_MAJOR)
     if VARLEN:
@@ -223,33 +216,7 @@ def _fwd_kernel(
     q_first = off + start_m
     q_end = off + tl.minimum(start_m + BLOCK_M, q_len)  # one past the last real query position
 
-    if SPARSE and ROWS > 1:
-        # One tile spans ROWS selection rows (see row_group_index): the union of their key blocks,
-        # those every row selected and that need no element mask first, then the rest with a
-        # per-row mask from each entry's bit code (bit r: selection row r of the tile chose it).
-        SUB_N_G: tl.constexpr = SEL_BLOCK_K // BLOCK_N
-        g_off = b * stride_ib + h * stride_ih + pid_m * stride_iq
-        row = Indices + g_off
-        code_row = Codes + g_off
-        c_off = b * stride_cb + h * stride_ch + pid_m * stride_cq
-        count = tl.load(Counts + c_off)
-        n_plain = tl.load(NPlain + c_off)
-        sub_row = offs_m // SEL_BLOCK_Q  # [BLOCK_M] which selection row of the tile
-        for t in range(0, n_plain * SUB_N_G):
-            j = tl.load(row + (t // SUB_N_G) * stride_ik)
-            start_n = j * SEL_BLOCK_K + (t % SUB_N_G) * BLOCK_N
-            acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, k_base, v_base, start_n, k_tile_offs, v_tile_offs,
-                                      offs_n, d_ok, q_pos, k_len, qk_scale, stride_kn, stride_vn, row_ok,
-                                      0, IS_CAUSAL, PAD_D, DOT_PREC)
-        for t in range(n_plain * SUB_N_G, count * SUB_N_G):
-            j = tl.load(row + (t // SUB_N_G) * stride_ik)
-            code = tl.load(code_row + (t // SUB_N_G) * stride_ik)
-            start_n = j * SEL_BLOCK_K + (t % SUB_N_G) * BLOCK_N
-            row_keep = ((code >> sub_row) & 1) != 0
-            acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, k_base, v_base, start_n, k_tile_offs, v_tile_offs,
-                                      offs_n, d_ok, q_pos, k_len, qk_scale, stride_kn, stride_vn, row_keep,
-                                      2, IS_CAUSAL, PAD_D, DOT_PREC)
-    elif SPARSE:
+    if SPARSE:
         SUB_N: tl.constexpr = SEL_BLOCK_K // BLOCK_N
         qb = start_m // SEL_BLOCK_Q
         row = Indices + b * stride_ib + h * stride_ih + qb * stride_iq
@@ -269,13 +236,13 @@ def _fwd_kernel(
             j = tl.load(row + (t // SUB_N) * stride_ik)
             start_n = j * SEL_BLOCK_K + (t % SUB_N) * BLOCK_N
             acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, k_base, v_base, start_n, k_tile_offs, v_tile_offs,
-                                      offs_n, d_ok, q_pos, k_len, qk_scale, stride_kn, stride_vn, row_ok,
+                                      offs_n, d_ok, q_pos, k_len, qk_scale, stride_kn, stride_vn,
                                       0, IS_CAUSAL, PAD_D, DOT_PREC)
         for t in range(n_plain * SUB_N, count * SUB_N):
             j = tl.load(row + (t // SUB_N) * stride_ik)
             start_n = j * SEL_BLOCK_K + (t % SUB_N) * BLOCK_N
             acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, k_base, v_base, start_n, k_tile_offs, v_tile_offs,
-                                      offs_n, d_ok, q_pos, k_len, qk_scale, stride_kn, stride_vn, row_ok,
+                                      offs_n, d_ok, q_pos, k_len, qk_scale, stride_kn, stride_vn,
                                       1, IS_CAUSAL, PAD_D, DOT_PREC)
     else:
         if IS_CAUSAL:
@@ -286,11 +253,11 @@ def _fwd_kernel(
             n_end = tl.cdiv(k_len, BLOCK_N)
         for n in range(0, n_full):
             acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, k_base, v_base, n * BLOCK_N, k_tile_offs, v_tile_offs,
-                                      offs_n, d_ok, q_pos, k_len, qk_scale, stride_kn, stride_vn, row_ok,
+                                      offs_n, d_ok, q_pos, k_len, qk_scale, stride_kn, stride_vn,
                                       0, IS_CAUSAL, PAD_D, DOT_PREC)
         for n in range(n_full, n_end):
             acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, k_base, v_base, n * BLOCK_N, k_tile_offs, v_tile_offs,
-                                      offs_n, d_ok, q_pos, k_len, qk_scale, stride_kn, stride_vn, row_ok,
+                                      offs_n, d_ok, q_pos, k_len, qk_scale, stride_kn, stride_vn,
                                       1, IS_CAUSAL, PAD_D, DOT_PREC)
 
     # Rows with no allowed key (only rows past q_len, or an invalid index) write 0 and lse -inf.
@@ -673,9 +640,6 @@ class KernelConfig:
     num_warps: int = 4
     num_stages: int = 2
     split_masked: bool = True  # sparse forward: unmasked prefix loop + masked suffix loop (else one masked loop)
-    # Sparse forward: one tile spans this many selection rows (their key-block union, see
-    # row_group_index) when block_m allows. Measured slower than 64-row tiles on the H100 (run 8).
-    rows_per_tile: int = 1
     # Query-tile kernels (forward, dQ, vertical-slash): launch the programs of one KV head together
     # (its G query heads fastest, then the query tiles) instead of all heads of a few query tiles,
     # so the resident programs share K/V tiles in L2 (see _query_program; NOTES.md, run 10).
@@ -686,8 +650,6 @@ class KernelConfig:
             value = getattr(self, name)
             if value < 16 or value & (value - 1):
                 raise ValueError(f"KernelConfig.{name} must be a power of two >= 16, got {value}")
-        if self.rows_per_tile not in (1, 2, 4, 8):
-            raise ValueError(f"KernelConfig.rows_per_tile must be 1, 2, 4 or 8, got {self.rows_per_tile}")
 
 
 @dataclass(frozen=True)
@@ -818,27 +780,15 @@ def block_sparse_forward(q, k, v, block_index: BlockIndex | None = None, *, caus
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
     cfg = config or default_configs(D, q.dtype, interpret=q.device.type == "cpu").forward_for(block_index)
     BLOCK_M, BLOCK_N, SEL_Q, SEL_K = _sparse_tiles(cfg, block_index)
-    rows = 1
-    if block_index is not None and cfg.rows_per_tile > 1 and cfg.rows_per_tile * block_index.block_q <= cfg.block_m:
-        # One tile covers rows_per_tile selection rows over the union of their key blocks (exact:
-        # per-row masks where the rows differ).
-        rows = cfg.rows_per_tile
-        BLOCK_M = rows * block_index.block_q
     batch, grid_len, varlen_len = _varlen_dims(q, cu_seqlens, max_seqlen)
     out = alloc_output(q)
     lse = alloc_output(q, (q.shape[0], Hq, Lq), torch.float32)
     if Lq == 0:
         return out, lse
-    if rows > 1:
-        seq_lens = None if cu_seqlens is None else cu_seqlens[1:] - cu_seqlens[:-1]
-        grouped = row_group_index(block_index, rows, causal=causal, seq_lens=seq_lens)
-        indices, counts, codes, n_plain = grouped.indices, grouped.counts, grouped.codes, grouped.n_plain
-    else:
-        indices, counts = _index_tensors(block_index, q.device)
-        codes, n_plain = indices, counts  # never read
+    indices, counts = _index_tensors(block_index, q.device)
     grid = _query_grid(batch, Hq, Hkv, triton.cdiv(grid_len, BLOCK_M), cfg.kv_major)
     _fwd_kernel[grid](
-        q, k, v, out, lse, indices, counts, cu_seqlens if cu_seqlens is not None else counts, codes, n_plain,
+        q, k, v, out, lse, indices, counts, cu_seqlens if cu_seqlens is not None else counts,
         *_bhl(q), *_bhl(k), *_bhl(v), *_bhl(out), lse.stride(0), lse.stride(1),
         *indices.stride(), *counts.stride(),
         Hq, Hq // Hkv, varlen_len or Lq, varlen_len or Lk, scale * LOG2E,
@@ -848,7 +798,7 @@ def block_sparse_forward(q, k, v, block_index: BlockIndex | None = None, *, caus
         DOT_PREC=_dot_precision(q.dtype), MAX_MASKED=_max_masked_blocks(BLOCK_M, SEL_K),
         # Measured (NOTES.md, run 3): the split pays when a tile is a whole selection block and
         # costs 15% when each block is several tiles; split only in the first case.
-        SPLIT_MASKED=cfg.split_masked and BLOCK_N == SEL_K, ROWS=rows, KV_MAJOR=cfg.kv_major,
+        SPLIT_MASKED=cfg.split_masked and BLOCK_N == SEL_K, KV_MAJOR=cfg.kv_major,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return out, lse
@@ -881,101 +831,6 @@ def _index_tensors(index, device):
         dummy = torch.empty(1, 1, 1, 1, dtype=torch.int32, device=device)
         return dummy, dummy[0]
     return index.indices, index.counts
-
-
-@dataclass(frozen=True)
-class RowGroupIndex:
-    """A ``BlockIndex`` regrouped so that one forward tile covers ``rows`` consecutive query blocks.
-
-    For group ``g`` (query blocks ``g*rows .. g*rows + rows - 1``): ``indices[..., g, :]`` is the
-    union of their key blocks, ``codes`` the matching bit sets (bit ``r`` set: query block
-    ``g*rows + r`` selected the key block), ``counts`` the union's size. The first ``n_plain``
-    entries are the blocks every query block of the group selected and that lie wholly below the
-    group's first causal diagonal and inside the keys: the kernel runs them with no element mask.
-    The rest follow, each ascending. ``indices, codes [B, H, ng, width]`` int32, ``counts,
-    n_plain [B, H, ng]`` int32.
-    """
-
-    indices: torch.Tensor
-    codes: torch.Tensor
-    counts: torch.Tensor
-    n_plain: torch.Tensor
-    rows: int
-
-
-def row_group_index(block_index: BlockIndex, rows: int, *, causal: bool = True,
-                    seq_lens: torch.Tensor | None = None) -> RowGroupIndex:
-    """Regroup ``block_index`` into tiles of ``rows`` query blocks (see :class:`RowGroupIndex`).
-
-    Vectorized on the index's device with no host sync: each group's key blocks are scattered
-    into a bit-code row over all key blocks, then compacted (plain entries first) with cumulative
-    sums. Works on slices of ``B*H`` so the `[*, ng, nk]` temporaries stay under ~16M entries.
-    ``seq_lens [B]`` (varlen) gives each sequence's length; otherwise ``q_len, k_len`` apply.
-    """
-    if not 1 < rows <= 8:
-        raise ValueError(f"rows must be in 2..8, got {rows}")
-    indices, counts = block_index.indices, block_index.counts
-    B, H, nq, width = indices.shape
-    nk = block_index.num_k_blocks
-    bq, bk = block_index.block_q, block_index.block_k
-    device = indices.device
-    ng = -(-nq // rows)
-    out_width = max(1, min(nk, rows * width))
-    # Where element masks start for each group (per batch row when lengths differ).
-    g_first = torch.arange(ng, device=device) * (rows * bq)  # first query row of each group
-    if seq_lens is not None:
-        k_lens = seq_lens.to(device=device, dtype=torch.int64)[:, None]  # [B, 1]; q_len == k_len
-        offsets = torch.zeros_like(k_lens)
-    else:
-        k_lens = torch.full((B, 1), block_index.k_len, dtype=torch.int64, device=device)
-        offsets = torch.full((B, 1), block_index.k_len - block_index.q_len, dtype=torch.int64, device=device)
-    mask_from = k_lens // bk  # [B, 1]
-    if causal:
-        mask_from = torch.minimum(mask_from, (offsets + g_first[None, :] + 1) // bk)  # [B, ng]
-    mask_from = mask_from.expand(B, ng)
-    # The code meaning "every query block of the group": fewer bits in a last, partial group.
-    rows_in_group = (nq - torch.arange(ng, device=device) * rows).clamp(max=rows)
-    full_code = (1 << rows_in_group) - 1  # [ng]
-
-    valid = torch.arange(width, device=device) < counts[..., None]
-    target = torch.where(valid, indices.long(), nk)  # invalid entries go to an extra column nk
-    pad = ng * rows - nq
-    if pad:
-        target = torch.nn.functional.pad(target, (0, 0, 0, pad), value=nk)
-    target = target.reshape(B * H, ng, rows * width)
-    bits = (1 << torch.arange(rows, device=device, dtype=torch.int32)).repeat_interleave(width)  # [rows*width]
-    mask_from = mask_from[:, None, :].expand(B, H, ng).reshape(B * H, ng)
-
-    out_idx = torch.empty(B * H, ng, out_width, dtype=torch.int32, device=device)
-    out_code = torch.empty(B * H, ng, out_width, dtype=torch.int32, device=device)
-    out_cnt = torch.empty(B * H, ng, dtype=torch.int32, device=device)
-    out_plain = torch.empty(B * H, ng, dtype=torch.int32, device=device)
-    cols = torch.arange(nk, device=device, dtype=torch.int32)
-    chunk = max(1, (1 << 24) // max(1, ng * (nk + 1)))
-    for s in range(0, B * H, chunk):
-        tgt = target[s:s + chunk]
-        c = tgt.shape[0]
-        code = torch.zeros(c, ng, nk + 1, dtype=torch.int32, device=device)
-        code.scatter_add_(-1, tgt, bits.expand(c, ng, -1).contiguous())  # entries of one row are distinct
-        code = code[..., :nk]
-        present = code != 0
-        plain = (code == full_code[None, :, None]) & (cols[None, None, :] < mask_from[s:s + chunk, :, None])
-        rest = present & ~plain
-        n_plain = plain.sum(-1, dtype=torch.int32)
-        pos_plain = torch.cumsum(plain, -1, dtype=torch.int32) - 1
-        pos_rest = torch.cumsum(rest, -1, dtype=torch.int32) - 1 + n_plain[..., None]
-        pos = torch.where(plain, pos_plain, torch.where(rest, pos_rest, out_width)).long()
-        packed_idx = torch.full((c, ng, out_width + 1), -1, dtype=torch.int32, device=device)
-        packed_idx.scatter_(-1, pos, cols.expand(c, ng, nk))
-        packed_code = torch.zeros((c, ng, out_width + 1), dtype=torch.int32, device=device)
-        packed_code.scatter_(-1, pos, code)
-        out_idx[s:s + chunk] = packed_idx[..., :out_width]
-        out_code[s:s + chunk] = packed_code[..., :out_width]
-        out_cnt[s:s + chunk] = present.sum(-1, dtype=torch.int32)
-        out_plain[s:s + chunk] = n_plain
-    shape = (B, H, ng)
-    return RowGroupIndex(out_idx.view(*shape, out_width), out_code.view(*shape, out_width), out_cnt.view(shape),
-                         out_plain.view(shape), rows)
 
 
 def key_major_index(block_index: BlockIndex) -> KeyMajorIndex:
