@@ -28,23 +28,12 @@ import time
 import torch
 import torch.nn.functional as F
 
-from sparseattn.bench.timing import machine_record, time_ms
+from sparseattn.bench.timing import host_ms, machine_record, time_ms
 from sparseattn.methods.streaming import StreamingConfig
 from sparseattn.training.attention import full_attention, mixed_attention, streaming_attention
 
 HQ, HKV, D, L = 9, 3, 64, 8192
 DOCS = [3000, 2500, 1692, 1000]
-
-
-def _cpu_ms(fn, iters=20) -> float:
-    torch.cuda.synchronize()
-    torch.cuda._sleep(2_000_000_000)  # ~1 s of GPU time: every call below only queues work
-    start = time.perf_counter()
-    for _ in range(iters):
-        fn()
-    cpu = (time.perf_counter() - start) * 1e3 / iters
-    torch.cuda.synchronize()
-    return cpu
 
 
 def _wall_ms(fn, iters=20) -> float:
@@ -110,7 +99,7 @@ def main() -> None:
     for name, fn in cases.items():
         for _ in range(3):
             fn()
-        rec = {"case": name, "gpu_ms": time_ms(fn)["ms"], "cpu_ms": _cpu_ms(fn), "wall_ms": _wall_ms(fn)}
+        rec = {"case": name, "gpu_ms": time_ms(fn)["ms"], "cpu_ms": host_ms(fn), "wall_ms": _wall_ms(fn)}
         result["records"].append(rec)
         print(json.dumps(rec), flush=True)
     if args.profile:

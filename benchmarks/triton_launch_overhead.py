@@ -13,13 +13,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import time
 
 import torch
 import triton
 import triton.language as tl
 
-from sparseattn.bench.timing import machine_record
+from sparseattn.bench.timing import host_ms, machine_record
 
 
 @triton.jit
@@ -39,18 +38,6 @@ def _k48(X, a0, a1, a2, a3, a4, a5, a6, a7, a8, a9, a10, a11, a12, a13, a14, a15
     tl.store(X + tl.program_id(0), a0 + a46 + C0 + C1 + C2 + C3)
 
 
-def per_call_us(fn, iters=200) -> float:  # under the ~1000-entry launch queue, or launches block
-    fn()
-    torch.cuda.synchronize()
-    torch.cuda._sleep(3_000_000_000)
-    start = time.perf_counter()
-    for _ in range(iters):
-        fn()
-    us = (time.perf_counter() - start) * 1e6 / iters
-    torch.cuda.synchronize()
-    return us
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", required=True)
@@ -66,7 +53,7 @@ def main() -> None:
     }
     result = {"suite": "triton_launch_overhead", "machine": machine_record(), "us_per_call": {}}
     for name, fn in cases.items():
-        result["us_per_call"][name] = per_call_us(fn)
+        result["us_per_call"][name] = 1e3 * host_ms(fn, iters=200, sleep_cycles=3_000_000_000)
         print(f"{name:32s} {result['us_per_call'][name]:8.1f} us", flush=True)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:

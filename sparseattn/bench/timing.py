@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import platform
 import statistics
+import time
 
 import torch
 
@@ -37,6 +38,24 @@ def time_ms(fn, *, min_runs: int = 5, max_runs: int = 100, budget_ms: float = 15
         torch.cuda.synchronize()
         times.append(start.elapsed_time(end))
     return {"ms": statistics.median(times), "min": min(times), "max": max(times), "runs": runs, "peak_mib": peak_mib}
+
+
+def host_ms(fn, *, iters: int = 20, sleep_cycles: int = 2_000_000_000) -> float:
+    """Host time to queue one call of ``fn`` (ms), with the GPU kept busy by a sleep kernel.
+
+    No call waits for the GPU, so this is what the host spends on Python, dispatch and launches
+    (a host synchronization inside ``fn`` would show up as the sleep's length). Keep ``iters``
+    times the kernels per call under the ~1000-entry launch queue, or launches block.
+    """
+    fn()
+    torch.cuda.synchronize()
+    torch.cuda._sleep(sleep_cycles)
+    start = time.perf_counter()
+    for _ in range(iters):
+        fn()
+    ms = (time.perf_counter() - start) * 1e3 / iters
+    torch.cuda.synchronize()
+    return ms
 
 
 def causal_dense_flops(batch, q_heads, q_len, k_len, head_dim, causal=True) -> float:
