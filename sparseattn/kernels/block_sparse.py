@@ -346,7 +346,7 @@ def _bwd_dkdv_kernel(
 ):
     # Sparse: program (b, kv head, key tile, split) takes entries [split x split_len, + split_len) of
     # each key block's query-block list and writes its partial dK/dV at DK/DV + split x stride_split
-    # (the host sums the splits). A long list, such as the sink block's that every query block reads,
+    # (_sum_splits_kernel sums the splits). A long list, such as the sink block's that every query block reads,
     # is spread over several programs instead of being the critical path.
     pid_bh = tl.program_id(0).to(tl.int64)
     pid_n = tl.program_id(1)
