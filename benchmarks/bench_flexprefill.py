@@ -46,7 +46,7 @@ import torch
 from sparseattn import sparse_attention
 from sparseattn.bench.inputs import llm_like_qkv
 from sparseattn.bench.peers import DENSE_PEERS
-from sparseattn.bench.timing import block_flops, causal_dense_flops, device_slug, machine_record, time_ms
+from sparseattn.bench.timing import block_flops, causal_dense_flops, device_slug, machine_record, time_ms, write_json
 from sparseattn.index import causal_block_mask, cdiv
 from sparseattn.kernels import flexprefill as fast
 from sparseattn.methods.flexprefill import FlexPrefillConfig, flexprefill_fidelity
@@ -246,7 +246,7 @@ def speed_main(args) -> int:
               "rows": rows, "sweep": sweep, "seconds": time.time() - start,
               "note": "select = flexprefill_select_fast (estimation + selection + BlockIndex); e2e = "
                       "sparse_attention(method='flexprefill'); density over causal blocks"}
-    _write(args.out, record)
+    write_json(args.out, record)
     print_table([{**r, "cases": [c for c in r["cases"] if "error" not in c]} for r in rows], gate["passed"])
     print(f"wrote {args.out} ({time.time() - start:.0f} s)")
     return 0 if gate["passed"] else 1
@@ -270,7 +270,7 @@ def fidelity_main(args) -> int:
     record = {"machine": machine_record(), "model": "SmolLM2-135M-Instruct (embedded)", "tokens": args.fidelity_tokens,
               "block_size": args.fidelity_block_size, "tau": args.tau, "rows": rows, "summary": summary,
               "seconds": time.time() - start}
-    _write(args.out, record)
+    write_json(args.out, record)
     print()
     print(f"FlexPrefill fidelity on SmolLM2, {args.fidelity_tokens} tokens, block {args.fidelity_block_size} "
           f"(mean over heads; recall = exact attention mass inside the selected blocks)")
@@ -284,12 +284,6 @@ def fidelity_main(args) -> int:
               f"rel. error {s['rel_error']:.4f}, density {100 * s['density']:.1f}%")
     print(f"wrote {args.out} ({time.time() - start:.0f} s)")
     return 0
-
-
-def _write(path, record):
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w") as f:
-        json.dump(record, f, indent=1)
 
 
 def main(argv=None):

@@ -43,7 +43,7 @@ import torch
 
 from sparseattn.bench.inputs import llm_like_qkv
 from sparseattn.bench.peers import DENSE_PEERS
-from sparseattn.bench.timing import causal_dense_flops, device_slug, machine_record, time_ms
+from sparseattn.bench.timing import causal_dense_flops, device_slug, machine_record, time_ms, write_json
 from sparseattn.index import VerticalSlashIndex
 from sparseattn.kernels.block_sparse import KernelConfig
 from sparseattn.kernels.minference_index import last_query_scores_fast, minference_select_fast
@@ -282,9 +282,7 @@ def main(argv=None):
               "note": "select = minference_select_fast (Triton estimation + top-k + index building); e2e = select + "
                       "vertical_slash_attention; density = token-level computed pairs / causal pairs; recall = "
                       "exact attention mass kept on sampled query blocks"}
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    with open(out, "w") as f:
-        json.dump(record, f, indent=1)
+    write_json(out, record)
     print_table(rows, configs, gate["passed"])
     print(f"wrote {out} ({time.time() - start:.0f} s)")
     return 0 if gate["passed"] else 1

@@ -31,14 +31,13 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
 
 import torch
 
 from sparseattn.api import resolve_config
 from sparseattn.bench.inputs import llm_like_qkv, random_block_index, random_qkv
 from sparseattn.bench.peers import DENSE_PEERS, SPARSE_PEERS
-from sparseattn.bench.timing import machine_record, time_ms
+from sparseattn.bench.timing import machine_record, time_ms, write_json
 from sparseattn.kernels.block_sparse import (AttentionConfigs, KernelConfig, block_sparse_backward,
                                              block_sparse_forward, default_configs)
 from sparseattn.kernels.minference_index import minference_select_fast
@@ -163,9 +162,7 @@ def main() -> None:
         q = k = v = index = vs = None
         torch.cuda.empty_cache()
 
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(result, f, indent=1)
+    write_json(args.out, result)
     print(f"\nDevice: {result['machine'].get('device')}; B=1 GQA 32/8 D=128 bf16 causal; median ms")
     print("| L | case | density | baseline | head-major | kv-major | Flex | kv-major x d x baseline | kv-major, % of baseline |")
     print("|---|---|---|---|---|---|---|---|---|")

@@ -33,7 +33,7 @@ import torch
 
 from sparseattn.bench.inputs import llm_like_qkv
 from sparseattn.bench.peers import DENSE_PEERS
-from sparseattn.bench.timing import causal_dense_flops, device_slug, machine_record, time_ms
+from sparseattn.bench.timing import causal_dense_flops, device_slug, machine_record, time_ms, write_json
 from sparseattn.index import causal_block_mask
 from sparseattn.kernels.estimate import (
     SCRATCH_ELEMENTS,
@@ -232,9 +232,7 @@ def main(argv=None):
               "rows": rows, "sweep": sweep, "seconds": time.time() - start,
               "note": "estimate = xattention_estimate; select = xattention_select_fast (masses + threshold "
                       "+ BlockIndex); e2e = select + block_sparse_attention; agreement over causal blocks"}
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    with open(out, "w") as f:
-        json.dump(record, f, indent=1)
+    write_json(out, record)
     print_table(rows, strides, gate["passed"])
     print(f"wrote {out} ({time.time() - start:.0f} s)")
     return 0 if gate["passed"] else 1

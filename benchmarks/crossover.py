@@ -14,15 +14,13 @@ prompts to dense attention).
 from __future__ import annotations
 
 import argparse
-import json
-import os
 
 import torch
 
 from sparseattn.api import sparse_attention
 from sparseattn.bench.inputs import llm_like_qkv
 from sparseattn.bench.peers import DENSE_PEERS
-from sparseattn.bench.timing import machine_record, time_ms
+from sparseattn.bench.timing import machine_record, time_ms, write_json
 
 SHAPES = {"smollm2 (9/3, D64)": (9, 3, 64), "llama-8b (32/8, D128)": (32, 8, 128)}
 METHODS = ["xattention", "flexprefill", "minference", "streaming"]
@@ -66,9 +64,7 @@ def main() -> None:
             q = k = v = ref = out = stats = None
             torch.cuda.empty_cache()
         result["crossover"][shape] = {m: crossover(result["records"], m, shape) for m in methods}
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(result, f, indent=1)
+    write_json(args.out, result)
     print(f"\nDevice: {result['machine'].get('device')}; one causal attention call, bf16, LLM-like input")
     print("| shape | method | " + " | ".join(f"{L // 1024}K" for L in lengths) + " | crossover |")
     print("|---|---|" + "---|" * (len(lengths) + 1))

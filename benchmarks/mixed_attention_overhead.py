@@ -22,13 +22,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import time
 
 import torch
 import torch.nn.functional as F
 
-from sparseattn.bench.timing import host_ms, machine_record, time_ms
+from sparseattn.bench.timing import host_ms, machine_record, time_ms, write_json
 from sparseattn.methods.streaming import StreamingConfig
 from sparseattn.training.attention import full_attention, mixed_attention, streaming_attention
 
@@ -112,9 +111,7 @@ def main() -> None:
         table = prof.key_averages().table(sort_by="cpu_time_total", row_limit=40)
         result["profile_cpu"] = table
         print(table)
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(result, f, indent=1)
+    write_json(args.out, result)
     print(f"\nDevice: {result['machine'].get('device')}; one layer's attention, forward + backward, per call (ms)")
     print("| case | GPU | CPU to queue | wall, back to back |")
     print("|---|---|---|---|")

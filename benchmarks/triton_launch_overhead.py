@@ -11,14 +11,12 @@ elementwise op, per call in microseconds.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 
 import torch
 import triton
 import triton.language as tl
 
-from sparseattn.bench.timing import host_ms, machine_record
+from sparseattn.bench.timing import host_ms, machine_record, write_json
 
 
 @triton.jit
@@ -55,9 +53,7 @@ def main() -> None:
     for name, fn in cases.items():
         result["us_per_call"][name] = 1e3 * host_ms(fn, iters=200, sleep_cycles=3_000_000_000)
         print(f"{name:32s} {result['us_per_call'][name]:8.1f} us", flush=True)
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(result, f, indent=1)
+    write_json(args.out, result)
 
 
 if __name__ == "__main__":

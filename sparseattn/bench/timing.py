@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import os
 import platform
 import statistics
 import time
@@ -56,6 +58,13 @@ def host_ms(fn, *, iters: int = 20, sleep_cycles: int = 2_000_000_000) -> float:
     ms = (time.perf_counter() - start) * 1e3 / iters
     torch.cuda.synchronize()
     return ms
+
+
+def write_json(path, record: dict) -> None:
+    """Write a benchmark record to ``path`` (parent folders created), indented for diffs."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(record, f, indent=1)
 
 
 def causal_dense_flops(batch, q_heads, q_len, k_len, head_dim, causal=True) -> float:
