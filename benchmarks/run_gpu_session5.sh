@@ -2,7 +2,7 @@
 # Device calls of session 5: each step under its own time limit, everything under $OUT, short
 # tables last. STEPS picks steps (comma-separated). Models as in run_gpu_session3.sh (its `models`
 # step assembles /root/m/smollm2.gguf from the carried parts).
-#   STEPS=smoke,gradtests,tma-fwd bash benchmarks/run_gpu_session5.sh
+#   STEPS=smoke,gradtests,mixedtests bash benchmarks/run_gpu_session5.sh
 set -uo pipefail
 export PYTHONPATH="$PWD:/tmp/site${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -10,7 +10,7 @@ STEPS=${STEPS:-gputests}
 SA="python3 -m sparseattn.cli"
 export SPARSEATTN_DEFAULT_MODEL=/root/m/smollm2.gguf
 source "$(dirname "$0")/gpu_steps.sh"
-# Both load paths (tensor descriptors and pointers) on small shapes, before anything long.
+# Small shapes first, before anything long.
 step smoke 240 python3 -m pytest -q -x tests/test_kernels.py tests/test_estimate.py -k "config_override or \
 block_mass_matches_reference or varlen or non_contiguous"
 step gputests 330 python3 -m pytest -q -m gpu tests/test_kernels.py tests/test_estimate.py tests/test_flexprefill.py \
@@ -19,8 +19,6 @@ step gputests 330 python3 -m pytest -q -m gpu tests/test_kernels.py tests/test_e
 step gradtests 240 python3 -m pytest -q tests/test_kernels.py -k "gradients or varlen or transposes or deterministic \
 or config_override or vertical_slash or sparse_forward or dense_forward or scales_and_accumulates"
 step mixedtests 240 python3 -m pytest -q tests/test_mixed_kernel.py tests/test_training.py -k "mixed"
-step tma-fwd 420 python3 benchmarks/bench_tma.py --cases forward --out "$OUT/tma-forward.json"
-step tma-est 420 python3 benchmarks/bench_tma.py --cases estimate --lengths 131072 --out "$OUT/tma-estimate.json"
 step bench-kernel 330 $SA bench kernel --out "$OUT/bench"
 step bench-methods 200 $SA bench methods --lengths 32768,131072 --out "$OUT/bench"
 step bench-xattn 300 python3 benchmarks/bench_xattention.py --out "$OUT/xattention.json"

@@ -47,9 +47,6 @@ CASES = [
 # Tiny tiles (16 rows x 16 columns, raised to 2 blocks per side when a block is wider) and a
 # scratch of a few hundred floats: several query tiles, unmasked + masked key loops, many launches.
 TINY = dict(config=EstimateConfig(block_m=16, block_n=16, num_warps=1, num_stages=1), scratch_elements=512)
-# The same with pointer loads only (the default reads unmasked tiles through tensor descriptors).
-TINY_POINTERS = dict(config=EstimateConfig(block_m=16, block_n=16, num_warps=1, num_stages=1, tma=False),
-                     scratch_elements=512)
 
 
 def make_qk(B, Hq, Hkv, Lq, Lk, D, seed=0):
@@ -68,8 +65,7 @@ def _exact_fp32():
     torch.backends.cuda.matmul.allow_tf32 = False
 
 
-@pytest.mark.parametrize("launch", [pytest.param({}, id="default-tiles"), pytest.param(TINY, id="tiny-tiles"),
-                                    pytest.param(TINY_POINTERS, id="tiny-tiles-pointers")])
+@pytest.mark.parametrize("launch", [pytest.param({}, id="default-tiles"), pytest.param(TINY, id="tiny-tiles")])
 @pytest.mark.parametrize("B, Hq, Hkv, Lq, Lk, D, S, bs, causal", CASES)
 def test_block_mass_matches_reference(B, Hq, Hkv, Lq, Lk, D, S, bs, causal, launch):
     q, k = make_qk(B, Hq, Hkv, Lq, Lk, D)

@@ -184,18 +184,16 @@ def test_forward_property(B, Hkv, G, Lq, extra, D, bq, bk, causal, sparse):
     assert rel_err(out, reference(q, k, v, allowed)[0]) < 1e-5
 
 
-@pytest.mark.parametrize("tma", [True, False], ids=["descriptors", "pointers"])
 @pytest.mark.parametrize("kv_major", [True, False], ids=["kv-major", "head-major"])
 @pytest.mark.parametrize("sparse", [False, True], ids=["dense", "sparse"])
-def test_config_override(sparse, kv_major, tma):
+def test_config_override(sparse, kv_major):
     """Benchmark sweeps pass configs: tiles smaller than the selection blocks stay exact, in both
-    program orders (GQA 4/2 and batch 2, so a wrong head or batch mapping shows) and with both
-    K/V load paths of the forward (tensor descriptors, the default, and pointers)."""
+    program orders (GQA 4/2 and batch 2, so a wrong head or batch mapping shows)."""
     q, k, v = make_qkv(2, 4, 2, 150, 150, 16, seed=30, requires_grad=True)
     index = random_index(2, 4, 150, 150, 64, 32, seed=31) if sparse else None
     allowed = element_mask(index, True) if sparse else causal_allowed(150, 150)
-    tile = KernelConfig(16, 16, num_warps=4, num_stages=1, kv_major=kv_major, tma=tma)
-    wide = KernelConfig(32, 64, num_warps=4, num_stages=1, kv_major=kv_major, tma=tma)
+    tile = KernelConfig(16, 16, num_warps=4, num_stages=1, kv_major=kv_major)
+    wide = KernelConfig(32, 64, num_warps=4, num_stages=1, kv_major=kv_major)
     out, lse = block_sparse_forward(q, k, v, index, config=wide if not sparse else tile)
     dout = torch.randn(out.shape, generator=torch.Generator().manual_seed(32)).to(DEVICE)
     grads = block_sparse_backward(dout, q, k, v, out, lse, index, configs=AttentionConfigs(tile, wide, tile))

@@ -39,7 +39,6 @@ from dataclasses import dataclass
 import torch
 import triton
 import triton.language as tl
-from triton.tools.tensor_descriptor import TensorDescriptor
 
 from ..validation import check_qkv, check_scale
 from ..index import BlockIndex, KeyMajorIndex
@@ -133,21 +132,6 @@ def _fwd_tile(acc, l_i, m_i, q, k_base, v_base, start_n, k_tile_offs, v_tile_off
 
 
 @triton.jit
-def _fwd_tile_tma(acc, l_i, m_i, q, k_desc, v_desc, desc_b, desc_h, row, qk_scale,
-                  BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr):
-    """``_fwd_tile``'s MODE 0 (full tile, no mask) with K and V read through tensor descriptors.
-
-    ``row`` is the tile's first key row in the descriptor's sequence dim. On Hopper each load is
-    one bulk tensor copy (TMA) into shared memory completing on an mbarrier, issued by one thread:
-    no per-thread address arithmetic or load instructions in the loop.
-    """
-    k = tl.reshape(k_desc.load([desc_b, desc_h, row, 0]), [BLOCK_N, BLOCK_D])
-    qk = _dot(q, tl.trans(k), DOT_PREC)  # [BLOCK_M, BLOCK_N], unscaled
-    v = tl.reshape(v_desc.load([desc_b, desc_h, row, 0]), [BLOCK_N, BLOCK_D])
-    return _softmax_update(acc, l_i, m_i, qk, v, qk_scale, False, DOT_PREC)
-
-
-@triton.jit
 def _query_program(num_heads, group_size, REVERSE: tl.constexpr, KV_MAJOR: tl.constexpr):
     """``(b, h, kvh, pid_m)`` of a query-tile program (forward, dQ, vertical-slash).
 
@@ -180,7 +164,7 @@ def _query_program(num_heads, group_size, REVERSE: tl.constexpr, KV_MAJOR: tl.co
 
 @triton.jit
 def _fwd_kernel(
-    Q, K, V, KDesc, VDesc, Out, Lse, Indices, Counts, CuSeqlens,
+    Q, K, V, Out, Lse, Indices, Counts, CuSeqlens,
     stride_qb, stride_qh, stride_qm,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
@@ -193,18 +177,8 @@ def _fwd_kernel(
     SEL_BLOCK_Q: tl.constexpr, SEL_BLOCK_K: tl.constexpr,
     IS_CAUSAL: tl.constexpr, SPARSE: tl.constexpr, VARLEN: tl.constexpr, REVERSE: tl.constexpr,
     DOT_PREC: tl.constexpr, MAX_MASKED: tl.constexpr, SPLIT_MASKED: tl.constexpr, KV_MAJOR: tl.constexpr,
-    TMA: tl.constexpr,
 ):
-    """``TMA``: ``KDesc``/``VDesc`` are tensor descriptors of K and V (``[B, Hkv, Lk, D]`` boxes of
-    ``[1, 1, BLOCK_N, D]``) and the unmasked tiles read through them; otherwise they are unused."""
     b, h, kvh, pid_m = _query_program(num_heads, group_size, REVERSE, KV_MAJOR)
-    desc_h = kvh.to(tl.int32)
-    if VARLEN:  # one packed row: batch 0 of the descriptor, the document's first row as offset
-        desc_b = 0
-        desc_row0 = tl.load(CuSeqlens + b)
-    else:
-        desc_b = b.to(tl.int32)
-        desc_row0 = 0
     if VARLEN:
         seq_start = tl.load(CuSeqlens + b).to(tl.int64)
         q_len = (tl.load(CuSeqlens + b + 1) - tl.load(CuSeqlens + b)).to(tl.int32)
@@ -261,13 +235,9 @@ def _fwd_kernel(
         for t in range(0, n_plain * SUB_N):
             j = tl.load(row + (t // SUB_N) * stride_ik)
             start_n = j * SEL_BLOCK_K + (t % SUB_N) * BLOCK_N
-            if TMA:
-                acc, l_i, m_i = _fwd_tile_tma(acc, l_i, m_i, q, KDesc, VDesc, desc_b, desc_h, desc_row0 + start_n,
-                                              qk_scale, BLOCK_N, BLOCK_D, DOT_PREC)
-            else:
-                acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, k_base, v_base, start_n, k_tile_offs, v_tile_offs,
-                                          offs_n, d_ok, q_pos, k_len, qk_scale, stride_kn, stride_vn,
-                                          0, IS_CAUSAL, PAD_D, DOT_PREC)
+            acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, k_base, v_base, start_n, k_tile_offs, v_tile_offs,
+                                      offs_n, d_ok, q_pos, k_len, qk_scale, stride_kn, stride_vn,
+                                      0, IS_CAUSAL, PAD_D, DOT_PREC)
         for t in range(n_plain * SUB_N, count * SUB_N):
             j = tl.load(row + (t // SUB_N) * stride_ik)
             start_n = j * SEL_BLOCK_K + (t % SUB_N) * BLOCK_N
@@ -282,13 +252,9 @@ def _fwd_kernel(
             n_full = k_len // BLOCK_N
             n_end = tl.cdiv(k_len, BLOCK_N)
         for n in range(0, n_full):
-            if TMA:
-                acc, l_i, m_i = _fwd_tile_tma(acc, l_i, m_i, q, KDesc, VDesc, desc_b, desc_h,
-                                              desc_row0 + n * BLOCK_N, qk_scale, BLOCK_N, BLOCK_D, DOT_PREC)
-            else:
-                acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, k_base, v_base, n * BLOCK_N, k_tile_offs, v_tile_offs,
-                                          offs_n, d_ok, q_pos, k_len, qk_scale, stride_kn, stride_vn,
-                                          0, IS_CAUSAL, PAD_D, DOT_PREC)
+            acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, k_base, v_base, n * BLOCK_N, k_tile_offs, v_tile_offs,
+                                      offs_n, d_ok, q_pos, k_len, qk_scale, stride_kn, stride_vn,
+                                      0, IS_CAUSAL, PAD_D, DOT_PREC)
         for n in range(n_full, n_end):
             acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, k_base, v_base, n * BLOCK_N, k_tile_offs, v_tile_offs,
                                       offs_n, d_ok, q_pos, k_len, qk_scale, stride_kn, stride_vn,
@@ -678,9 +644,6 @@ class KernelConfig:
     # (its G query heads fastest, then the query tiles) instead of all heads of a few query tiles,
     # so the resident programs share K/V tiles in L2 (see _query_program; NOTES.md, run 10).
     kv_major: bool = True
-    # Forward: read the unmasked K/V tiles through tensor descriptors (Hopper's bulk tensor copy)
-    # where the layout allows it (see _tma_descriptors); pointer loads otherwise.
-    tma: bool = True
 
     def __post_init__(self):
         for name in ("block_m", "block_n"):
@@ -824,9 +787,8 @@ def block_sparse_forward(q, k, v, block_index: BlockIndex | None = None, *, caus
         return out, lse
     indices, counts = _index_tensors(block_index, q.device)
     grid = _query_grid(batch, Hq, Hkv, triton.cdiv(grid_len, BLOCK_M), cfg.kv_major)
-    descs = _tma_descriptors((k, v), BLOCK_N) if cfg.tma else None
     _fwd_kernel[grid](
-        q, k, v, *(descs or (k, v)), out, lse, indices, counts, cu_seqlens if cu_seqlens is not None else counts,
+        q, k, v, out, lse, indices, counts, cu_seqlens if cu_seqlens is not None else counts,
         *_bhl(q), *_bhl(k), *_bhl(v), *_bhl(out), lse.stride(0), lse.stride(1),
         *indices.stride(), *counts.stride(),
         Hq, Hq // Hkv, varlen_len or Lq, varlen_len or Lk, scale * LOG2E,
@@ -836,31 +798,10 @@ def block_sparse_forward(q, k, v, block_index: BlockIndex | None = None, *, caus
         DOT_PREC=_dot_precision(q.dtype), MAX_MASKED=_max_masked_blocks(BLOCK_M, SEL_K),
         # Measured (NOTES.md, run 3): the split pays when a tile is a whole selection block and
         # costs 15% when each block is several tiles; split only in the first case.
-        SPLIT_MASKED=cfg.split_masked and BLOCK_N == SEL_K, KV_MAJOR=cfg.kv_major, TMA=descs is not None,
+        SPLIT_MASKED=cfg.split_masked and BLOCK_N == SEL_K, KV_MAJOR=cfg.kv_major,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return out, lse
-
-
-def _tma_descriptors(tensors, block_rows: int):
-    """Tensor descriptors of `[B, H, L, D]` tensors with `[1, 1, block_rows, D]` boxes, or None.
-
-    None where the bulk tensor copy cannot serve: before Hopper, a head_dim that is not a power of
-    two (the kernels pad it), or a base or stride not 16-byte aligned. The interpreter emulates
-    descriptors, so CPU tensors get them too (the tests cover both load paths).
-    """
-    t0 = tensors[0]
-    if t0.is_cuda and torch.cuda.get_device_capability(t0.device)[0] < 9:
-        return None
-    descs = []
-    for t in tensors:
-        D = t.shape[3]
-        if D != _padded_head_dim(D) or t.stride(3) != 1 or t.data_ptr() % 16:
-            return None
-        if any(stride * t.element_size() % 16 for stride in t.stride()[:3]):
-            return None
-        descs.append(TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1, block_rows, D]))
-    return tuple(descs)
 
 
 def _query_grid(batch: int, q_heads: int, kv_heads: int, num_tiles: int, kv_major: bool) -> tuple[int, int]:

@@ -65,7 +65,6 @@ from dataclasses import dataclass
 import torch
 import triton
 import triton.language as tl
-from triton.tools.tensor_descriptor import TensorDescriptor
 
 from ..index import BlockIndex, causal_block_mask, cdiv
 from ..reference.streaming import forced_block_mask
@@ -107,10 +106,8 @@ def _dot_acc(a, b, acc, IEEE: tl.constexpr):
 @triton.jit
 def _key_tiles(m_i, l_i, tile_begin, tile_end, q_base, q_tile_offs, q_first, q_first_row, k_base, k_tile_offs, offs_n,
                row_last, q_len, k_len, num_cols, qk_scale, stride_qm, stride_kn, Sums, Maxes, sum_offs, max_offs,
-               q_desc, k_desc, b, h, kvh, start_m,
                STRIDE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PER_BLOCK: tl.constexpr,
-               MASK: tl.constexpr, IS_CAUSAL: tl.constexpr, IEEE: tl.constexpr,
-               Q_TMA: tl.constexpr, K_TMA: tl.constexpr):
+               MASK: tl.constexpr, IS_CAUSAL: tl.constexpr, IEEE: tl.constexpr):
     """Key tiles ``[tile_begin, tile_end)`` of ``BLOCK_N`` reshaped columns: scores, online softmax, block sums.
 
     A tile's scores ``A[i, j] = sum_t q[iS+S-1-t] . k[jS+t]`` are ``STRIDE`` accumulated dots.
@@ -119,10 +116,6 @@ def _key_tiles(m_i, l_i, tile_begin, tile_end, q_base, q_tile_offs, q_first, q_f
     ``k_tile_offs`` are int32 offsets inside a tile; the int64 part is one scalar per step (int64
     pointer tiles cost ~20 more registers). ``MASK``: bounds-masked key loads and the causal /
     end-of-keys cut.
-
-    ``Q_TMA`` / ``K_TMA``: read the operand through its tensor descriptor (``[B, H, L // S, S, D]``,
-    one box of ``BLOCK`` whole stride groups at step ``t``: Hopper's bulk tensor copy) instead of
-    pointer loads; only for tiles made of whole stride groups, which need no mask.
 
     One flat loop over ``(tile, t)`` rather than a loop over ``t`` nested in a loop over tiles:
     Triton pipelines only the innermost loop, and a nested loop would drain its 3-stage pipeline
@@ -133,21 +126,15 @@ def _key_tiles(m_i, l_i, tile_begin, tile_end, q_base, q_tile_offs, q_first, q_f
     for it in range(tile_begin * STRIDE, tile_end * STRIDE):
         tile = it // STRIDE
         t = it % STRIDE
-        if Q_TMA:  # rows past the whole stride groups are out of the descriptor: zero, as below
-            q = tl.reshape(q_desc.load([b, h, start_m, STRIDE - 1 - t, 0]), [BLOCK_M, q_tile_offs.shape[1]])
-        else:
-            q_rows = q_first_row - t  # [BLOCK_M]; rows past q_len: zero padding of the last stride group
-            q_step = q_base + (q_first - t) * stride_qm
-            q = tl.load(q_step + q_tile_offs, mask=(q_rows < q_len)[:, None], other=0.0)  # [BLOCK_M, HEAD_DIM]
+        q_rows = q_first_row - t  # [BLOCK_M]; rows past q_len: zero padding of the last stride group
+        q_step = q_base + (q_first - t) * stride_qm
+        q = tl.load(q_step + q_tile_offs, mask=(q_rows < q_len)[:, None], other=0.0)  # [BLOCK_M, HEAD_DIM]
         k_first = tile * BLOCK_N * STRIDE + t  # key row of column tile * BLOCK_N at step t
-        if K_TMA:
-            k = tl.reshape(k_desc.load([b, kvh, tile * BLOCK_N, t, 0]), [BLOCK_N, k_tile_offs.shape[1]])
-        elif MASK:
-            k_step = k_base + tl.cast(k_first, tl.int64) * stride_kn
+        k_step = k_base + tl.cast(k_first, tl.int64) * stride_kn
+        if MASK:
             k_rows = k_first + offs_n * STRIDE  # [BLOCK_N]
             k = tl.load(k_step + k_tile_offs, mask=(k_rows < k_len)[:, None], other=0.0)  # [BLOCK_N, HEAD_DIM]
         else:
-            k_step = k_base + tl.cast(k_first, tl.int64) * stride_kn
             k = tl.load(k_step + k_tile_offs)
         acc = _dot_acc(q, tl.trans(k), acc, IEEE)  # [BLOCK_M, BLOCK_N]
         if t == STRIDE - 1:
@@ -179,7 +166,7 @@ def _softmax_tile(s, m_i, l_i, Sums, Maxes, sum_offs, max_offs, tile,
 
 @triton.jit
 def _block_mass_kernel(
-    Q, K, QDesc, KDesc, Mass, Sums, Maxes,
+    Q, K, Mass, Sums, Maxes,
     stride_qb, stride_qh, stride_qm,
     stride_kb, stride_kh, stride_kn,
     stride_mb, stride_mh, stride_mq,
@@ -187,15 +174,12 @@ def _block_mass_kernel(
     head0, row0, num_heads, group_size, q_len, k_len, num_q_blocks, num_k_blocks, qk_scale,
     HEAD_DIM: tl.constexpr, STRIDE: tl.constexpr, PER_BLOCK: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    IS_CAUSAL: tl.constexpr, IEEE: tl.constexpr, REVERSE: tl.constexpr, TMA: tl.constexpr,
+    IS_CAUSAL: tl.constexpr, IEEE: tl.constexpr, REVERSE: tl.constexpr,
 ):
     """Block masses of ``BLOCK_M`` reshaped rows of one (batch, query head).
 
     Grid: ``(heads in this launch, query tiles in this launch)``. ``Sums [heads, rows, nk_pad]`` and
     ``Maxes [heads, rows, n_tiles]`` are this launch's scratch (rows relative to ``row0``).
-    ``TMA``: ``QDesc``/``KDesc`` are tensor descriptors of q and k as ``[B, H, L // S, S, D]`` and
-    the unmasked key tiles read through them (the tile holding a partial stride group of queries,
-    if any, reads q with pointers); otherwise they are unused.
     """
     KB_PER_TILE: tl.constexpr = BLOCK_N // PER_BLOCK
     QB_PER_TILE: tl.constexpr = BLOCK_M // PER_BLOCK
@@ -244,22 +228,12 @@ def _block_mass_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     # Unmasked tiles first, then the tiles that straddle the diagonal or the end of the keys.
-    b32, h32, kvh32 = b.to(tl.int32), h.to(tl.int32), kvh.to(tl.int32)  # descriptor coordinates
-    q_whole = (q_len % STRIDE == 0) | (start_m + BLOCK_M <= q_len // STRIDE)  # no partial q stride group
-    if TMA and q_whole:
-        m_i, l_i = _key_tiles(m_i, l_i, 0, tiles_full, q_base, q_tile_offs, q_first, q_first_row, k_base,
-                              k_tile_offs, offs_n, row_last, q_len, k_len, num_cols, qk_scale, stride_qm, stride_kn,
-                              Sums, Maxes, sum_offs, max_offs, QDesc, KDesc, b32, h32, kvh32, start_m,
-                              STRIDE, BLOCK_M, BLOCK_N, PER_BLOCK, False, IS_CAUSAL, IEEE, True, True)
-    else:
-        m_i, l_i = _key_tiles(m_i, l_i, 0, tiles_full, q_base, q_tile_offs, q_first, q_first_row, k_base,
-                              k_tile_offs, offs_n, row_last, q_len, k_len, num_cols, qk_scale, stride_qm, stride_kn,
-                              Sums, Maxes, sum_offs, max_offs, QDesc, KDesc, b32, h32, kvh32, start_m,
-                              STRIDE, BLOCK_M, BLOCK_N, PER_BLOCK, False, IS_CAUSAL, IEEE, False, TMA)
+    m_i, l_i = _key_tiles(m_i, l_i, 0, tiles_full, q_base, q_tile_offs, q_first, q_first_row, k_base,
+                          k_tile_offs, offs_n, row_last, q_len, k_len, num_cols, qk_scale, stride_qm, stride_kn,
+                          Sums, Maxes, sum_offs, max_offs, STRIDE, BLOCK_M, BLOCK_N, PER_BLOCK, False, IS_CAUSAL, IEEE)
     m_i, l_i = _key_tiles(m_i, l_i, tiles_full, tiles_end, q_base, q_tile_offs, q_first, q_first_row, k_base,
                           k_tile_offs, offs_n, row_last, q_len, k_len, num_cols, qk_scale, stride_qm, stride_kn,
-                          Sums, Maxes, sum_offs, max_offs, QDesc, KDesc, b32, h32, kvh32, start_m,
-                          STRIDE, BLOCK_M, BLOCK_N, PER_BLOCK, True, IS_CAUSAL, IEEE, False, False)
+                          Sums, Maxes, sum_offs, max_offs, STRIDE, BLOCK_M, BLOCK_N, PER_BLOCK, True, IS_CAUSAL, IEEE)
 
     # The scratch rows were written by other threads of this program: make them visible. The
     # loads below use ".cg" (L2, not L1) so no stale L1 line can be read either.
@@ -297,16 +271,12 @@ class EstimateConfig:
         block_n: reshaped key columns per tile (raised to ``2 * bs/S`` when smaller).
         num_warps: warps per program.
         num_stages: software-pipelining depth of the loop over (key tile, stride step).
-        tma: read the unmasked tiles' q and k through tensor descriptors (the bulk tensor copy
-            engine on Hopper) where the layout allows it (16-byte aligned base and strides, at
-            least one whole stride group); pointer loads otherwise.
     """
 
     block_m: int = 128
     block_n: int = 128
     num_warps: int = 8
     num_stages: int = 3
-    tma: bool = True
 
     def __post_init__(self):
         for name in ("block_m", "block_n", "num_warps", "num_stages"):
@@ -394,15 +364,6 @@ def block_mass_forward(q: torch.Tensor, k: torch.Tensor, *, stride: int, block_s
     raise last_error
 
 
-def _tma_ok(t: torch.Tensor, S: int) -> bool:
-    """Whether ``t [B, H, L, D]`` can be read through a ``[B, H, L // S, S, D]`` tensor descriptor."""
-    if t.shape[2] < S or t.stride(3) != 1 or t.data_ptr() % 16:
-        return False
-    if t.is_cuda and torch.cuda.get_device_capability(t.device)[0] < 9:  # no bulk tensor copy before Hopper
-        return False
-    return all(stride * t.element_size() % 16 == 0 for stride in (t.stride(0), t.stride(1), t.stride(2)))
-
-
 def _launch(q, k, out, S, per_block, causal, cfg: EstimateConfig, scratch_elements: int):
     B, Hq, Lq, D = q.shape
     Hkv, Lk = k.shape[1], k.shape[2]
@@ -433,14 +394,6 @@ def _launch(q, k, out, S, per_block, causal, cfg: EstimateConfig, scratch_elemen
         most = max(1, scratch_elements // (block_m * per_row))
         tiles_per_launch = cdiv(m_tiles, cdiv(m_tiles, most))
         heads_per_launch = 1
-    tma = cfg.tma and _tma_ok(q, S) and _tma_ok(k, S)
-    if tma:  # [B, H, L // S, S, D] views; a box is BLOCK whole stride groups at one step t
-        q_desc, k_desc = (TensorDescriptor(t, [t.shape[0], t.shape[1], t.shape[2] // S, S, D],
-                                           [t.stride(0), t.stride(1), S * t.stride(2), t.stride(2), 1],
-                                           [1, 1, block, 1, D])
-                          for t, block in ((q, block_m), (k, block_n)))
-    else:
-        q_desc, k_desc = q, k  # unused by the kernel
     scratch_rows = tiles_per_launch * block_m
     sums = torch.empty(heads_per_launch, scratch_rows, nk_pad, dtype=torch.float32, device=q.device)
     maxes = torch.empty(heads_per_launch, scratch_rows, n_tiles, dtype=torch.float32, device=q.device)
@@ -451,14 +404,14 @@ def _launch(q, k, out, S, per_block, causal, cfg: EstimateConfig, scratch_elemen
         for tile0 in range(0, m_tiles, tiles_per_launch):
             num_m = min(tiles_per_launch, m_tiles - tile0)
             _block_mass_kernel[(num_h, num_m)](
-                q, k, q_desc, k_desc, out, sums, maxes,
+                q, k, out, sums, maxes,
                 q.stride(0), q.stride(1), q.stride(2),
                 k.stride(0), k.stride(1), k.stride(2),
                 out.stride(0), out.stride(1), out.stride(2),
                 sums.stride(0), sums.stride(1), maxes.stride(0), maxes.stride(1),
                 head0, tile0 * block_m, Hq, Hq // Hkv, Lq, Lk, nq, nk, qk_scale,
                 HEAD_DIM=D, STRIDE=S, PER_BLOCK=per_block, BLOCK_M=block_m, BLOCK_N=block_n,
-                IS_CAUSAL=causal, IEEE=q.dtype == torch.float32, REVERSE=causal, TMA=tma,
+                IS_CAUSAL=causal, IEEE=q.dtype == torch.float32, REVERSE=causal,
                 num_warps=cfg.num_warps, num_stages=cfg.num_stages,
             )
 
