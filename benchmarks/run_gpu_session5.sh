@@ -22,7 +22,8 @@ step mixedtests 240 python3 -m pytest -q tests/test_mixed_kernel.py tests/test_t
 step bench-kernel 330 $SA bench kernel --out "$OUT/bench"
 step bench-methods 200 $SA bench methods --lengths 32768,131072 --out "$OUT/bench"
 step bench-xattn 300 python3 benchmarks/bench_xattention.py --out "$OUT/xattention.json"
-step bench-minf 300 python3 benchmarks/bench_minference.py --out "$OUT/minference.json"
+step bench-minf 420 python3 benchmarks/bench_minference.py --lengths 32768,131072 \
+  --configs default,v512_s512_bs128,adaptive_0.01,v512_s512 --sweep-kernel --out "$OUT/minference.json"
 step overhead 200 python3 benchmarks/mixed_attention_overhead.py --profile --out "$OUT/mixed-overhead.json"
 step timing 400 python3 benchmarks/train_prulong_gpu.py --skip-train --skip-eval --out "$OUT/prulong-timing"
 printf '%s\n' "${summary[@]}"

@@ -427,11 +427,11 @@ def test_backward_transposes_an_index_once(monkeypatch):
 # ---- vertical-slash ----------------------------------------------------------------------------
 
 
-def random_vs_index(B, H, Lq, Lk, bq, bk, seed) -> VerticalSlashIndex:
+def random_vs_index(B, H, Lq, Lk, bq, bk, seed, max_r=4) -> VerticalSlashIndex:
     """Random non-overlapping ranges (incl. the diagonal range) and columns outside them."""
     g = torch.Generator().manual_seed(seed)
     nq, off = -(-Lq // bq), Lk - Lq
-    max_r, max_c = 4, 24
+    max_c = 24
     starts = torch.full((B, H, nq, max_r), -1, dtype=torch.int32)
     r_cnt = torch.zeros(B, H, nq, dtype=torch.int32)
     cols = torch.full((B, H, nq, max_c), -1, dtype=torch.int32)
@@ -441,7 +441,7 @@ def random_vs_index(B, H, Lq, Lk, bq, bk, seed) -> VerticalSlashIndex:
             for i in range(nq):
                 last = off + min((i + 1) * bq, Lq) - 1  # last query position of the block
                 chosen = [max(0, last - bk + 1)]  # the local (slash) range ends at the diagonal
-                for s in torch.randint(0, last + 1, (3,), generator=g).tolist():
+                for s in torch.randint(0, last + 1, (max_r - 1,), generator=g).tolist():
                     if all(s + bk <= c or s >= c + bk for c in chosen):
                         chosen.append(s)
                 chosen.sort()
@@ -472,6 +472,18 @@ def test_vertical_slash(B, Hq, Hkv, Lq, Lk, D, bq, bk, dtype):
     assert torch.isfinite(out).all()
     assert rel_err(out, ref) < TOL[dtype]
     assert rel_err(lse, ref_lse) < TOL[dtype]
+
+
+@pytest.mark.parametrize("bq,bk", [(16, 16), (32, 16), (16, 32)])
+def test_vertical_slash_many_ranges(bq, bk):
+    """Rows of up to 16 ranges, several of them near the diagonal: the unmasked prefix / masked
+    suffix split must find every range that needs a mask (Lq < Lk, partial last block)."""
+    q, k, v = make_qkv(1, 2, 1, 150, 170, 16, seed=19)
+    index = random_vs_index(1, 2, 150, 170, bq, bk, seed=20, max_r=16)
+    assert int(index.range_counts.max()) >= 4
+    out, lse = vertical_slash_attention(q, k, v, index, return_lse=True)
+    ref, ref_lse = reference(q, k, v, vs_element_mask(index))
+    assert rel_err(out, ref) < 1e-5 and rel_err(lse, ref_lse) < 1e-5
 
 
 def test_vertical_slash_head_major_order():
