@@ -204,14 +204,11 @@ def sweep_kernel(L, config_name, seed) -> list[dict]:
     q, k, v = llm_like_qkv(1, HEADS, KV_HEADS, L, HEAD_DIM, device="cuda", seed=seed)
     index = minference_select_fast(q, k, **CONFIGS[config_name])
     rows = []
-    # split: unmasked prefix of ranges + masked suffix (the default since run 14), or one masked loop.
-    for bm, bn, warps, stages, split in [(64, 64, 4, 3, True), (64, 64, 4, 3, False), (64, 64, 4, 2, True),
-                                         (64, 64, 8, 3, True), (64, 32, 4, 3, True), (128, 64, 8, 3, True),
-                                         (128, 128, 8, 3, True), (128, 128, 8, 3, False), (128, 128, 8, 2, True),
-                                         (128, 64, 4, 3, True)]:
-        cfg = KernelConfig(bm, bn, num_warps=warps, num_stages=stages, split_masked=split)
-        entry = {"config": {"block_m": bm, "block_n": bn, "num_warps": warps, "num_stages": stages,
-                            "split_masked": split}, "index": config_name, "L": L}
+    for bm, bn, warps, stages in [(64, 64, 4, 3), (64, 64, 4, 2), (64, 64, 8, 3), (64, 32, 4, 3), (128, 64, 8, 3),
+                                  (128, 128, 8, 3), (128, 128, 8, 2), (128, 64, 4, 3)]:
+        cfg = KernelConfig(bm, bn, num_warps=warps, num_stages=stages)
+        entry = {"config": {"block_m": bm, "block_n": bn, "num_warps": warps, "num_stages": stages},
+                 "index": config_name, "L": L}
         try:
             entry["ms"] = time_ms(lambda: vertical_slash_forward(q, k, v, index, config=cfg), max_runs=10)["ms"]
         except Exception as err:  # noqa: BLE001 - a config that does not compile is a result

@@ -476,8 +476,8 @@ def test_vertical_slash(B, Hq, Hkv, Lq, Lk, D, bq, bk, dtype):
 
 @pytest.mark.parametrize("bq,bk", [(16, 16), (32, 16), (16, 32)])
 def test_vertical_slash_many_ranges(bq, bk):
-    """Rows of up to 16 ranges, several of them near the diagonal: the unmasked prefix / masked
-    suffix split must find every range that needs a mask (Lq < Lk, partial last block)."""
+    """Rows of up to 16 ranges, several of them near the diagonal or clipped at the end of the keys
+    (Lq < Lk, partial last block)."""
     q, k, v = make_qkv(1, 2, 1, 150, 170, 16, seed=19)
     index = random_vs_index(1, 2, 150, 170, bq, bk, seed=20, max_r=16)
     assert int(index.range_counts.max()) >= 4

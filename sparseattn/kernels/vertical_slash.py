@@ -5,8 +5,8 @@ Levels: ``@triton.jit`` kernel -> ``vertical_slash_forward`` (launcher) -> ``ver
 
 Per query tile (``BLOCK_M`` rows inside one query block of the index), one online softmax walks
 first the ``range_counts`` key ranges (``block_k`` keys from an arbitrary start, in tiles of
-``BLOCK_N``; an unmasked loop over the ranges below the tile's first query, then a masked loop
-over the few near the diagonal or clipped at the end of the keys) and then the ``column_counts`` gathered key columns, ``BLOCK_N`` at a time
+``BLOCK_N``; the causal/bound mask is applied only to tiles that straddle the diagonal or the end
+of their range) and then the ``column_counts`` gathered key columns, ``BLOCK_N`` at a time
 (K/V rows loaded at the gathered positions, masked to the valid columns and causally).
 """
 
@@ -56,7 +56,6 @@ def _vs_fwd_kernel(
     num_heads, group_size, q_len, k_len, qk_scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     SEL_BLOCK_Q: tl.constexpr, SEL_BLOCK_K: tl.constexpr, DOT_PREC: tl.constexpr, KV_MAJOR: tl.constexpr,
-    MAX_MASKED: tl.constexpr, SPLIT_MASKED: tl.constexpr,
 ):
     # Heaviest (last) query tiles first; with KV_MAJOR one KV head's programs run together.
     b, h, kvh, pid_m = _query_program(num_heads, group_size, True, KV_MAJOR)
@@ -67,7 +66,6 @@ def _vs_fwd_kernel(
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
-    PAD_D: tl.constexpr = BLOCK_D != HEAD_DIM
     row_ok = (start_m + offs_m) < q_len
     q_pos = off + start_m + offs_m  # [BLOCK_M]
     q_first = off + start_m
@@ -83,31 +81,11 @@ def _vs_fwd_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     qb = start_m // SEL_BLOCK_Q
 
-    # Slash ranges: block_k contiguous keys from an arbitrary start. They are ascending and do not
-    # overlap, so the ranges that need a mask (reaching this tile's first query, or clipped at
-    # k_len) are a suffix of at most MAX_MASKED entries: every range starts at or before its query
-    # block's last row. The prefix runs with plain loads and no element mask.
+    # Slash ranges: block_k contiguous keys from an arbitrary start.
     SUB_N: tl.constexpr = SEL_BLOCK_K // BLOCK_N
     r_row = RangeStarts + b * stride_rb + h * stride_rh + qb * stride_rq
     r_count = tl.load(RangeCounts + b * stride_rcb + h * stride_rch + qb * stride_rcq)
-    plain_limit = tl.minimum(q_first + 1, k_len) - SEL_BLOCK_K  # a range starting at or before it is plain
-    tail = r_count - 1 - tl.arange(0, MAX_MASKED)  # [MAX_MASKED] the last entries of the row
-    tail_starts = tl.load(r_row + tail * stride_rk, mask=tail >= 0, other=-1)
-    n_plain = r_count - tl.sum(((tail >= 0) & (tail_starts > plain_limit)).to(tl.int32), axis=0)
-    if not SPLIT_MASKED:
-        n_plain = 0
-    for t in range(0, n_plain * SUB_N):
-        start_n = tl.load(r_row + (t // SUB_N) * stride_rk) + (t % SUB_N) * BLOCK_N
-        s64 = tl.cast(start_n, tl.int64)
-        if PAD_D:
-            k = tl.load(k_base + s64 * stride_kn + k_tile_offs, mask=d_ok[None, :], other=0.0)
-            v = tl.load(v_base + s64 * stride_vn + v_tile_offs, mask=d_ok[None, :], other=0.0)
-        else:
-            k = tl.load(k_base + s64 * stride_kn + k_tile_offs)
-            v = tl.load(v_base + s64 * stride_vn + v_tile_offs)
-        qk = _dot(q, tl.trans(k), DOT_PREC)  # [BLOCK_M, BLOCK_N], unscaled
-        acc, l_i, m_i = _softmax_update(acc, l_i, m_i, qk, v, qk_scale, False, DOT_PREC)
-    for t in range(n_plain * SUB_N, r_count * SUB_N):
+    for t in range(0, r_count * SUB_N):
         range_start = tl.load(r_row + (t // SUB_N) * stride_rk)
         range_end = tl.minimum(range_start + SEL_BLOCK_K, k_len)
         start_n = range_start + (t % SUB_N) * BLOCK_N
@@ -146,16 +124,6 @@ def _vs_fwd_kernel(
     tl.store(Lse + b * stride_lb + h * stride_lh + start_m + offs_m, lse, mask=row_ok)
 
 
-def _max_masked_ranges(block_q: int, block_k: int) -> int:
-    """Bound on the ranges of a query block that need a mask, as a power of two.
-
-    A range needs one when it starts after ``q_first + 1 - block_k`` (``q_first``: a tile's first
-    query); every range starts at or before its block's last query, and ranges of ``block_k`` keys
-    do not overlap, so at most ``(block_q + block_k) // block_k + 1`` of them start in between.
-    """
-    return triton.next_power_of_2((block_q + block_k) // block_k + 1)
-
-
 def vertical_slash_forward(q, k, v, vs_index: VerticalSlashIndex, *, scale: float | None = None,
                            config: KernelConfig | None = None):
     """Launch the vertical-slash kernel on validated inputs; returns ``(out, lse)``."""
@@ -178,9 +146,7 @@ def vertical_slash_forward(q, k, v, vs_index: VerticalSlashIndex, *, scale: floa
         Hq, Hq // Hkv, Lq, Lk, scale * LOG2E,
         HEAD_DIM=D, BLOCK_D=_padded_head_dim(D), BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
         SEL_BLOCK_Q=vs_index.block_q, SEL_BLOCK_K=vs_index.block_k, DOT_PREC=_dot_precision(q.dtype),
-        KV_MAJOR=cfg.kv_major, MAX_MASKED=_max_masked_ranges(vs_index.block_q, vs_index.block_k),
-        SPLIT_MASKED=cfg.split_masked,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        KV_MAJOR=cfg.kv_major, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return out, lse
 
