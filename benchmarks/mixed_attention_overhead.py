@@ -12,8 +12,10 @@ two for the attention alone, per call (forward + backward of one layer), on Smol
 
 Cases: transformers' SDPA path (what the dense step runs; one document), our dense kernel
 (varlen), the streaming branch alone, and ``mixed_attention`` with every head computing both
-branches (gates requiring grad). ``--profile`` prints torch.profiler's CPU-time table for the
-mixed call.
+branches (gates requiring grad): the fused kernels (``sparseattn.kernels.mixed``) on head-major and
+on sequence-major q/k/v/dO (the ``[1, total, H, D]`` buffers transformers' projections give), and
+the earlier two-pass node (``FUSED_MIXED_KERNELS = False``). ``--profile`` prints torch.profiler's
+CPU-time table for the fused mixed call.
 
     python benchmarks/mixed_attention_overhead.py --out /tmp/out/mixed-overhead.json [--profile]
 """
@@ -27,6 +29,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+import sparseattn.training.attention as training_attention
 from sparseattn.bench.timing import host_ms, machine_record, time_ms, write_json
 from sparseattn.methods.streaming import StreamingConfig
 from sparseattn.training.attention import full_attention, mixed_attention, streaming_attention
@@ -61,8 +64,22 @@ def main() -> None:
     streaming = StreamingConfig(sink=128, window=1024, block_size=64)
     packed = dict(cu_seqlens=cu, max_seqlen=max(DOCS))
 
-    def backward(out):
-        torch.autograd.backward(out, do)
+    def backward(out, grad=do):
+        torch.autograd.backward(out, grad)
+
+    def two_pass(fn):  # the node reads the flag in its forward and keeps it for its backward
+        def run():
+            training_attention.FUSED_MIXED_KERNELS = False
+            try:
+                return fn()
+            finally:
+                training_attention.FUSED_MIXED_KERNELS = True
+        return run
+
+    def seq_major(t):
+        return t.detach().transpose(1, 2).contiguous().transpose(1, 2).requires_grad_(t.requires_grad)
+
+    qs, ks, vs, dos = seq_major(q), seq_major(k), seq_major(v), seq_major(do)
 
     cases = {
         "sdpa (transformers' dense path, one document)": lambda: backward(
@@ -70,8 +87,13 @@ def main() -> None:
         "ours dense (varlen)": lambda: backward(full_attention(q, k, v, **packed)),
         "ours streaming (varlen)": lambda: backward(streaming_attention(q, k, v, streaming=streaming, **packed)),
         "mixed, both branches (varlen)": lambda: backward(mixed_attention(q, k, v, z, streaming=streaming, **packed)),
+        "mixed, both branches, sequence-major (varlen)": lambda: backward(
+            mixed_attention(qs, ks, vs, z, streaming=streaming, **packed), dos),
+        "mixed, both branches, two-pass node (varlen)": two_pass(lambda: backward(
+            mixed_attention(q, k, v, z, streaming=streaming, **packed))),
     }
-    # Gate: the fused mixed node against the two branches composed by autograd (bf16 rounding only).
+    # Gate: the fused and the two-pass mixed nodes against the two branches composed by autograd
+    # (bf16 rounding only).
     def composed():
         full, local = full_attention(q, k, v, **packed), streaming_attention(q, k, v, streaming=streaming, **packed)
         zq = z.to(full.dtype).repeat_interleave(HQ // HKV)[None, :, None, None]
@@ -79,6 +101,7 @@ def main() -> None:
 
     errors = {}
     for name, make in (("fused", lambda: mixed_attention(q, k, v, z, streaming=streaming, **packed)),
+                       ("two-pass", two_pass(lambda: mixed_attention(q, k, v, z, streaming=streaming, **packed))),
                        ("composed", composed)):
         out = make()
         grads = torch.autograd.grad(out, (q, k, v, z), do)
@@ -87,8 +110,11 @@ def main() -> None:
     def rel(a, b):
         return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
 
-    gate = {"out": rel(errors["fused"][0], errors["composed"][0])}
-    gate.update({f"d{n}": rel(a, b) for n, a, b in zip("qkvz", errors["fused"][1], errors["composed"][1])})
+    gate = {}
+    for node in ("fused", "two-pass"):
+        prefix = "" if node == "fused" else "two-pass "
+        gate[prefix + "out"] = rel(errors[node][0], errors["composed"][0])
+        gate.update({f"{prefix}d{n}": rel(a, b) for n, a, b in zip("qkvz", errors[node][1], errors["composed"][1])})
     gate["passed"] = all(e < 2e-2 for e in gate.values())
     errors = None
     print("gate:", json.dumps(gate), flush=True)

@@ -13,12 +13,12 @@ source "$(dirname "$0")/gpu_steps.sh"
 # Small shapes first, before anything long.
 step smoke 240 python3 -m pytest -q -x tests/test_kernels.py tests/test_estimate.py -k "config_override or \
 block_mass_matches_reference or varlen or non_contiguous"
-step gputests 330 python3 -m pytest -q -m gpu tests/test_kernels.py tests/test_estimate.py tests/test_flexprefill.py \
+step gputests 330 python3 -m pytest -q -m gpu tests/test_kernels.py tests/test_estimate.py tests/test_flexprefill.py tests/test_mixed_kernel.py \
   tests/test_minference.py
 # The interpreter's kernel tests, on the GPU in bf16/fp16 (both program orders, gradients, varlen).
 step gradtests 240 python3 -m pytest -q tests/test_kernels.py -k "gradients or varlen or transposes or deterministic \
 or config_override or vertical_slash or sparse_forward or dense_forward or scales_and_accumulates"
-step mixedtests 240 python3 -m pytest -q tests/test_mixed_kernel.py tests/test_training.py -k "mixed"
+step mixedtests 240 python3 -m pytest -q tests/test_mixed_kernel.py tests/test_training.py -k "mixed or varlen_attention"
 step bench-kernel 330 $SA bench kernel --out "$OUT/bench"
 step bench-methods 200 $SA bench methods --lengths 32768,131072 --out "$OUT/bench"
 step bench-xattn 300 python3 benchmarks/bench_xattention.py --out "$OUT/xattention.json"

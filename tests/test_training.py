@@ -255,14 +255,17 @@ def test_varlen_attention_never_crosses_documents():
     assert rel_rms(packed, torch.cat(parts, 2)) < 1e-5
 
 
-@pytest.mark.parametrize("split", [False, True], ids=["one-pass-dkdv", "split-dkdv"])
-def test_varlen_attention_through_the_triton_kernel(monkeypatch, split):
-    """The GPU code path (both branches as one fused autograd node: gate-scaled gradients, the
-    second branch accumulated onto the first's), run in the Triton interpreter on the CPU; GQA 4/2
-    with two gates, and the split dK/dV pass (fp32 partials reduced into the gradients)."""
+@pytest.mark.parametrize("path", ["fused", "two-pass", "two-pass-split-dkdv"])
+def test_varlen_attention_through_the_triton_kernel(monkeypatch, path):
+    """The GPU code paths, run in the Triton interpreter on the CPU; GQA 4/2 with two gates: the
+    fused mixed kernels (sparseattn.kernels.mixed, the default), and the earlier two-pass node
+    (gate-scaled gradients, the second branch accumulated onto the first's), also with the split
+    dK/dV pass (fp32 partials reduced into the gradients)."""
     import sparseattn.kernels.block_sparse as bs
+    import sparseattn.training.attention as attention
 
-    if split:
+    monkeypatch.setattr(attention, "FUSED_MIXED_KERNELS", path == "fused")
+    if path == "two-pass-split-dkdv":
         monkeypatch.setattr(bs, "DKDV_SPLIT_ENTRIES", 1)
     docs = [40, 1, 70]
     dev = "cuda" if torch.cuda.is_available() else "cpu"  # CPU: the interpreter (conftest)

@@ -8,10 +8,12 @@ Both branches are exact softmax attention computed through sparseattn's own path
 
 Packed sequences (``cu_seqlens``) never attend across documents. On a GPU each branch is one
 varlen launch of the shared kernel (dense mode for the full branch, one streaming ``BlockIndex``
-row per document for the other); elsewhere ``sparse_attention`` runs each document on its own.
-Given the gates' values on the host, heads whose gate is exactly 0 or 1 compute only the branch
-they use. Everything is differentiable in ``q, k, v`` and ``z``; ``dL/dz`` of a head is
-``<dL/dout, full - streaming>`` summed over its query heads and positions.
+row per document for the other); when every head needs both branches, ``sparseattn.kernels.mixed``
+computes both from one ``Q K^T`` per tile instead (one forward launch, two backward launches).
+Elsewhere ``sparse_attention`` runs each document on its own. Given the gates' values on the host,
+heads whose gate is exactly 0 or 1 compute only the branch they use. Everything is differentiable
+in ``q, k, v`` and ``z``; ``dL/dz`` of a head is ``<dL/dout, full - streaming>`` summed over its
+query heads and positions.
 
 Example:
     >>> import torch
@@ -134,49 +136,86 @@ def _on_heads(fn, kv_heads: list[int], q, k, v, **kwargs) -> torch.Tensor | None
     return q.new_zeros(B, Hq, Lq, v.shape[-1]).index_copy(1, q_idx, part)
 
 
-class _MixedAttention(torch.autograd.Function):
-    """Both branches of every head as one autograd node, on packed rows through the Triton kernel.
+# True: packed rows with both branches everywhere run sparseattn.kernels.mixed (both branches from
+# one Q K^T per tile). False: the earlier two-pass node (two block-sparse forwards and a lerp, two
+# block-sparse backwards), kept to compare against (benchmarks/mixed_attention_overhead.py, tests).
+FUSED_MIXED_KERNELS = True
 
-    Forward: the dense and the streaming forward kernels and one ``lerp``. Backward: the streaming
-    branch's backward kernels, then the dense branch's adding into the same gradient buffers, each
-    scaling the incoming gradient by its gate share as it loads it (``do_scale``, ``accumulate``
-    of ``block_sparse_backward``), and ``dL/dz`` as one product and one sum. Autograd's version of
-    the same math (a ``lerp`` node, two attention nodes, gradient sums) queued about 20 more small
-    kernels per layer; the training step is bound by the host's launch cost (NOTES.md, run 11).
+
+def _two_pass_forward(ctx, q, k, v, z, streaming, scale, cu_seqlens, max_seqlen):
+    from ..kernels.block_sparse import block_sparse_forward
+
+    index = streaming_index(max_seqlen, max_seqlen, cu_seqlens.numel() - 1, q.shape[1], streaming, q.device)
+    kwargs = dict(scale=scale, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
+    full, lse_full = block_sparse_forward(q, k, v, None, **kwargs)
+    local, lse_local = block_sparse_forward(q, k, v, index, **kwargs)
+    Hkv, G = k.shape[1], q.shape[1] // k.shape[1]
+    gate = z.detach().to(full.dtype).view(1, Hkv, 1, 1, 1)
+    out = torch.lerp(local.unflatten(1, (Hkv, G)), full.unflatten(1, (Hkv, G)), gate).flatten(1, 2)
+    ctx.save_for_backward(q, k, v, z, full, lse_full, local, lse_local, cu_seqlens)
+    ctx.index = index
+    return out
+
+
+def _two_pass_backward(ctx, dout):
+    from ..kernels.block_sparse import block_sparse_backward, cached_key_major_index
+
+    q, k, v, z, full, lse_full, local, lse_local, cu_seqlens = ctx.saved_tensors
+    Hkv, G = k.shape[1], q.shape[1] // k.shape[1]
+    dq = dk = dv = dz = None
+    if ctx.needs_input_grad[3]:  # dL/dz = <dout, full - local> over the KV head's query heads
+        dz = (dout * (full - local)).sum(dim=(0, 2, 3), dtype=torch.float32).view(Hkv, G).sum(1).to(z.dtype)
+    if any(ctx.needs_input_grad[:3]):
+        share = z.detach().float().repeat_interleave(G)  # [Hq] the dense branch's share of dout
+        kwargs = dict(scale=ctx.scale, cu_seqlens=cu_seqlens, max_seqlen=ctx.max_seqlen)
+        grads = block_sparse_backward(dout, q, k, v, local, lse_local, ctx.index, do_scale=1.0 - share,
+                                      key_major=cached_key_major_index(ctx.index), **kwargs)
+        dq, dk, dv = block_sparse_backward(dout, q, k, v, full, lse_full, None, do_scale=share,
+                                           accumulate=grads, **kwargs)
+    return dq, dk, dv, dz
+
+
+class _MixedAttention(torch.autograd.Function):
+    """Both branches of every head as one autograd node, on packed rows through Triton kernels.
+
+    Forward: one launch of ``mixed_forward`` (``out``, both branches and their log-sum-exps).
+    Backward: ``mixed_backward``'s dQ launch (which also computes the row deltas and the
+    ``dL/dz`` partials) and dK/dV launch (which also sums ``dL/dz``), or the dQ kernel's prologue
+    alone when only ``z`` needs a gradient. The training step is bound by the host's launch cost
+    (NOTES.md, run 11): the earlier node (``FUSED_MIXED_KERNELS = False``) queued 2 kernels and a
+    lerp forward and about 7 kernels and 8 torch ops backward.
     """
 
     @staticmethod
-    def forward(ctx, q, k, v, z, index, scale, cu_seqlens, max_seqlen):
-        from ..kernels.block_sparse import _validate, block_sparse_forward
+    def forward(ctx, q, k, v, z, streaming, scale, cu_seqlens, max_seqlen):
+        from ..kernels.block_sparse import _validate
 
         _validate(q, k, v, None, True, scale, cu_seqlens, max_seqlen)  # clear errors (e.g. CPU tensors)
-        kwargs = dict(scale=scale, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
-        full, lse_full = block_sparse_forward(q, k, v, None, **kwargs)
-        local, lse_local = block_sparse_forward(q, k, v, index, **kwargs)
-        Hkv, G = k.shape[1], q.shape[1] // k.shape[1]
-        gate = z.detach().to(full.dtype).view(1, Hkv, 1, 1, 1)
-        out = torch.lerp(local.unflatten(1, (Hkv, G)), full.unflatten(1, (Hkv, G)), gate).flatten(1, 2)
-        ctx.save_for_backward(q, k, v, z, full, lse_full, local, lse_local, cu_seqlens)
-        ctx.index, ctx.scale, ctx.max_seqlen = index, scale, max_seqlen
+        ctx.streaming, ctx.scale, ctx.max_seqlen = streaming, scale, max_seqlen
+        ctx.fused = FUSED_MIXED_KERNELS
+        if not ctx.fused:
+            return _two_pass_forward(ctx, q, k, v, z, streaming, scale, cu_seqlens, max_seqlen)
+        from ..kernels.mixed import mixed_forward
+
+        out, branches, lse = mixed_forward(q, k, v, z, sink=streaming.sink, window=streaming.window,
+                                           block_size=streaming.block_size, cu_seqlens=cu_seqlens,
+                                           max_seqlen=max_seqlen, scale=scale)
+        ctx.save_for_backward(q, k, v, z, branches, lse, cu_seqlens)
         return out
 
     @staticmethod
     def backward(ctx, dout):
-        from ..kernels.block_sparse import block_sparse_backward, cached_key_major_index
+        if not ctx.fused:
+            return (*_two_pass_backward(ctx, dout), None, None, None, None)
+        from ..kernels.mixed import mixed_backward
 
-        q, k, v, z, full, lse_full, local, lse_local, cu_seqlens = ctx.saved_tensors
-        Hkv, G = k.shape[1], q.shape[1] // k.shape[1]
-        dq = dk = dv = dz = None
-        if ctx.needs_input_grad[3]:  # dL/dz = <dout, full - local> over the KV head's query heads
-            dz = (dout * (full - local)).sum(dim=(0, 2, 3), dtype=torch.float32).view(Hkv, G).sum(1).to(z.dtype)
-        if any(ctx.needs_input_grad[:3]):
-            share = z.detach().float().repeat_interleave(G)  # [Hq] the dense branch's share of dout
-            kwargs = dict(scale=ctx.scale, cu_seqlens=cu_seqlens, max_seqlen=ctx.max_seqlen)
-            grads = block_sparse_backward(dout, q, k, v, local, lse_local, ctx.index, do_scale=1.0 - share,
-                                          key_major=cached_key_major_index(ctx.index), **kwargs)
-            dq, dk, dv = block_sparse_backward(dout, q, k, v, full, lse_full, None, do_scale=share,
-                                               accumulate=grads, **kwargs)
-        return dq, dk, dv, dz, None, None, None, None
+        q, k, v, z, branches, lse, cu_seqlens = ctx.saved_tensors
+        streaming = ctx.streaming
+        dq, dk, dv, dz = mixed_backward(dout, q, k, v, z, branches, lse, sink=streaming.sink,
+                                        window=streaming.window, block_size=streaming.block_size,
+                                        cu_seqlens=cu_seqlens, max_seqlen=ctx.max_seqlen, scale=ctx.scale,
+                                        qkv_grads=any(ctx.needs_input_grad[:3]))
+        return dq, dk, dv, (dz if ctx.needs_input_grad[3] else None), None, None, None, None
 
 
 def mixed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, z: torch.Tensor, *,
@@ -188,7 +227,8 @@ def mixed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, z: torch.
     Args:
         q: `[B, Hq, Lq, D]`; `[1, Hq, total, D]` with ``cu_seqlens``.
         k, v: `[B, Hkv, Lk, D]`, `Hq % Hkv == 0`.
-        z: `[Hkv]` gates in [0, 1] (any float dtype; may require grad).
+        z: `[Hkv]` gates in [0, 1] (any float dtype; may require grad). The fused kernels fold
+            the shares into log-sum-exps, so a gate outside [0, 1] gives NaN gradients there.
         streaming: the streaming branch's sink, window and block size.
         scale: softmax scale, default `1/sqrt(D)`.
         cu_seqlens: `[N + 1]` int32 cumulative document lengths of one packed row, or None.
@@ -215,8 +255,7 @@ def mixed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, z: torch.
     if len(need_full) == len(need_local) == Hkv and not _single_sequence(cu_seqlens) and _use_triton(q):
         # Every head computes both branches of a packed row: one fused autograd node.
         cu_seqlens, max_seqlen = _check_varlen(q, k, cu_seqlens, max_seqlen)
-        index = streaming_index(max_seqlen, max_seqlen, cu_seqlens.numel() - 1, Hq, streaming, q.device)
-        return _MixedAttention.apply(q, k, v, z, index, scale, cu_seqlens, max_seqlen)
+        return _MixedAttention.apply(q, k, v, z, streaming, scale, cu_seqlens, max_seqlen)
     kwargs = dict(scale=scale, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
     full = _on_heads(full_attention, need_full, q, k, v, **kwargs)
     local = _on_heads(streaming_attention, need_local, q, k, v, streaming=streaming, **kwargs)
