@@ -14,7 +14,8 @@ Cases: transformers' SDPA path (what the dense step runs; one document), our den
 (varlen), the streaming branch alone, and ``mixed_attention`` with every head computing both
 branches (gates requiring grad): the fused kernels (``sparseattn.kernels.mixed``) on head-major and
 on sequence-major q/k/v/dO (the ``[1, total, H, D]`` buffers transformers' projections give), and
-the earlier two-pass node (``FUSED_MIXED_KERNELS = False``). ``--profile`` prints torch.profiler's
+the earlier two-pass node (``FUSED_MIXED_KERNELS = False``); and the same on one 8K document (the
+synthetic PruLong rows), fused and composed. ``--profile`` prints torch.profiler's
 CPU-time table for the fused mixed call.
 
     python benchmarks/mixed_attention_overhead.py --out /tmp/out/mixed-overhead.json [--profile]
@@ -91,6 +92,11 @@ def main() -> None:
             mixed_attention(qs, ks, vs, z, streaming=streaming, **packed), dos),
         "mixed, both branches, two-pass node (varlen)": two_pass(lambda: backward(
             mixed_attention(q, k, v, z, streaming=streaming, **packed))),
+        # One document filling the row (the synthetic PruLong rows): the fused node, and before it
+        # the composed path (cuDNN SDPA + the streaming kernel + lerp through autograd).
+        "mixed, both branches, one document": lambda: backward(mixed_attention(q, k, v, z, streaming=streaming)),
+        "mixed, both branches, one document, composed": two_pass(lambda: backward(
+            mixed_attention(q, k, v, z, streaming=streaming))),
     }
     # Gate: the fused and the two-pass mixed nodes against the two branches composed by autograd
     # (bf16 rounding only).

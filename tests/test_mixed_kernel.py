@@ -213,6 +213,34 @@ def test_mixed_attention_fused_matches_two_pass(monkeypatch):
             assert rel_err(got, want) < 1e-4, f"d{name} vs {other}"
 
 
+@pytest.mark.parametrize("cu_seqlens", [False, True], ids=["no-cu_seqlens", "cu_seqlens-one-document"])
+def test_mixed_attention_one_document_takes_the_fused_kernels(monkeypatch, cu_seqlens):
+    """A batch-1 row that is one document (no ``cu_seqlens``, or ``[0, L]``) takes the fused node
+    too; with ``FUSED_MIXED_KERNELS = False`` it takes the composed path as before. Both agree with
+    the fp32 reference backend."""
+    calls = []
+    monkeypatch.setattr(mixed_kernels, "mixed_forward",
+                        lambda *a, **kw: calls.append(1) or mixed_forward(*a, **kw))
+    q, k, v, _ = packed([111], 4, 2, 16)
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    cu = torch.tensor([0, 111], dtype=torch.int32, device=DEVICE) if cu_seqlens else None
+    z = torch.tensor([0.7, 0.2], device=DEVICE, requires_grad=True)
+    weight = torch.randn(q.shape, generator=torch.Generator().manual_seed(2)).to(DEVICE)
+    results = {}
+    for name, fused, backend in (("fused", True, "triton"), ("composed", False, "triton"),
+                                 ("reference", True, "reference")):
+        monkeypatch.setattr(training_attention, "FUSED_MIXED_KERNELS", fused)
+        monkeypatch.setenv("SPARSEATTN_BACKEND", backend)
+        out = training_attention.mixed_attention(q, k, v, z, streaming=STREAM, cu_seqlens=cu)
+        grads = torch.autograd.grad(out, (q, k, v, z), weight)
+        results[name] = (out.detach(), grads)
+    assert len(calls) == 1  # only the first call took the fused kernels
+    for other in ("composed", "reference"):
+        assert rel_err(results["fused"][0], results[other][0]) < 1e-5
+        for name, got, want in zip("qkvz", results["fused"][1], results[other][1]):
+            assert rel_err(got, want) < 1e-4, f"d{name} vs {other}"
+
+
 # ---- GPU: bf16 at the training shape ----------------------------------------------------------
 
 SMOLLM2_DOCS = [3000, 2500, 1692, 1000]  # one packed 8K row, as benchmarks/mixed_attention_overhead.py

@@ -9,7 +9,8 @@ Both branches are exact softmax attention computed through sparseattn's own path
 Packed sequences (``cu_seqlens``) never attend across documents. On a GPU each branch is one
 varlen launch of the shared kernel (dense mode for the full branch, one streaming ``BlockIndex``
 row per document for the other); when every head needs both branches, ``sparseattn.kernels.mixed``
-computes both from one ``Q K^T`` per tile instead (one forward launch, two backward launches).
+computes both from one ``Q K^T`` per tile instead (one forward launch, two backward launches), for
+a packed row and for a batch-1 row that is one document.
 Elsewhere ``sparse_attention`` runs each document on its own. Given the gates' values on the host,
 heads whose gate is exactly 0 or 1 compute only the branch they use. Everything is differentiable
 in ``q, k, v`` and ``z``; ``dL/dz`` of a head is ``<dL/dout, full - streaming>`` summed over its
@@ -66,6 +67,12 @@ def _check_varlen(q, k, cu_seqlens, max_seqlen):
     if max_seqlen is None:
         max_seqlen = int(cu_seqlens.diff().max().item())
     return cu_seqlens, int(max_seqlen)
+
+
+@functools.lru_cache(maxsize=16)
+def _whole_row(length: int, device: str) -> torch.Tensor:
+    """``cu_seqlens`` ``[0, length]`` of a row that is one document (cached: no copy per layer)."""
+    return torch.tensor([0, length], dtype=torch.int32, device=device)
 
 
 def _single_sequence(cu_seqlens) -> bool:
@@ -252,10 +259,14 @@ def mixed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, z: torch.
     heads = range(Hkv)
     need_full = [h for h in heads if z_values is None or z_values[h] > 0.0]
     need_local = [h for h in heads if z_values is None or z_values[h] < 1.0]
-    if len(need_full) == len(need_local) == Hkv and not _single_sequence(cu_seqlens) and _use_triton(q):
-        # Every head computes both branches of a packed row: one fused autograd node.
-        cu_seqlens, max_seqlen = _check_varlen(q, k, cu_seqlens, max_seqlen)
-        return _MixedAttention.apply(q, k, v, z, streaming, scale, cu_seqlens, max_seqlen)
+    if len(need_full) == len(need_local) == Hkv and _use_triton(q):
+        # Every head computes both branches: one fused autograd node for a packed row, and (fused
+        # kernels only) for a row that is one document, what the synthetic PruLong rows are.
+        if not _single_sequence(cu_seqlens):
+            cu_seqlens, max_seqlen = _check_varlen(q, k, cu_seqlens, max_seqlen)
+            return _MixedAttention.apply(q, k, v, z, streaming, scale, cu_seqlens, max_seqlen)
+        if FUSED_MIXED_KERNELS and B == 1 and Lq == k.shape[2]:
+            return _MixedAttention.apply(q, k, v, z, streaming, scale, _whole_row(Lq, str(q.device)), Lq)
     kwargs = dict(scale=scale, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
     full = _on_heads(full_attention, need_full, q, k, v, **kwargs)
     local = _on_heads(streaming_attention, need_local, q, k, v, streaming=streaming, **kwargs)
