@@ -521,15 +521,17 @@ def default_mixed_configs(head_dim: int, dtype: torch.dtype, interpret: bool) ->
     if dtype == torch.float32:  # exact fp32 dots on CUDA cores: tests, not speed
         small = KernelConfig(16, 16, num_warps=4, num_stages=1)
         return MixedConfigs(KernelConfig(32, 32, num_warps=4, num_stages=1), small, small)
-    # bf16/fp16, first choices for the H100, not timed yet: tiles with no or few register spills in
-    # ptxas's report for sm_90a with triton 3.6 (SmolLM2's layer: 9/3 heads, sink 128, window 1024,
-    # block 64; spilled bytes in the comments). Two accumulators in the forward and two P tiles
-    # everywhere make these kernels tighter on registers than block_sparse's.
+    # bf16/fp16 on the H100. D = 64 measured (benchmarks/sweep_mixed_configs.py, NOTES.md run 15,
+    # SmolLM2's layer: 9/3 heads, sink 128, window 1024, block 64, 8K as one document / 4 documents):
+    # 4 warps everywhere; forward 64x64 0.36 / 0.19 ms (8 warps: 0.67 / 0.31), dQ 64x64 1.98 / 0.69
+    # (with the dK/dV launch), dK/dV 32 rows x 64 keys 1.82 / 0.74. The other head dims are first
+    # choices by ptxas's spill report for sm_90a (triton 3.6), not timed: two accumulators in the
+    # forward and two P tiles everywhere make these kernels tighter on registers than block_sparse's.
     if head_dim <= 64:
         return MixedConfigs(
-            forward=KernelConfig(64, 64, num_warps=8, num_stages=3),  # 8 B (64x32: 0; 128x32: 192; 128x64: 368)
-            backward_dq=KernelConfig(64, 64, num_warps=8, num_stages=2),  # 0 (128x32: 24; 128x64: 272)
-            backward_dkdv=KernelConfig(64, 32, num_warps=8, num_stages=2),  # 16 B (32x32, 4 warps: 0; 32x64: 256)
+            forward=KernelConfig(64, 64, num_warps=4, num_stages=3),
+            backward_dq=KernelConfig(64, 64, num_warps=4, num_stages=2),
+            backward_dkdv=KernelConfig(32, 64, num_warps=4, num_stages=3),
         )
     if head_dim <= 128:
         return MixedConfigs(
