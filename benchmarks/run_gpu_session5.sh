@@ -26,4 +26,5 @@ step bench-minf 420 python3 benchmarks/bench_minference.py --lengths 32768,13107
   --configs default,v512_s512_bs128,adaptive_0.01,v512_s512 --sweep-kernel --out "$OUT/minference.json"
 step overhead 200 python3 benchmarks/mixed_attention_overhead.py --profile --out "$OUT/mixed-overhead.json"
 step timing 400 python3 benchmarks/train_prulong_gpu.py --skip-train --skip-eval --out "$OUT/prulong-timing"
+step prulong 560 python3 benchmarks/train_prulong_gpu.py --out "$OUT/prulong"
 printf '%s\n' "${summary[@]}"
