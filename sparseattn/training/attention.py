@@ -241,10 +241,12 @@ def mixed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, z: torch.
         cu_seqlens: `[N + 1]` int32 cumulative document lengths of one packed row, or None.
         max_seqlen: the longest document, if known.
         z_values: ``z`` as Python floats, when the caller knows them. Then a head whose gate is
-            exactly 1 computes only the full branch and one at exactly 0 only the streaming branch:
-            the output is the same, and so are the gradients, except ``dL/dz`` of those saturated
-            heads (which hard-concrete gates clamped at 0 or 1 do not pass on to ``log_alpha``).
-            A fixed 0/1 head mask is this case with no gradient at all.
+            exactly 1 computes only the full branch and one at exactly 0 only the streaming branch
+            (on the GPU's fused node, which serves packed and one-document rows, only when all
+            heads saturate to the same side; a mix runs as one node): the output is the same, and
+            so are the gradients, except ``dL/dz`` of those saturated heads (which hard-concrete
+            gates clamped at 0 or 1 do not pass on to ``log_alpha``). A fixed 0/1 head mask is
+            this case with no gradient at all.
 
     Returns:
         `[B, Hq, Lq, D]` in q's dtype, differentiable in q, k, v and z.
@@ -259,9 +261,12 @@ def mixed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, z: torch.
     heads = range(Hkv)
     need_full = [h for h in heads if z_values is None or z_values[h] > 0.0]
     need_local = [h for h in heads if z_values is None or z_values[h] < 1.0]
-    if len(need_full) == len(need_local) == Hkv and _use_triton(q):
-        # Every head computes both branches: one fused autograd node for a packed row, and (fused
-        # kernels only) for a row that is one document, what the synthetic PruLong rows are.
+    if need_full and need_local and _use_triton(q):
+        # Both branches are needed (by every head, or some heads full and others streaming): one
+        # fused autograd node for a packed row, and (fused kernels only) for a row that is one
+        # document, what the synthetic PruLong rows are. Saturated heads compute both branches
+        # there too: same output, and one node costs the host less than a branch per head subset
+        # (the step is host-bound; NOTES.md run 15).
         if not _single_sequence(cu_seqlens):
             cu_seqlens, max_seqlen = _check_varlen(q, k, cu_seqlens, max_seqlen)
             return _MixedAttention.apply(q, k, v, z, streaming, scale, cu_seqlens, max_seqlen)
