@@ -707,3 +707,20 @@ def test_docstring_examples(name):
     module = importlib.import_module(f"sparseattn.training.{name}")
     result = doctest.testmod(module, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
     assert result.failed == 0 and result.attempted > 0
+
+
+def test_training_curves_png(tmp_path):
+    """The CSV log becomes a three-panel PNG; a log with no steps is a clear error."""
+    from sparseattn.training.curves import plot_training_log, read_training_log
+
+    log = tmp_path / "train_log.csv"
+    header = "step,lm_loss,sparsity,sparsity_det,target_sparsity,lambda1,lambda2\n"
+    log.write_text(header + "".join(f"{i},{2.0 / i},{i / 40},{i / 30},{i / 40},{-i},{i * i}\n" for i in range(1, 21)))
+    cols = read_training_log(log)
+    assert cols["lm_loss"][0] == (1.0, 2.0) and len(cols["lambda2"]) == 20
+    png = plot_training_log(log, tmp_path / "curves.png", title="t")
+    assert open(png, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+    empty = tmp_path / "empty.csv"
+    empty.write_text(header)
+    with pytest.raises(ValueError, match="no logged steps"):
+        read_training_log(empty)
