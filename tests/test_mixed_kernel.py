@@ -186,58 +186,42 @@ def test_mixed_backward_gate_only():
 # ---- the public function ----------------------------------------------------------------------
 
 
-def test_mixed_attention_fused_matches_two_pass(monkeypatch):
-    """``mixed_attention`` on packed rows (the GPU path, here in the interpreter): the fused node
-    against the two-pass node (``FUSED_MIXED_KERNELS = False``) and the fp32 reference backend."""
-    monkeypatch.setenv("SPARSEATTN_BACKEND", "triton")
+ROWS = [  # (document lengths, pass cu_seqlens, z, z_values)
+    pytest.param([40, 1, 70], True, [0.6, 0.25], None, id="packed"),
+    pytest.param([111], False, [0.7, 0.2], None, id="one-document-no-cu_seqlens"),
+    pytest.param([111], True, [0.7, 0.2], None, id="one-document-cu_seqlens"),
+    pytest.param([40, 1, 70], True, [1.0, 0.0], (1.0, 0.0), id="packed-saturated-both-sides"),
+]
+
+
+@pytest.mark.parametrize("lengths, with_cu, z, z_values", ROWS)
+def test_mixed_attention_takes_the_fused_kernels(monkeypatch, lengths, with_cu, z, z_values):
+    """``mixed_attention`` on the GPU path (here in the interpreter) takes the fused node for packed
+    rows, for a batch-1 row that is one document (no ``cu_seqlens``, or ``[0, L]``) and for gates
+    saturated to both sides; it agrees with the previous paths (``FUSED_MIXED_KERNELS = False``:
+    the two-pass node, or the composed path for one document) and with the fp32 reference backend.
+    Saturated gates: ``dL/dz`` is not compared (the other paths skip the unused branch)."""
     calls = []
     monkeypatch.setattr(mixed_kernels, "mixed_forward",
                         lambda *a, **kw: calls.append(1) or mixed_forward(*a, **kw))
-    lengths = [40, 1, 70]
     q, k, v, cu = packed(lengths, 4, 2, 16)
     q, k, v = (t.requires_grad_() for t in (q, k, v))
-    z = torch.tensor([0.6, 0.25], device=DEVICE, requires_grad=True)
+    kwargs = dict(cu_seqlens=cu, max_seqlen=max(lengths)) if with_cu else {}
+    z = torch.tensor(z, device=DEVICE, requires_grad=True)
     weight = torch.randn(q.shape, generator=torch.Generator().manual_seed(1)).to(DEVICE)
     results = {}
-    for name, fused, backend in (("fused", True, "triton"), ("two-pass", False, "triton"),
+    for name, fused, backend in (("fused", True, "triton"), ("previous", False, "triton"),
                                  ("reference", True, "reference")):
         monkeypatch.setattr(training_attention, "FUSED_MIXED_KERNELS", fused)
         monkeypatch.setenv("SPARSEATTN_BACKEND", backend)
-        out = training_attention.mixed_attention(q, k, v, z, streaming=STREAM, cu_seqlens=cu, max_seqlen=70)
-        grads = torch.autograd.grad(out, (q, k, v, z), weight)
+        out = training_attention.mixed_attention(q, k, v, z, streaming=STREAM, z_values=z_values, **kwargs)
+        grads = torch.autograd.grad(out, (q, k, v, z), weight, allow_unused=True)
         results[name] = (out.detach(), grads)
     assert len(calls) == 1  # only the first call took the fused kernels
-    for other in ("two-pass", "reference"):
+    names = "qkv" if z_values is not None else "qkvz"
+    for other in ("previous", "reference"):
         assert rel_err(results["fused"][0], results[other][0]) < 1e-5
-        for name, got, want in zip("qkvz", results["fused"][1], results[other][1]):
-            assert rel_err(got, want) < 1e-4, f"d{name} vs {other}"
-
-
-@pytest.mark.parametrize("cu_seqlens", [False, True], ids=["no-cu_seqlens", "cu_seqlens-one-document"])
-def test_mixed_attention_one_document_takes_the_fused_kernels(monkeypatch, cu_seqlens):
-    """A batch-1 row that is one document (no ``cu_seqlens``, or ``[0, L]``) takes the fused node
-    too; with ``FUSED_MIXED_KERNELS = False`` it takes the composed path as before. Both agree with
-    the fp32 reference backend."""
-    calls = []
-    monkeypatch.setattr(mixed_kernels, "mixed_forward",
-                        lambda *a, **kw: calls.append(1) or mixed_forward(*a, **kw))
-    q, k, v, _ = packed([111], 4, 2, 16)
-    q, k, v = (t.requires_grad_() for t in (q, k, v))
-    cu = torch.tensor([0, 111], dtype=torch.int32, device=DEVICE) if cu_seqlens else None
-    z = torch.tensor([0.7, 0.2], device=DEVICE, requires_grad=True)
-    weight = torch.randn(q.shape, generator=torch.Generator().manual_seed(2)).to(DEVICE)
-    results = {}
-    for name, fused, backend in (("fused", True, "triton"), ("composed", False, "triton"),
-                                 ("reference", True, "reference")):
-        monkeypatch.setattr(training_attention, "FUSED_MIXED_KERNELS", fused)
-        monkeypatch.setenv("SPARSEATTN_BACKEND", backend)
-        out = training_attention.mixed_attention(q, k, v, z, streaming=STREAM, cu_seqlens=cu)
-        grads = torch.autograd.grad(out, (q, k, v, z), weight)
-        results[name] = (out.detach(), grads)
-    assert len(calls) == 1  # only the first call took the fused kernels
-    for other in ("composed", "reference"):
-        assert rel_err(results["fused"][0], results[other][0]) < 1e-5
-        for name, got, want in zip("qkvz", results["fused"][1], results[other][1]):
+        for name, got, want in zip(names, results["fused"][1], results[other][1]):
             assert rel_err(got, want) < 1e-4, f"d{name} vs {other}"
 
 
