@@ -131,7 +131,31 @@ def layer_micro(args, device, dtype, full_heads):
     for name, fn in calls.items():
         gpu, host = time_call(fn, device, args.repeats * 3)
         rows[name] = {"gpu_ms": gpu, "host_ms": host}
-    return rows
+    return rows, calls["sparse_attention(headmask)"]
+
+
+def profile_call(fn, device):
+    """Operators of 5 calls of ``fn`` with their Python stacks: where the host time and the syncs are."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    fn()
+    sync(device)
+    with profile(activities=activities, with_stack=True) as prof:
+        for _ in range(5):
+            fn()
+        sync(device)
+    events = prof.key_averages(group_by_stack_n=8)
+    lines = []
+    for e in sorted(events, key=lambda e: -e.self_cpu_time_total)[:25]:
+        stack = " <- ".join(f.split("/")[-1] for f in (e.stack or [])[:6])
+        lines.append(f"{e.self_cpu_time_total / 5:9.1f} us/call  x{e.count // 5:<3} {e.key[:40]:<40} {stack}")
+    syncs = []
+    for e in events:
+        if any(s in e.key for s in SYNC_OPS):
+            stack = " <- ".join(f.split("/")[-1] for f in (e.stack or [])[:8])
+            syncs.append(f"x{e.count} {e.key}: {stack}")
+    return {"top_self_cpu_with_stack": lines, "syncs_with_stack": syncs}
 
 
 def profile_prefill(model, ids, new_cache):
@@ -191,7 +215,9 @@ def main(argv=None) -> int:
             if name == "mask50 + HeadMaskCache" and not args.no_profile:
                 result["profile"] = profile_prefill(model, ids, new_cache)
         print(f"  {name}: {statistics.median(times):.2f} ms", flush=True)
-    result["layer"] = layer_micro(args, device, dtype, [True, False, True])
+    result["layer"], call = layer_micro(args, device, dtype, [True, False, True])
+    if not args.no_profile:
+        result["layer_profile"] = profile_call(call, device)
 
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1))
@@ -199,6 +225,10 @@ def main(argv=None) -> int:
         print(result["profile"]["by_self_cpu"])
         print(result["profile"]["by_device"])
         print("sync-like calls:", result["profile"]["sync_like_calls"])
+    if "layer_profile" in result:
+        print("one sparse_attention(headmask) call, top self-CPU operators (per call) and syncs:")
+        print("\n".join(result["layer_profile"]["top_self_cpu_with_stack"]))
+        print("\n".join(result["layer_profile"]["syncs_with_stack"]))
     print(f"\nwhole-model prefill, {args.tokens} tokens, {args.layers} layers (median of {args.repeats})")
     for row in result["prefill"]:
         print(f"  {row['name']:<32} {row['median_ms']:8.2f} ms")

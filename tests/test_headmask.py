@@ -36,6 +36,7 @@ from sparseattn.integrations import headmask_attention
 from sparseattn.integrations.headmask_attention import generate_with_head_mask, make_cache, patch_head_mask
 from sparseattn.integrations.headmask_cache import HeadMaskCache, HeadMaskSettings, kept_positions, kv_cache_bytes
 from sparseattn.integrations.transformers import patch, sparse_attention_mask
+from sparseattn.methods import headmask as headmask_method
 from sparseattn.methods.headmask import HeadMaskConfig, head_mask_attention, select_blocks
 from sparseattn.reference.attention import reference_attention, reference_block_sparse_attention
 from sparseattn.reference.streaming import streaming_select
@@ -218,6 +219,29 @@ def test_mixed_index_rows_are_exactly_full_or_streaming():
     stream = streaming_select(300, 300, 1, 1, sink=16, window=48, block_size=32).to_mask()[0, 0]
     for h in range(6):
         assert torch.equal(blocks[h], dense if (h // 2) != 1 else stream)
+
+
+def test_select_blocks_builds_the_row_tables_once_per_shape(monkeypatch):
+    """Layers of one prompt differ only in their pattern: the shape's tables are built once, and
+    every pattern still gets exactly its own rows (a cached table is never written to)."""
+    monkeypatch.setattr(headmask_method, "_ROW_TABLES", type(headmask_method._ROW_TABLES)())
+    built = []
+    real = headmask_method.streaming_select
+    monkeypatch.setattr(headmask_method, "streaming_select", lambda *a, **kw: built.append(a) or real(*a, **kw))
+    q, k, _ = qkv(2, 6, 3, 300, 300, 16)
+    options = dict(sink=16, window=48, block_size=32)
+    dense = BlockIndex.dense(1, 1, 300, 300, 32, 32).to_mask()[0, 0]
+    stream = streaming_select(300, 300, 1, 1, **options).to_mask()[0, 0]
+    for pattern in [(True, False, True), (False, False, False), (False, True, False), (True, False, True)]:
+        index = select_blocks(q, k, HeadMaskConfig(full_heads=pattern, **options))
+        blocks = index.to_mask()
+        assert index.batch == 2 and index.num_heads == 6
+        for b in range(2):
+            for h in range(6):
+                assert torch.equal(blocks[b, h], dense if pattern[h // 2] else stream), (pattern, b, h)
+    assert len(built) == 1
+    select_blocks(*qkv(1, 6, 3, 200, 200, 16)[:2], HeadMaskConfig(full_heads=(True, False, True), **options))
+    assert len(built) == 2 and len(headmask_method._ROW_TABLES) == 2
 
 
 @pytest.mark.parametrize("kwargs,error,message", [

@@ -25,6 +25,7 @@ Example:
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
@@ -85,12 +86,57 @@ class HeadMaskConfig:
         check_block_size("block_size", self.block_size)
 
 
+# Shape-only row tables, reused by every layer and call of one prompt shape: (Lq, Lk, block, sink,
+# window, causal, device) -> (full rows, full counts, streaming rows, streaming counts), all
+# `[nq, nk]` / `[nq]` int32. Building them is ~40 small torch ops (a sort among them); a model
+# prefill used to pay that in every patched layer (session 6: 1.8 ms of host time per layer at 8K,
+# NOTES.md run 16). Two tables of `nq * nk` int32 each: 32 MiB at 128K with 64-blocks.
+_ROW_TABLES: OrderedDict = OrderedDict()
+_ROW_TABLES_KEPT = 4
+# (full_heads, group size, device) -> `[Hq]` bool on the device, so no host-to-device copy per call.
+_HEAD_FLAGS: dict = {}
+
+
+def _row_tables(Lq: int, Lk: int, config: HeadMaskConfig, causal: bool, device):
+    key = (Lq, Lk, config.block_size, config.sink, config.window, causal, str(device))
+    tables = _ROW_TABLES.get(key)
+    if tables is None:
+        bs = config.block_size
+        stream = streaming_select(Lq, Lk, 1, 1, sink=config.sink, window=config.window, block_size=bs,
+                                  causal=causal, device=device)
+        allowed = causal_block_mask(Lq, Lk, bs, bs, causal, device=device)  # [nq, nk]
+        nk = allowed.shape[1]
+        dense = BlockIndex.from_mask(allowed[None, None], block_q=bs, block_k=bs, q_len=Lq, k_len=Lk, max_k=nk)
+        stream_wide = torch.nn.functional.pad(stream.indices[0, 0], (0, nk - stream.indices.shape[-1]), value=-1)
+        tables = (dense.indices[0, 0], dense.counts[0, 0], stream_wide.contiguous(), stream.counts[0, 0],
+                  stream.indices[0, 0])
+        _ROW_TABLES[key] = tables
+        while len(_ROW_TABLES) > _ROW_TABLES_KEPT:
+            _ROW_TABLES.popitem(last=False)
+    else:
+        _ROW_TABLES.move_to_end(key)
+    return tables
+
+
+def _head_flags(full: tuple[bool, ...], group: int, device) -> torch.Tensor:
+    key = (full, group, str(device))
+    flags = _HEAD_FLAGS.get(key)
+    if flags is None:
+        if len(_HEAD_FLAGS) > 256:
+            _HEAD_FLAGS.clear()
+        flags = torch.tensor(full, dtype=torch.bool).repeat_interleave(group).to(device)  # [Hq], head h -> h // G
+        _HEAD_FLAGS[key] = flags
+    return flags
+
+
 def select_blocks(q: torch.Tensor, k: torch.Tensor, config: HeadMaskConfig, *,
                   causal: bool = True) -> BlockIndex | None:
     """Blocks of `q [B, Hq, Lq, D]` against `k [B, Hkv, Lk, D]`: all causal ones for full heads, sink + window
     for streaming heads; ``None`` (dense) when every head is full.
 
-    Shapes only: no data-dependent host synchronization.
+    Shapes only: no data-dependent host synchronization. The row tables of a shape are built once
+    and reused (a model's layers differ only in which heads are full), so a call is one
+    ``torch.where`` on the device.
     """
     B, Hq, Lq, _ = q.shape
     Hkv, Lk = k.shape[1], k.shape[2]
@@ -100,21 +146,14 @@ def select_blocks(q: torch.Tensor, k: torch.Tensor, config: HeadMaskConfig, *,
     if len(full) != Hkv:
         raise ValueError(f"full_heads has {len(full)} entries but k has {Hkv} KV heads; give one entry per KV head")
     bs = config.block_size
-    stream = streaming_select(Lq, Lk, 1, 1, sink=config.sink, window=config.window, block_size=bs, causal=causal,
-                              device=q.device)
+    dense_rows, dense_counts, stream_rows, stream_counts, stream_narrow = _row_tables(Lq, Lk, config, causal,
+                                                                                        q.device)
     if not any(full):
-        return BlockIndex(stream.indices.expand(B, Hq, -1, -1).contiguous(),
-                          stream.counts.expand(B, Hq, -1).contiguous(), bs, bs, Lq, Lk)
-    allowed = causal_block_mask(Lq, Lk, bs, bs, causal, device=q.device)  # [nq, nk]
-    nk = allowed.shape[1]
-    dense = BlockIndex.from_mask(allowed[None, None], block_q=bs, block_k=bs, q_len=Lq, k_len=Lk, max_k=nk)
-    stream_indices = torch.nn.functional.pad(stream.indices, (0, nk - stream.indices.shape[-1]), value=-1)
-    group = Hq // Hkv
-    full_q = torch.tensor(full, dtype=torch.bool, device=q.device).repeat_interleave(group)  # [Hq], head h -> h // G
-    indices = torch.where(full_q[:, None, None], dense.indices[0], stream_indices[0])  # [Hq, nq, nk]
-    counts = torch.where(full_q[:, None], dense.counts[0], stream.counts[0])  # [Hq, nq]
-    return BlockIndex(indices.expand(B, -1, -1, -1).contiguous(), counts.expand(B, -1, -1).contiguous(),
-                      bs, bs, Lq, Lk)
+        return BlockIndex(stream_narrow.expand(B, Hq, -1, -1), stream_counts.expand(B, Hq, -1), bs, bs, Lq, Lk)
+    full_q = _head_flags(full, Hq // Hkv, q.device)
+    indices = torch.where(full_q[:, None, None], dense_rows, stream_rows)  # [Hq, nq, nk]
+    counts = torch.where(full_q[:, None], dense_counts, stream_counts)  # [Hq, nq]
+    return BlockIndex(indices.expand(B, -1, -1, -1), counts.expand(B, -1, -1), bs, bs, Lq, Lk)
 
 
 def head_mask_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, full_heads, *, sink: int = 128,
