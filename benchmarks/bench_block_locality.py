@@ -14,9 +14,9 @@ the part that does not scale with the work (per-program prologue/epilogue, the f
 diagonal blocks, the launch tail). cuDNN SDPA dense is timed in the same run; every sparse output
 is checked against the fp32-accumulated reference on a few heads before it is timed.
 
-``--compare-asm`` also times the per-head rows with ``KernelConfig.asm_index=False`` (the index
-entries of the unmasked loop read with ``tl.load``, the code before run 16) and adds our dense mode
-and the sparse path over every causal block, so both per-block costs sit next to cuDNN's.
+``--compare-asm`` (run 16b; only at commit "Sparse forward: inline index loads for the unmasked
+loop", whose ``KernelConfig.asm_index`` it toggles) also times the per-head rows with the index
+entries read by ``tl.load`` and adds our dense mode and the sparse path over every causal block.
 
     python benchmarks/bench_block_locality.py --out /tmp/out/block-locality.json [--length 131072]
 """
@@ -33,7 +33,7 @@ from sparseattn.bench.inputs import random_block_index, random_qkv
 from sparseattn.bench.peers import DENSE_PEERS
 from sparseattn.bench.timing import machine_record, time_ms, write_json
 from sparseattn.index import BlockIndex
-from sparseattn.kernels.block_sparse import block_sparse_forward, default_configs
+from sparseattn.kernels.block_sparse import KernelConfig, block_sparse_forward, default_configs
 from sparseattn.reference.attention import reference_block_sparse_attention
 
 HEADS, KV_HEADS, D = 32, 8, 128
@@ -73,6 +73,8 @@ def main() -> None:
               "cudnn_dense_ms": cudnn, "records": [], "fits": {}}
     old_cfg = None
     if args.compare_asm:
+        if "asm_index" not in {f.name for f in dataclasses.fields(KernelConfig)}:
+            parser.error("--compare-asm needs the commit that had KernelConfig.asm_index (run 16b; reverted)")
         old_cfg = dataclasses.replace(default_configs(D, torch.bfloat16).forward, asm_index=False)
         dense_ms = time_ms(lambda: block_sparse_forward(q, k, v, None))["ms"]
         every = BlockIndex.dense(1, HEADS, L, L, bs, bs, device=q.device)

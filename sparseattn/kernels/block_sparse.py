@@ -76,25 +76,6 @@ def _dot(a, b, PREC: tl.constexpr):
 
 
 @triton.jit
-def _index_entry(ptr, ASM: tl.constexpr):
-    """One int32 entry of a block index, read inside a pipelined loop over the blocks it names.
-
-    ``ASM`` (compiled GPU code): a plain ``ld.global.nc`` through inline PTX. With ``tl.load``
-    Triton 3.6's pipeliner makes the entry itself a pipelined (cp.async) load one stage ahead of
-    the K/V tiles it addresses, which leaves those tiles only two shared-memory buffers and a
-    prefetch distance of one tile, waited for with ``cp.async.wait_group 0`` at the top of every
-    iteration (checked in the TTGIR for sm_90). Hidden from the pipeliner the entry is ordinary
-    address arithmetic, and the K/V tiles get the dense loop's three buffers and a distance of two
-    (NOTES.md, run 16). The interpreter has no inline PTX: it takes ``tl.load``.
-    """
-    if ASM:
-        return tl.inline_asm_elementwise("ld.global.nc.b32 $0, [$1];", "=r,l", [ptr], dtype=tl.int32,
-                                         is_pure=True, pack=1)
-    else:
-        return tl.load(ptr)
-
-
-@triton.jit
 def _softmax_update(acc, l_i, m_i, qk, v, qk_scale, GUARD: tl.constexpr, DOT_PREC: tl.constexpr):
     """One online-softmax step over a key tile. ``qk`` is the raw, masked (-inf) score tile; the
     scale (with log2(e) folded in) is applied inside one FMA: ``exp2(qk * qk_scale - m)``.
@@ -196,7 +177,6 @@ def _fwd_kernel(
     SEL_BLOCK_Q: tl.constexpr, SEL_BLOCK_K: tl.constexpr,
     IS_CAUSAL: tl.constexpr, SPARSE: tl.constexpr, VARLEN: tl.constexpr, REVERSE: tl.constexpr,
     DOT_PREC: tl.constexpr, MAX_MASKED: tl.constexpr, SPLIT_MASKED: tl.constexpr, KV_MAJOR: tl.constexpr,
-    ASM_INDEX: tl.constexpr,
 ):
     b, h, kvh, pid_m = _query_program(num_heads, group_size, REVERSE, KV_MAJOR)
     if VARLEN:
@@ -253,9 +233,7 @@ def _fwd_kernel(
         if not SPLIT_MASKED:
             n_plain = 0
         for t in range(0, n_plain * SUB_N):
-            # The pipeliner computes this address for a later iteration than the loop bound
-            # allows (its loads are predicated off, an inline load is not): stay in the row.
-            j = _index_entry(row + tl.minimum(t // SUB_N, n_plain - 1) * stride_ik, ASM_INDEX)
+            j = tl.load(row + (t // SUB_N) * stride_ik)
             start_n = j * SEL_BLOCK_K + (t % SUB_N) * BLOCK_N
             acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, k_base, v_base, start_n, k_tile_offs, v_tile_offs,
                                       offs_n, d_ok, q_pos, k_len, qk_scale, stride_kn, stride_vn,
@@ -666,11 +644,6 @@ class KernelConfig:
     # (its G query heads fastest, then the query tiles) instead of all heads of a few query tiles,
     # so the resident programs share K/V tiles in L2 (see _query_program; NOTES.md, run 10).
     kv_major: bool = True
-    # Sparse forward: read the index entries of the unmasked loop with an inline load the pipeliner
-    # does not see (see _index_entry; NOTES.md, run 16). Compiled GPU code only; the interpreter
-    # always uses tl.load. (dQ, dK/dV and the vertical-slash ranges compile to the same schedule
-    # either way, checked in their TTGIR, so they keep tl.load.)
-    asm_index: bool = True
 
     def __post_init__(self):
         for name in ("block_m", "block_n"):
@@ -826,7 +799,6 @@ def block_sparse_forward(q, k, v, block_index: BlockIndex | None = None, *, caus
         # Measured (NOTES.md, run 3): the split pays when a tile is a whole selection block and
         # costs 15% when each block is several tiles; split only in the first case.
         SPLIT_MASKED=cfg.split_masked and BLOCK_N == SEL_K, KV_MAJOR=cfg.kv_major,
-        ASM_INDEX=cfg.asm_index and not _interpreting(),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return out, lse
