@@ -183,9 +183,11 @@ def test_mixed_heads_match_the_per_head_reference(B, Hq, Hkv, Lq, Lk, D):
 
 
 def test_mixed_heads_on_the_triton_kernel(monkeypatch):
-    """The shared kernel (Triton interpreter on a CPU) runs the mixed index as the reference says."""
+    """The shared kernel (the Triton interpreter on a CPU, compiled fp32 on a GPU) runs the mixed
+    index as the reference says."""
     monkeypatch.setenv("SPARSEATTN_BACKEND", "triton")
-    q, k, v = qkv(1, 4, 2, 130, 130, 16, seed=3)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    q, k, v = (t.to(device) for t in qkv(1, 4, 2, 130, 130, 16, seed=3))
     out = head_mask_attention(q, k, v, [True, False], sink=16, window=32, block_size=16)
     assert rel(out, per_head_reference(q, k, v, [True, False], 16, 32, 16)) < 1e-5
 
