@@ -226,7 +226,7 @@ def test_mixed_index_rows_are_exactly_full_or_streaming():
 def test_select_blocks_builds_the_row_tables_once_per_shape(monkeypatch):
     """Layers of one prompt differ only in their pattern: the shape's tables are built once, and
     every pattern still gets exactly its own rows (a cached table is never written to)."""
-    monkeypatch.setattr(headmask_method, "_ROW_TABLES", type(headmask_method._ROW_TABLES)())
+    headmask_method._row_tables.cache_clear()
     built = []
     real = headmask_method.streaming_select
     monkeypatch.setattr(headmask_method, "streaming_select", lambda *a, **kw: built.append(a) or real(*a, **kw))
@@ -243,7 +243,7 @@ def test_select_blocks_builds_the_row_tables_once_per_shape(monkeypatch):
                 assert torch.equal(blocks[b, h], dense if pattern[h // 2] else stream), (pattern, b, h)
     assert len(built) == 1
     select_blocks(*qkv(1, 6, 3, 200, 200, 16)[:2], HeadMaskConfig(full_heads=(True, False, True), **options))
-    assert len(built) == 2 and len(headmask_method._ROW_TABLES) == 2
+    assert len(built) == 2 and headmask_method._row_tables.cache_info().currsize == 2
 
 
 @pytest.mark.parametrize("kwargs,error,message", [

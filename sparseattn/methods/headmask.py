@@ -25,7 +25,7 @@ Example:
 
 from __future__ import annotations
 
-from collections import OrderedDict
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -86,47 +86,26 @@ class HeadMaskConfig:
         check_block_size("block_size", self.block_size)
 
 
-# Shape-only row tables, reused by every layer and call of one prompt shape: (Lq, Lk, block, sink,
-# window, causal, device) -> (full rows, full counts, streaming rows, streaming counts), all
-# `[nq, nk]` / `[nq]` int32. Building them is ~40 small torch ops (a sort among them); a model
-# prefill used to pay that in every patched layer (session 6: 1.8 ms of host time per layer at 8K,
-# NOTES.md run 16). Two tables of `nq * nk` int32 each: 32 MiB at 128K with 64-blocks.
-_ROW_TABLES: OrderedDict = OrderedDict()
-_ROW_TABLES_KEPT = 4
-# (full_heads, group size, device) -> `[Hq]` bool on the device, so no host-to-device copy per call.
-_HEAD_FLAGS: dict = {}
+@functools.lru_cache(maxsize=4)
+def _row_tables(Lq: int, Lk: int, bs: int, sink: int, window: int, causal: bool, device: str):
+    """Shape-only row tables, shared by every layer and call of one prompt shape: full rows `[nq, nk]`,
+    their counts `[nq]`, streaming rows padded to `nk`, their counts, and the streaming rows at their
+    own width (all int32). Building them is ~40 small torch ops (a sort among them), which a model
+    prefill used to pay in every patched layer (1.8 ms of host time per layer at 8K, NOTES.md run
+    16). The two `nq x nk` tables are 32 MiB at 128K with 64-blocks; the last 4 shapes are kept.
+    """
+    stream = streaming_select(Lq, Lk, 1, 1, sink=sink, window=window, block_size=bs, causal=causal, device=device)
+    allowed = causal_block_mask(Lq, Lk, bs, bs, causal, device=device)  # [nq, nk]
+    nk = allowed.shape[1]
+    dense = BlockIndex.from_mask(allowed[None, None], block_q=bs, block_k=bs, q_len=Lq, k_len=Lk, max_k=nk)
+    stream_wide = torch.nn.functional.pad(stream.indices[0, 0], (0, nk - stream.indices.shape[-1]), value=-1)
+    return dense.indices[0, 0], dense.counts[0, 0], stream_wide.contiguous(), stream.counts[0, 0], stream.indices[0, 0]
 
 
-def _row_tables(Lq: int, Lk: int, config: HeadMaskConfig, causal: bool, device):
-    key = (Lq, Lk, config.block_size, config.sink, config.window, causal, str(device))
-    tables = _ROW_TABLES.get(key)
-    if tables is None:
-        bs = config.block_size
-        stream = streaming_select(Lq, Lk, 1, 1, sink=config.sink, window=config.window, block_size=bs,
-                                  causal=causal, device=device)
-        allowed = causal_block_mask(Lq, Lk, bs, bs, causal, device=device)  # [nq, nk]
-        nk = allowed.shape[1]
-        dense = BlockIndex.from_mask(allowed[None, None], block_q=bs, block_k=bs, q_len=Lq, k_len=Lk, max_k=nk)
-        stream_wide = torch.nn.functional.pad(stream.indices[0, 0], (0, nk - stream.indices.shape[-1]), value=-1)
-        tables = (dense.indices[0, 0], dense.counts[0, 0], stream_wide.contiguous(), stream.counts[0, 0],
-                  stream.indices[0, 0])
-        _ROW_TABLES[key] = tables
-        while len(_ROW_TABLES) > _ROW_TABLES_KEPT:
-            _ROW_TABLES.popitem(last=False)
-    else:
-        _ROW_TABLES.move_to_end(key)
-    return tables
-
-
-def _head_flags(full: tuple[bool, ...], group: int, device) -> torch.Tensor:
-    key = (full, group, str(device))
-    flags = _HEAD_FLAGS.get(key)
-    if flags is None:
-        if len(_HEAD_FLAGS) > 256:
-            _HEAD_FLAGS.clear()
-        flags = torch.tensor(full, dtype=torch.bool).repeat_interleave(group).to(device)  # [Hq], head h -> h // G
-        _HEAD_FLAGS[key] = flags
-    return flags
+@functools.lru_cache(maxsize=256)
+def _head_flags(full: tuple[bool, ...], group: int, device: str) -> torch.Tensor:
+    """`[Hq]` bool on the device (query head h follows KV head h // G): no host-to-device copy per call."""
+    return torch.tensor(full, dtype=torch.bool).repeat_interleave(group).to(device)
 
 
 def select_blocks(q: torch.Tensor, k: torch.Tensor, config: HeadMaskConfig, *,
@@ -146,11 +125,11 @@ def select_blocks(q: torch.Tensor, k: torch.Tensor, config: HeadMaskConfig, *,
     if len(full) != Hkv:
         raise ValueError(f"full_heads has {len(full)} entries but k has {Hkv} KV heads; give one entry per KV head")
     bs = config.block_size
-    dense_rows, dense_counts, stream_rows, stream_counts, stream_narrow = _row_tables(Lq, Lk, config, causal,
-                                                                                        q.device)
+    dense_rows, dense_counts, stream_rows, stream_counts, stream_narrow = _row_tables(
+        Lq, Lk, bs, config.sink, config.window, causal, str(q.device))
     if not any(full):
         return BlockIndex(stream_narrow.expand(B, Hq, -1, -1), stream_counts.expand(B, Hq, -1), bs, bs, Lq, Lk)
-    full_q = _head_flags(full, Hq // Hkv, q.device)
+    full_q = _head_flags(full, Hq // Hkv, str(q.device))
     indices = torch.where(full_q[:, None, None], dense_rows, stream_rows)  # [Hq, nq, nk]
     counts = torch.where(full_q[:, None], dense_counts, stream_counts)  # [Hq, nq]
     return BlockIndex(indices.expand(B, -1, -1, -1), counts.expand(B, -1, -1), bs, bs, Lq, Lk)
