@@ -187,12 +187,25 @@ def main(argv: list[str] | None = None) -> dict | None:
     trainer = PruLongTrainer(prulong, args, train_dataset=dataset)
     trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
     trainer.save_model(args.output_dir)
-    if not args.should_save:
-        return None
-    summary = _summary(trainer, args)
-    (Path(args.output_dir) / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
-    logger.info("sparseattn: %s", json.dumps(summary))
+    summary = None
+    if args.should_save:
+        summary = _summary(trainer, args)
+        (Path(args.output_dir) / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+        logger.info("sparseattn: %s", json.dumps(summary))
+    _shut_down_distributed()
     return summary
+
+
+def _shut_down_distributed() -> None:
+    """Meet every rank, then tear the process group down before the interpreter exits.
+
+    Left to interpreter shutdown, gloo's threads could be destroyed while a peer was still closing its
+    sockets; CI saw a rank abort that way ("terminate called without an active exception") after
+    training had finished.
+    """
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
