@@ -18,6 +18,10 @@ fails the script still writes the JSON but prints no percentages or speedups. ``
 times the estimation tile configs at the longest length (to pick ``default_estimate_configs``).
 
     python benchmarks/bench_xattention.py --out /tmp/out/xattention.json [--lengths 32768,65536,131072] [--sweep]
+        [--tau-sweep 0.8,0.85,0.9,0.95]
+
+Each row also times the sort-based coverage rule on the same masses (``select_sort_rule_ms``, the
+path before run 17) and reports its agreement with the Triton coverage kernel.
 """
 
 from __future__ import annotations
@@ -33,8 +37,15 @@ import torch
 
 from sparseattn.bench.inputs import llm_like_qkv
 from sparseattn.bench.peers import DENSE_PEERS
-from sparseattn.bench.timing import causal_dense_flops, device_slug, machine_record, time_ms, write_json
+from sparseattn.bench.timing import (
+    causal_dense_flops,
+    device_slug,
+    machine_record,
+    time_ms,
+    write_json,
+)
 from sparseattn.index import causal_block_mask
+from sparseattn.kernels import estimate as estimate_module
 from sparseattn.kernels.estimate import (
     SCRATCH_ELEMENTS,
     EstimateConfig,
@@ -116,7 +127,42 @@ def sweep_configs(q, k, S) -> list[dict]:
     return rows
 
 
-def bench_length(L, strides, threshold, with_reference, with_fidelity):
+def compare_rules(q, k, S, threshold, index) -> dict:
+    """The sort-based coverage rule (keep_until_covered + from_mask, used before run 17 and still
+    for rows past ``MAX_KEY_BLOCKS``) timed on the same masses, and how often the two agree."""
+    original = estimate_module.MAX_KEY_BLOCKS
+    estimate_module.MAX_KEY_BLOCKS = 0
+    try:
+        sorted_rule = lambda: xattention_select_fast(q, k, threshold=threshold, stride=S, block_size=BLOCK)
+        t = time_ms(sorted_rule)["ms"]
+        other = sorted_rule()
+    finally:
+        estimate_module.MAX_KEY_BLOCKS = original
+    return {"select_sort_rule_ms": t,
+            "rule_agreement": (other.to_mask() == index.to_mask()).float().mean().item()}
+
+
+def tau_sweep(q, k, v, S, thresholds, dense, attention) -> list[dict]:
+    """Speed against fidelity: density, end-to-end time and the output's relative error against
+    the dense output (Frobenius, bf16) for each threshold."""
+    reference = dense()
+    rows = []
+    for tau in thresholds:
+        index = xattention_select_fast(q, k, threshold=tau, stride=S, block_size=BLOCK)
+        out = attention(q, k, v, index, causal=True)
+        err = ((out.float() - reference.float()).norm() / reference.float().norm()).item()
+
+        def e2e(tau=tau):
+            idx = xattention_select_fast(q, k, threshold=tau, stride=S, block_size=BLOCK)
+            return attention(q, k, v, idx, causal=True)
+
+        rows.append({"threshold": tau, "density": index.density().mean().item(), "out_rel_err": err,
+                     "e2e_ms": time_ms(e2e)["ms"]})
+        index = out = None  # release device memory before the next case
+    return rows
+
+
+def bench_length(L, strides, threshold, with_reference, with_fidelity, sweep_thresholds=()):
     q, k, v = llm_like_qkv(1, HEADS, KV_HEADS, L, HEAD_DIM, device="cuda", seed=0)
     row = {"L": L, "B": 1, "Hq": HEADS, "Hkv": KV_HEADS, "D": HEAD_DIM, "block_size": BLOCK,
            "threshold": threshold, "dtype": "bfloat16"}
@@ -143,6 +189,7 @@ def bench_length(L, strides, threshold, with_reference, with_fidelity):
         r["select_ms"] = time_ms(lambda: xattention_select_fast(q, k, threshold=threshold, stride=S,
                                                                 block_size=BLOCK))["ms"]
         r["density"] = index.density().mean().item()
+        r.update(compare_rules(q, k, S, threshold, index))
         if with_reference:
             r["reference_ms"] = time_ms(lambda: xattention_select(q, k, threshold=threshold, stride=S,
                                                                   block_size=BLOCK),
@@ -161,6 +208,8 @@ def bench_length(L, strides, threshold, with_reference, with_fidelity):
             except Exception as err:  # noqa: BLE001 - record the other module's failure, keep our numbers
                 r["e2e_error"] = f"{type(err).__name__}: {str(err)[:300]}"
         index = None  # release device memory before the next case
+        if sweep_thresholds and block_sparse_attention is not None:
+            r["tau_sweep"] = tau_sweep(q, k, v, S, sweep_thresholds, dense, block_sparse_attention)
         row[f"S{S}"] = r
     q = k = v = dense = None  # release device memory before the next case
     torch.cuda.empty_cache()
@@ -188,6 +237,13 @@ def print_table(rows, strides, gate_ok):
                   f"{fmt(r.get('attention_ms')):>8} {fmt(r.get('e2e_ms')):>8} {fmt(speed, '.2f'):>8} "
                   f"{fmt(100 * r['density'], '.1f'):>7}% {fmt(r.get('agreement_causal'), '.4f'):>7} "
                   f"{fmt(r.get('mass_rel_err'), '.1e'):>9}")
+            if "select_sort_rule_ms" in r:
+                print(f"        selection with the sort-based rule: {r['select_sort_rule_ms']:.2f} ms "
+                      f"(agreement with the kernel {r['rule_agreement']:.6f})")
+            for t in r.get("tau_sweep", []):
+                speed_t = f"{dense / t['e2e_ms']:.2f}x" if (dense and gate_ok) else "-"
+                print(f"        tau {t['threshold']:.2f}: density {100 * t['density']:.1f}%, e2e {t['e2e_ms']:.2f} ms "
+                      f"({speed_t}), output rel. error vs dense {t['out_rel_err']:.3f}")
             if "e2e_error" in r:
                 print(f"        e2e not timed: {r['e2e_error']}")
     if not gate_ok:
@@ -204,6 +260,8 @@ def main(argv=None):
     parser.add_argument("--fidelity-max-len", type=int, default=131072,
                         help="compare with the reference up to this length (it costs ~1 s at 128K)")
     parser.add_argument("--sweep", action="store_true", help="time estimation tile configs at the longest length")
+    parser.add_argument("--tau-sweep", default="", help="comma-separated thresholds: density, e2e and output "
+                                                         "error against dense for each (e.g. 0.8,0.85,0.9,0.95)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     if not torch.cuda.is_available():
@@ -218,7 +276,8 @@ def main(argv=None):
     print(f"correctness gate: {'PASS' if gate['passed'] else 'FAIL'} {json.dumps(gate)}", flush=True)
     rows = []
     for L in lengths:
-        rows.append(bench_length(L, strides, args.threshold, not args.no_reference, L <= args.fidelity_max_len))
+        rows.append(bench_length(L, strides, args.threshold, not args.no_reference, L <= args.fidelity_max_len,
+                                 [float(x) for x in args.tau_sweep.split(",") if x]))
         print(f"L={L} done ({time.time() - start:.0f} s)", flush=True)
     sweep = []
     if args.sweep:

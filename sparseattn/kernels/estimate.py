@@ -51,9 +51,11 @@ Why this design (H100, B=1, Hq=32, D=128, bf16, causal, L=128K; cuDNN dense ~245
 - Work order: programs of one launch are ordered heaviest query tiles first (causal), all heads
   of a chunk interleaved, so the tail of a launch is short.
 
-Selection (``xattention_select_fast``) then runs the reference's ``keep_until_covered`` on the
-masses (torch sort/cumsum, ``[B, Hq, nq, nk]``: 1024 x 1024 per head at 128K with bs=128) and
-packs a ``BlockIndex`` with ``max_k = nk``: no host synchronization anywhere.
+Selection (``xattention_select_fast``) then applies the reference's ``keep_until_covered`` rule
+to the masses with one Triton launch, ``kernels.coverage.coverage_select`` (a per-row bisection
+instead of a sort; ``[B, Hq, nq, nk]`` is 1024 x 1024 per head at 128K with bs=128), which writes
+the ``BlockIndex`` with ``max_k = nk`` directly; rows wider than ``MAX_KEY_BLOCKS`` use the torch
+sort. No host synchronization anywhere.
 """
 
 from __future__ import annotations
@@ -68,6 +70,7 @@ import triton.language as tl
 
 from ..index import BlockIndex, causal_block_mask, cdiv
 from ..reference.streaming import forced_block_mask
+from .coverage import MAX_KEY_BLOCKS, coverage_select
 from ..reference.xattention import CHUNK_ELEMENTS, _threshold_per_head, check_qk, keep_until_covered
 
 __all__ = [
@@ -520,6 +523,9 @@ def xattention_select_fast(q: torch.Tensor, k: torch.Tensor, *, threshold, strid
     mass = block_mass_forward(_last_dim_contiguous(q), _last_dim_contiguous(k), stride=stride,
                               block_size=block_size, causal=causal)
     nq, nk = mass.shape[2:]
+    if nk <= MAX_KEY_BLOCKS:
+        return coverage_select(mass, threshold=thr.reshape(-1) if torch.is_tensor(thr) else thr, q_len=Lq, k_len=Lk,
+                               block_size=block_size, causal=causal)
     allowed = causal_block_mask(Lq, Lk, block_size, block_size, causal, device=q.device)
     forced = forced_block_mask(Lq, Lk, block_size, causal, device=q.device)
     mask = torch.empty(B, Hq, nq, nk, dtype=torch.bool, device=q.device)
