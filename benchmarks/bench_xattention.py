@@ -108,7 +108,10 @@ def sweep_configs(q, k, S) -> list[dict]:
     rows = []
     candidates = default_estimate_configs(HEAD_DIM, q.dtype, q.device, S) + [
         EstimateConfig(64, 128, 4, 3), EstimateConfig(128, 64, 8, 3), EstimateConfig(256, 64, 8, 2),
-        EstimateConfig(256, 128, 16, 2)]
+        EstimateConfig(256, 128, 16, 2),
+        # The head dim in 64- or 32-wide steps: smaller stages, deeper pipelines (run 17).
+        EstimateConfig(128, 256, 8, 3, 2), EstimateConfig(128, 256, 8, 4, 2), EstimateConfig(128, 256, 8, 5, 4),
+        EstimateConfig(128, 128, 8, 4, 2), EstimateConfig(64, 128, 4, 4, 2)]
     seen = set()
     for cfg in candidates:
         if cfg in seen:

@@ -47,6 +47,9 @@ CASES = [
 # Tiny tiles (16 rows x 16 columns, raised to 2 blocks per side when a block is wider) and a
 # scratch of a few hundred floats: several query tiles, unmasked + masked key loops, many launches.
 TINY = dict(config=EstimateConfig(block_m=16, block_n=16, num_warps=1, num_stages=1), scratch_elements=512)
+# The head dim in two steps per dot (D = 16 falls back to one step: tl.dot needs K >= 16).
+SPLIT_D = dict(config=EstimateConfig(block_m=16, block_n=32, num_warps=1, num_stages=1, d_steps=2),
+               scratch_elements=2048)
 
 
 def make_qk(B, Hq, Hkv, Lq, Lk, D, seed=0):
@@ -65,7 +68,8 @@ def _exact_fp32():
     torch.backends.cuda.matmul.allow_tf32 = False
 
 
-@pytest.mark.parametrize("launch", [pytest.param({}, id="default-tiles"), pytest.param(TINY, id="tiny-tiles")])
+@pytest.mark.parametrize("launch", [pytest.param({}, id="default-tiles"), pytest.param(TINY, id="tiny-tiles"),
+                                    pytest.param(SPLIT_D, id="split-head-dim")])
 @pytest.mark.parametrize("B, Hq, Hkv, Lq, Lk, D, S, bs, causal", CASES)
 def test_block_mass_matches_reference(B, Hq, Hkv, Lq, Lk, D, S, bs, causal, launch):
     q, k = make_qk(B, Hq, Hkv, Lq, Lk, D)

@@ -110,7 +110,8 @@ def _dot_acc(a, b, acc, IEEE: tl.constexpr):
 def _key_tiles(m_i, l_i, tile_begin, tile_end, q_base, q_tile_offs, q_first, q_first_row, k_base, k_tile_offs, offs_n,
                row_last, q_len, k_len, num_cols, qk_scale, stride_qm, stride_kn, Sums, Maxes, sum_offs, max_offs,
                STRIDE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PER_BLOCK: tl.constexpr,
-               MASK: tl.constexpr, IS_CAUSAL: tl.constexpr, IEEE: tl.constexpr):
+               MASK: tl.constexpr, IS_CAUSAL: tl.constexpr, IEEE: tl.constexpr, D_STEPS: tl.constexpr,
+               BLOCK_K: tl.constexpr):
     """Key tiles ``[tile_begin, tile_end)`` of ``BLOCK_N`` reshaped columns: scores, online softmax, block sums.
 
     A tile's scores ``A[i, j] = sum_t q[iS+S-1-t] . k[jS+t]`` are ``STRIDE`` accumulated dots.
@@ -120,27 +121,30 @@ def _key_tiles(m_i, l_i, tile_begin, tile_end, q_base, q_tile_offs, q_first, q_f
     pointer tiles cost ~20 more registers). ``MASK``: bounds-masked key loads and the causal /
     end-of-keys cut.
 
-    One flat loop over ``(tile, t)`` rather than a loop over ``t`` nested in a loop over tiles:
+    One flat loop over ``(tile, t, d)`` rather than a loop over ``t`` nested in a loop over tiles:
     Triton pipelines only the innermost loop, and a nested loop would drain its 3-stage pipeline
-    at every tile's softmax.
+    at every tile's softmax. ``D_STEPS`` > 1 splits each dot's head dim into ``BLOCK_K``-wide steps
+    (smaller pipeline stages, so more of them fit in shared memory).
     """
     KB_PER_TILE: tl.constexpr = BLOCK_N // PER_BLOCK
+    STEPS: tl.constexpr = STRIDE * D_STEPS
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for it in range(tile_begin * STRIDE, tile_end * STRIDE):
-        tile = it // STRIDE
-        t = it % STRIDE
+    for it in range(tile_begin * STEPS, tile_end * STEPS):
+        tile = it // STEPS
+        t = (it // D_STEPS) % STRIDE
+        d0 = (it % D_STEPS) * BLOCK_K
         q_rows = q_first_row - t  # [BLOCK_M]; rows past q_len: zero padding of the last stride group
-        q_step = q_base + (q_first - t) * stride_qm
-        q = tl.load(q_step + q_tile_offs, mask=(q_rows < q_len)[:, None], other=0.0)  # [BLOCK_M, HEAD_DIM]
+        q_step = q_base + (q_first - t) * stride_qm + d0
+        q = tl.load(q_step + q_tile_offs, mask=(q_rows < q_len)[:, None], other=0.0)  # [BLOCK_M, BLOCK_K]
         k_first = tile * BLOCK_N * STRIDE + t  # key row of column tile * BLOCK_N at step t
-        k_step = k_base + tl.cast(k_first, tl.int64) * stride_kn
+        k_step = k_base + tl.cast(k_first, tl.int64) * stride_kn + d0
         if MASK:
             k_rows = k_first + offs_n * STRIDE  # [BLOCK_N]
-            k = tl.load(k_step + k_tile_offs, mask=(k_rows < k_len)[:, None], other=0.0)  # [BLOCK_N, HEAD_DIM]
+            k = tl.load(k_step + k_tile_offs, mask=(k_rows < k_len)[:, None], other=0.0)  # [BLOCK_N, BLOCK_K]
         else:
             k = tl.load(k_step + k_tile_offs)
         acc = _dot_acc(q, tl.trans(k), acc, IEEE)  # [BLOCK_M, BLOCK_N]
-        if t == STRIDE - 1:
+        if it % STEPS == STEPS - 1:
             s = acc * qk_scale
             if MASK:
                 cols = tile * BLOCK_N + offs_n  # [BLOCK_N]
@@ -177,7 +181,7 @@ def _block_mass_kernel(
     head0, row0, num_heads, group_size, q_len, k_len, num_q_blocks, num_k_blocks, qk_scale,
     HEAD_DIM: tl.constexpr, STRIDE: tl.constexpr, PER_BLOCK: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    IS_CAUSAL: tl.constexpr, IEEE: tl.constexpr, REVERSE: tl.constexpr,
+    IS_CAUSAL: tl.constexpr, IEEE: tl.constexpr, REVERSE: tl.constexpr, D_STEPS: tl.constexpr = 1,
 ):
     """Block masses of ``BLOCK_M`` reshaped rows of one (batch, query head).
 
@@ -204,15 +208,16 @@ def _block_mass_kernel(
     start_m = row0 + local_m
     offs_m = start_m + tl.arange(0, BLOCK_M)  # [BLOCK_M] reshaped rows
     offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, HEAD_DIM)
+    BLOCK_K: tl.constexpr = HEAD_DIM // D_STEPS
+    offs_d = tl.arange(0, BLOCK_K)
     row_ok = offs_m < num_rows
     # Last absolute position of each reshaped row: column j is causal iff j*S <= it.
     row_last = off + tl.minimum(offs_m * STRIDE + STRIDE, q_len) - 1  # [BLOCK_M]
     q_first_row = offs_m * STRIDE + (STRIDE - 1)  # [BLOCK_M] q row read first (t = 0) by each row
     q_first = tl.cast(start_m, tl.int64) * STRIDE + (STRIDE - 1)
     # int32 offsets inside a tile (the launcher checks they fit): a scalar int64 base per step.
-    q_tile_offs = (tl.arange(0, BLOCK_M) * (STRIDE * stride_qm))[:, None] + offs_d[None, :]  # [BLOCK_M, HEAD_DIM]
-    k_tile_offs = (offs_n * (STRIDE * stride_kn))[:, None] + offs_d[None, :]  # [BLOCK_N, HEAD_DIM]
+    q_tile_offs = (tl.arange(0, BLOCK_M) * (STRIDE * stride_qm))[:, None] + offs_d[None, :]  # [BLOCK_M, BLOCK_K]
+    k_tile_offs = (offs_n * (STRIDE * stride_kn))[:, None] + offs_d[None, :]  # [BLOCK_N, BLOCK_K]
 
     if IS_CAUSAL:
         last_row = tl.minimum(start_m + BLOCK_M, num_rows) - 1
@@ -233,10 +238,12 @@ def _block_mass_kernel(
     # Unmasked tiles first, then the tiles that straddle the diagonal or the end of the keys.
     m_i, l_i = _key_tiles(m_i, l_i, 0, tiles_full, q_base, q_tile_offs, q_first, q_first_row, k_base,
                           k_tile_offs, offs_n, row_last, q_len, k_len, num_cols, qk_scale, stride_qm, stride_kn,
-                          Sums, Maxes, sum_offs, max_offs, STRIDE, BLOCK_M, BLOCK_N, PER_BLOCK, False, IS_CAUSAL, IEEE)
+                          Sums, Maxes, sum_offs, max_offs, STRIDE, BLOCK_M, BLOCK_N, PER_BLOCK, False, IS_CAUSAL, IEEE,
+                          D_STEPS, BLOCK_K)
     m_i, l_i = _key_tiles(m_i, l_i, tiles_full, tiles_end, q_base, q_tile_offs, q_first, q_first_row, k_base,
                           k_tile_offs, offs_n, row_last, q_len, k_len, num_cols, qk_scale, stride_qm, stride_kn,
-                          Sums, Maxes, sum_offs, max_offs, STRIDE, BLOCK_M, BLOCK_N, PER_BLOCK, True, IS_CAUSAL, IEEE)
+                          Sums, Maxes, sum_offs, max_offs, STRIDE, BLOCK_M, BLOCK_N, PER_BLOCK, True, IS_CAUSAL, IEEE,
+                          D_STEPS, BLOCK_K)
 
     # The scratch rows were written by other threads of this program: make them visible. The
     # loads below use ".cg" (L2, not L1) so no stale L1 line can be read either.
@@ -274,15 +281,18 @@ class EstimateConfig:
         block_n: reshaped key columns per tile (raised to ``2 * bs/S`` when smaller).
         num_warps: warps per program.
         num_stages: software-pipelining depth of the loop over (key tile, stride step).
+        d_steps: steps per dot over the head dim (1: one ``[block_m, D] x [D, block_n]`` dot per
+            stride step; 2: two of ``D/2``, halving a pipeline stage's shared memory).
     """
 
     block_m: int = 128
     block_n: int = 128
     num_warps: int = 8
     num_stages: int = 3
+    d_steps: int = 1
 
     def __post_init__(self):
-        for name in ("block_m", "block_n", "num_warps", "num_stages"):
+        for name in ("block_m", "block_n", "num_warps", "num_stages", "d_steps"):
             value = getattr(self, name)
             if not isinstance(value, int) or value <= 0:
                 raise ValueError(f"EstimateConfig: {name} must be a positive int, got {value!r}")
@@ -290,6 +300,8 @@ class EstimateConfig:
             value = getattr(self, name)
             if value & (value - 1) or value < 16:
                 raise ValueError(f"EstimateConfig: {name} must be a power of two >= 16 (tl.dot), got {value}")
+        if self.d_steps & (self.d_steps - 1):
+            raise ValueError(f"EstimateConfig: d_steps must be a power of two, got {self.d_steps}")
 
 
 def default_estimate_configs(head_dim: int, dtype: torch.dtype, device: torch.device,
@@ -380,6 +392,7 @@ def _launch(q, k, out, S, per_block, causal, cfg: EstimateConfig, scratch_elemen
         q = q.contiguous()
     if block_n * S * k.stride(2) + D >= 2**31:
         k = k.contiguous()
+    d_steps = min(cfg.d_steps, D // 16)  # tl.dot needs K >= 16
     kb_per_tile = block_n // per_block
     n_tiles = cdiv(nk, kb_per_tile)
     nk_pad = n_tiles * kb_per_tile
@@ -414,7 +427,7 @@ def _launch(q, k, out, S, per_block, causal, cfg: EstimateConfig, scratch_elemen
                 sums.stride(0), sums.stride(1), maxes.stride(0), maxes.stride(1),
                 head0, tile0 * block_m, Hq, Hq // Hkv, Lq, Lk, nq, nk, qk_scale,
                 HEAD_DIM=D, STRIDE=S, PER_BLOCK=per_block, BLOCK_M=block_m, BLOCK_N=block_n,
-                IS_CAUSAL=causal, IEEE=q.dtype == torch.float32, REVERSE=causal,
+                IS_CAUSAL=causal, IEEE=q.dtype == torch.float32, REVERSE=causal, D_STEPS=d_steps,
                 num_warps=cfg.num_warps, num_stages=cfg.num_stages,
             )
 
