@@ -8,16 +8,16 @@ cumulative sum, a scatter back, and then ``BlockIndex.from_mask`` packs the kept
 second sort. At 128K (32 heads, 128-blocks: 32K rows of 1024 masses) those torch ops cost
 ~4.5 ms, as much as a third of XAttention's estimation (benchmarks/NOTES.md, run 17).
 
-No sort is needed. Write ``T = threshold * row_mass - forced_mass`` and, for a value ``v``,
-``f(v) = sum of the candidate masses > v``, non-increasing in ``v``. A candidate ``c`` without a
-tie is kept iff the masses sorted before it sum to less than ``T``, i.e. iff ``f(m_c) < T``. So
-the kept candidates are exactly those with ``m_c >= v0``, where ``v0`` is the smallest value with
-``f(v0) < T``: a bisection. Masses are non-negative fp32, whose bit patterns order like their
+No sort is needed. Write ``T = threshold * row_mass``, ``F`` the forced mass and, for a value
+``v``, ``f(v) = sum of the candidate masses > v``, non-increasing in ``v``. A candidate ``c``
+without a tie is kept iff ``F`` plus the masses sorted before it is less than ``T``, i.e. iff
+``F + f(m_c) < T``. So the kept candidates are exactly those with ``m_c >= v0``, where ``v0`` is
+the smallest value with ``F + f(v0) < T``: a bisection. Masses are non-negative fp32, whose bit patterns order like their
 values, so the bisection runs over the integers ``[0, bits(+inf)]``: 31 steps, each a masked row
-sum, and ``v0`` is exactly one of the row's masses (or +inf when ``T <= 0``: nothing to add).
+sum, and ``v0`` is exactly one of the row's masses (or +inf when ``F >= T``: nothing to add).
 
 Ties at ``v0`` follow the reference's stable order (lower index first): the ``r``-th tied
-candidate sees ``f(v0) + (r - 1) v0`` before it and is kept iff that is ``< T``. Mass-zero
+candidate sees ``F + f(v0) + (r - 1) v0`` before it and is kept iff that is ``< T``. Mass-zero
 candidates tie at ``v0 = 0`` and are all kept when the positive mass does not reach ``T``, as in
 the reference. ``threshold >= 1`` keeps every allowed block.
 
@@ -78,26 +78,30 @@ def _coverage_kernel(
         thr = tl.load(Thr + h)
     else:
         thr = threshold
-    target = thr * tl.sum(mass, 1) - tl.sum(tl.where(forced, mass, 0.0), 1)  # [ROWS]
+    # The reference's comparison, term for term: forced + before < threshold * row. (Written as
+    # before < threshold * row - forced, the compiled code fuses the product into an FMA whose
+    # unrounded result can differ from the reference's rounded product: seen on the H100.)
+    target = thr * tl.sum(mass, 1)  # [ROWS]
+    forced_mass = tl.sum(tl.where(forced, mass, 0.0), 1)
 
-    # Smallest v0 (as fp32 bits) with f(v0) = sum(candidate masses > v0) < target. Non-candidates
-    # get bits -1, below every v >= 0, so they never count as "above".
+    # Smallest v0 (as fp32 bits) with forced + f(v0) < target, f(v) = sum(candidate masses > v).
+    # Non-candidates get bits -1, below every v >= 0, so they never count as "above".
     bits = tl.where(candidate, mass.to(tl.int32, bitcast=True), -1)
     lo = tl.zeros([ROWS], dtype=tl.int32)
     hi = tl.full([ROWS], _INF_BITS, dtype=tl.int32)
     for _ in tl.static_range(31):  # ceil(log2(_INF_BITS + 1)) halvings reach lo == hi
         mid = lo + (hi - lo) // 2
         above = tl.sum(tl.where(bits > mid[:, None], mass, 0.0), 1)
-        ok = above < target
+        ok = forced_mass + above < target
         hi = tl.where(ok, mid, hi)
         lo = tl.where(ok, lo, mid + 1)
 
     v0 = lo
-    above = tl.sum(tl.where(bits > v0[:, None], mass, 0.0), 1)
+    before = forced_mass + tl.sum(tl.where(bits > v0[:, None], mass, 0.0), 1)
     tie = bits == v0[:, None]
     rank = tl.cumsum(tie.to(tl.int32), 1)  # 1-based among the tied candidates, ascending index
     v0_value = tl.minimum(v0.to(tl.float32, bitcast=True), 3.0e38)  # +inf (no tie possible) would give 0 * inf
-    tie_kept = tie & (above[:, None] + (rank - 1).to(tl.float32) * v0_value[:, None] < target[:, None])
+    tie_kept = tie & (before[:, None] + (rank - 1).to(tl.float32) * v0_value[:, None] < target[:, None])
     keep = forced | (bits > v0[:, None]) | tie_kept
     keep = tl.where(thr >= 1.0, allowed, keep)
 
