@@ -309,8 +309,9 @@ def default_estimate_configs(head_dim: int, dtype: torch.dtype, device: torch.de
     """Configs to try in order; a config that runs out of shared memory falls through to the next.
 
     D = 128 is tuned on the H100 (``benchmarks/bench_xattention.py --sweep``, benchmarks/NOTES.md
-    runs 3 and 11): at S >= 16, 128x256 tiles with 8 warps and 2 stages (12.96 ms at 128K against
-    14.40 for 64x128/4 warps/3 stages); at S = 8 the latter (24.07 vs 24.22 ms). D = 64 is untuned.
+    runs 3, 11 and 17): 128x256 tiles with 8 warps and the head dim in two 64-wide steps per dot,
+    4 stages at S >= 16 (9.26 ms at 128K, against 12.92 ms with whole-D steps and 2 stages) and 3
+    at S = 8 (18.39 ms against 24.59 for 64x128/4 warps/3 stages). D = 64 is untuned.
     """
     if device.type != "cuda":  # the interpreter: numpy cost grows with the number of tl ops, not tile size
         return [EstimateConfig(block_m=32, block_n=32, num_warps=1, num_stages=1)]
@@ -318,12 +319,13 @@ def default_estimate_configs(head_dim: int, dtype: torch.dtype, device: torch.de
         return [EstimateConfig(64, 64, 4, 2), EstimateConfig(32, 32, 4, 1)]
     if head_dim <= 64:
         return [EstimateConfig(128, 128, 8, 3), EstimateConfig(128, 64, 4, 3), EstimateConfig(64, 64, 4, 2)]
-    # D = 128: a stage is (128 + 128) x 128 bf16 = 64 KB of shared memory ((128 + 256) x 128: 96 KB).
+    # D = 128: a 128x256 stage is (128 + 256) x 64 bf16 = 48 KB of shared memory with d_steps = 2
+    # (4 stages: 200 KB, an H100's budget; smaller GPUs fall through to the next configs).
     if stride >= 16:
-        return [EstimateConfig(128, 256, 8, 2), EstimateConfig(64, 128, 4, 3), EstimateConfig(128, 128, 8, 3),
-                EstimateConfig(128, 64, 4, 2), EstimateConfig(64, 64, 4, 2)]
-    return [EstimateConfig(64, 128, 4, 3), EstimateConfig(128, 128, 8, 3), EstimateConfig(128, 64, 4, 2),
-            EstimateConfig(64, 64, 4, 2)]
+        return [EstimateConfig(128, 256, 8, 4, 2), EstimateConfig(128, 256, 8, 3, 2), EstimateConfig(128, 256, 8, 2),
+                EstimateConfig(64, 128, 4, 3), EstimateConfig(128, 64, 4, 2), EstimateConfig(64, 64, 4, 2)]
+    return [EstimateConfig(128, 256, 8, 3, 2), EstimateConfig(64, 128, 4, 3), EstimateConfig(128, 128, 8, 3),
+            EstimateConfig(128, 64, 4, 2), EstimateConfig(64, 64, 4, 2)]
 
 
 # Config that compiled for a key (head_dim, stride, block_size, dtype, device index), so the
