@@ -46,8 +46,10 @@ Why this design (H100, B=1, Hq=32, D=128, bf16, causal, L=128K; cuDNN dense ~245
   its ``q`` rows for every key tile, as any GEMM re-reads its A panel): 64 FLOP per L2 byte, the
   usual 128 x 128 tile. Compiled offline for sm_90a (triton 3.6 and 3.9): wgmma, 3-stage cp.async
   pipeline, 194 KB shared memory, ~190-210 registers, no spills, one CTA per SM. Measured since
-  (benchmarks/NOTES.md, run 11): at S >= 16 128 x 256 tiles with 2 stages are fastest (12.96 ms at
-  128K, 5.4% of dense: the goal of 4% is not reached); at S = 8, 64 x 128 with 3 stages (24.07 ms).
+  (benchmarks/NOTES.md, runs 11 and 17): 128 x 256 tiles, with each stride step's dot split into
+  two 64-wide steps over the head dim (``d_steps = 2``: 48 KB stages, so 4 of them fit and three
+  steps are in flight; with whole-D 96 KB stages only two fit and each step waited for the last
+  copy). 128K: 9.41 ms at S = 16 (3.8% of cuDNN dense, 467 TFLOP/s), 18.99 ms at S = 8 (7.7%).
 - Work order: programs of one launch are ordered heaviest query tiles first (causal), all heads
   of a chunk interleaved, so the tail of a launch is short.
 
