@@ -166,8 +166,8 @@ def tau_sweep(q, k, v, S, thresholds, dense, attention) -> list[dict]:
     return rows
 
 
-def bench_length(L, strides, threshold, with_reference, with_fidelity, sweep_thresholds=()):
-    q, k, v = llm_like_qkv(1, HEADS, KV_HEADS, L, HEAD_DIM, device="cuda", seed=0)
+def bench_length(L, strides, threshold, with_reference, with_fidelity, sweep_thresholds=(), seed=0):
+    q, k, v = llm_like_qkv(1, HEADS, KV_HEADS, L, HEAD_DIM, device="cuda", seed=L if seed < 0 else seed)
     row = {"L": L, "B": 1, "Hq": HEADS, "Hkv": KV_HEADS, "D": HEAD_DIM, "block_size": BLOCK,
            "threshold": threshold, "dtype": "bfloat16"}
     dense = DENSE_PEERS[0].make(q, k, v, True)
@@ -264,6 +264,8 @@ def main(argv=None):
     parser.add_argument("--fidelity-max-len", type=int, default=131072,
                         help="compare with the reference up to this length (it costs ~1 s at 128K)")
     parser.add_argument("--sweep", action="store_true", help="time estimation tile configs at the longest length")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seed of the LLM-like input; -1 draws seed L as `sparseattn bench methods` does")
     parser.add_argument("--tau-sweep", default="", help="comma-separated thresholds: density, e2e and output "
                                                          "error against dense for each (e.g. 0.8,0.85,0.9,0.95)")
     args = parser.parse_args(argv)
@@ -281,7 +283,7 @@ def main(argv=None):
     rows = []
     for L in lengths:
         rows.append(bench_length(L, strides, args.threshold, not args.no_reference, L <= args.fidelity_max_len,
-                                 [float(x) for x in args.tau_sweep.split(",") if x]))
+                                 [float(x) for x in args.tau_sweep.split(",") if x], args.seed))
         print(f"L={L} done ({time.time() - start:.0f} s)", flush=True)
     sweep = []
     if args.sweep:
@@ -291,7 +293,7 @@ def main(argv=None):
         q = k = None  # release device memory before the next case
         for s in sweep:
             print("sweep", json.dumps(s))
-    record = {"machine": machine_record(), "input": "llm_like_qkv defaults, seed 0", "gate": gate,
+    record = {"machine": machine_record(), "input": f"llm_like_qkv defaults, seed {args.seed} (-1: seed L)", "gate": gate,
               "rows": rows, "sweep": sweep, "seconds": time.time() - start,
               "note": "estimate = xattention_estimate; select = xattention_select_fast (masses + threshold "
                       "+ BlockIndex); e2e = select + block_sparse_attention; agreement over causal blocks"}

@@ -14,5 +14,7 @@ step covtests 300 python3 -m pytest -q tests/test_coverage.py tests/test_estimat
 # sweep (split head dim) and the threshold sweep.
 step xattn 420 python3 benchmarks/bench_xattention.py --lengths 32768,131072 --sweep \
   --tau-sweep 0.8,0.85,0.9,0.95 --out "$OUT/xattention.json"
+step xattn-seedL 300 python3 benchmarks/bench_xattention.py --lengths 131072 --strides 16 --seed -1 \
+  --no-reference --fidelity-max-len 0 --tau-sweep 0.7,0.75,0.8,0.85,0.9,0.95 --out "$OUT/xattention-seedL.json"
 step methods 420 python3 -m sparseattn.cli bench methods --out "$OUT/methods"
 printf '%s\n' "${summary[@]}"
