@@ -72,8 +72,8 @@ import triton.language as tl
 
 from ..index import BlockIndex, causal_block_mask, cdiv
 from ..reference.streaming import forced_block_mask
-from .coverage import MAX_KEY_BLOCKS, coverage_select
 from ..reference.xattention import CHUNK_ELEMENTS, _threshold_per_head, check_qk, keep_until_covered
+from .coverage import MAX_KEY_BLOCKS, coverage_select
 
 __all__ = [
     "EstimateConfig",
@@ -312,8 +312,8 @@ def default_estimate_configs(head_dim: int, dtype: torch.dtype, device: torch.de
 
     D = 128 is tuned on the H100 (``benchmarks/bench_xattention.py --sweep``, benchmarks/NOTES.md
     runs 3, 11 and 17): 128x256 tiles with 8 warps and the head dim in two 64-wide steps per dot,
-    4 stages at S >= 16 (9.26 ms at 128K, against 12.92 ms with whole-D steps and 2 stages) and 3
-    at S = 8 (18.39 ms against 24.59 for 64x128/4 warps/3 stages). D = 64 is untuned.
+    4 stages at S >= 16 (run 17a's sweep at 128K: 9.26 ms, against 12.92 ms with whole-D steps and
+    2 stages) and 3 at S = 8 (18.39 ms against 24.59 for 64x128/4 warps/3 stages). D = 64 is untuned.
     """
     if device.type != "cuda":  # the interpreter: numpy cost grows with the number of tl ops, not tile size
         return [EstimateConfig(block_m=32, block_n=32, num_warps=1, num_stages=1)]
