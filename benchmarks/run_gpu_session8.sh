@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Device calls of session 8: each step under its own time limit, everything under $OUT, short
+# tables last. STEPS picks steps (comma-separated).
+#   STEPS=wsprobe,xattn-seeds bash benchmarks/run_gpu_session8.sh
+set -uo pipefail
+export PYTHONPATH="$PWD:/tmp/site${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+STEPS=${STEPS:-wsprobe,xattn-seeds}
+source "$(dirname "$0")/gpu_steps.sh"
+# Triton's Hopper warp specialization on a minimal attention loop, feature by feature (run 18).
+TAIL=24 step wsprobe 420 python3 benchmarks/probe_warp_specialize.py --lengths 32768,131072 \
+  --out "$OUT/warp-specialize-probe-run18.json"
+# XAttention's threshold sweep at 128K on two more seeds of the LLM-like input (run 18b).
+for seed in 1 2; do
+  step xattn-seeds 300 python3 benchmarks/bench_xattention.py --lengths 131072 --strides 16 --seed $seed \
+    --no-reference --fidelity-max-len 0 --tau-sweep 0.85,0.9,0.95 --out "$OUT/xattention-seed$seed.json"
+  cp "$OUT/xattn-seeds.log" "$OUT/xattn-seed$seed.log" 2>/dev/null
+done
+printf '%s\n' "${summary[@]}"
