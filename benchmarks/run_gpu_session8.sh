@@ -16,4 +16,7 @@ for seed in 1 2; do
     --no-reference --fidelity-max-len 0 --tau-sweep 0.85,0.9,0.95 --out "$OUT/xattention-seed$seed.json"
   cp "$OUT/xattn-seeds.log" "$OUT/xattn-seed$seed.log" 2>/dev/null
 done
+# Every method end to end at 128K on three seeds of the LLM-like input (run 18c).
+step methods-seeds 560 python3 -m sparseattn.cli bench methods --lengths 131072 --seeds L,1,2 \
+  --out "$OUT/methods" --name methods-seeds
 printf '%s\n' "${summary[@]}"

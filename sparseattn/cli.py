@@ -228,7 +228,7 @@ def cmd_bench(args) -> int:
         from .bench.method_suite import run_method_suite
 
         result = run_method_suite(args.methods.split(","), lengths, q_heads=args.q_heads, kv_heads=args.kv_heads,
-                                  head_dim=args.head_dim, progress=progress)
+                                  head_dim=args.head_dim, progress=progress, seeds=_seeds(args.seeds))
     out_dir = Path(args.out) / device_slug(result["machine"]["device"])
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"{args.name or args.suite}.json"
@@ -248,6 +248,20 @@ def cmd_bench(args) -> int:
 # --------------------------------------------------------------------------------------------
 # eval, fidelity, viz, memory (the logic lives in sparseattn.evaluation)
 # --------------------------------------------------------------------------------------------
+
+
+def _seeds(text: str | None) -> list[int | None] | None:
+    """``--seeds`` of the methods suite: comma-separated integers, ``L`` for the length itself."""
+    if text is None:
+        return None
+    items = [x.strip() for x in text.split(",") if x.strip()]
+    try:
+        seeds = [None if x.upper() == "L" else int(x) for x in items]
+    except ValueError:
+        raise UsageError(f"--seeds takes comma-separated integers or L (the length), got {text!r}") from None
+    if not seeds:
+        raise UsageError(f"--seeds takes comma-separated integers or L (the length), got {text!r}")
+    return seeds
 
 
 def _ints(text: str, flag: str) -> list[int]:
@@ -523,6 +537,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--lengths", default="8192,16384,32768,65536,131072")
     bench.add_argument("--methods", default="xattention,flexprefill,minference,streaming",
                        help="methods suite: registered method names")
+    bench.add_argument("--seeds", default=None,
+                       help="methods suite: seeds of the LLM-like input, e.g. L,1,2 (L = the length; default: L only)")
     bench.add_argument("--densities", default="0.05,0.1,0.2,0.5")
     bench.add_argument("--backward-lengths", default="8192,32768")
     bench.add_argument("--q-heads", type=int, default=32)
