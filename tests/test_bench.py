@@ -77,3 +77,32 @@ def test_random_block_index_shared_in_group():
     mask = idx.to_mask()
     assert torch.equal(mask[:, 0], mask[:, 3]) and torch.equal(mask[:, 4], mask[:, 7])
     assert not torch.equal(mask[:, 0], mask[:, 4])
+
+
+def test_method_table_with_seeds_adds_the_spread():
+    from sparseattn.bench.method_suite import method_table
+
+    def rec(seed, method, ms, dense_ms, density):
+        if method == "dense_cudnn":
+            return dict(L=8192, seed=seed, method=method, e2e_ms=ms, density=1.0, rel_err=0.0, peak_mib=32.0)
+        return dict(L=8192, seed=seed, method=method, select_ms=0.1, attend_ms=ms - 0.1, e2e_ms=ms, density=density,
+                    rel_err=0.01, speedup=dense_ms / ms, select_pct_of_dense=100 * 0.1 / dense_ms, peak_mib=48.0)
+
+    result = {"machine": {"device": "Test GPU"}, "input": "x", "shape": {}, "seeds": ["L", 1],
+              "records": [rec(8192, "dense_cudnn", 2.0, 2.0, 1.0), rec(8192, "xattention", 0.5, 2.0, 0.2),
+                          rec(1, "dense_cudnn", 2.2, 2.2, 1.0), rec(1, "xattention", 1.1, 2.2, 0.3)]}
+    text = method_table(result)
+    assert "| L | seed | method |" in text
+    assert "| 8K | 1 | xattention | 30.0% | 0.10 | 1.00 | 1.10 | 2.00x |" in text
+    # Speedups are against each seed's own dense time: 4.00x and 2.00x.
+    assert "| 8K | xattention | 2 | 20.0% / 25.0% / 30.0% | 2.00x / 3.00x / 4.00x |" in text
+
+
+def test_bench_seeds_option():
+    from sparseattn.cli import UsageError, _seeds
+
+    assert _seeds(None) is None
+    assert _seeds("L, 1,2") == [None, 1, 2]
+    for bad in ("", "a,1"):
+        with pytest.raises(UsageError, match="--seeds"):
+            _seeds(bad)
