@@ -19,4 +19,7 @@ done
 # Every method end to end at 128K on three seeds of the LLM-like input (run 18c).
 step methods-seeds 560 python3 -m sparseattn.cli bench methods --lengths 131072 --seeds L,1,2 \
   --out "$OUT/methods" --name methods-seeds
+# The LLM-like input's exact 90%-mass density at 128K over 12 seeds (run 18d).
+TAIL=10 step calib-seeds 300 python3 benchmarks/calibrate_llm_like.py --lengths 131072 \
+  --seeds L,0,1,2,3,4,5,6,7,8,9,10 --out "$OUT/llm_like_calibration-seeds.json"
 printf '%s\n' "${summary[@]}"
