@@ -70,7 +70,13 @@ def llm_like_qkv(batch, q_heads, kv_heads, seq_len, head_dim, *, dtype=torch.bfl
 
     plus noise of logit standard deviation ``noise``. Heads differ: each KV head scales every
     strength by its own random factor in [0.5, 1.5], so some heads are local and some vertical.
-    ``benchmarks/NOTES.md`` records the calibration: the exact 90%-mass block density it gives.
+    ``benchmarks/NOTES.md`` records the calibration: the exact 90%-mass block density it gives
+    (run 1: 8.5% at 128K for seed L; run 18d: 5.7-12.8% at 128K over twelve seeds on the GPU).
+    Methods' densities vary with the seed more than the oracle's does; ``sparseattn bench methods
+    --seeds`` reports the spread.
+
+    The draws come from a generator on ``device``, and CPU and CUDA generators give different
+    streams: the same seed is a different input on a different device.
     """
     g = torch.Generator(device=device).manual_seed(seed)
     f32 = dict(device=device, dtype=torch.float32)
