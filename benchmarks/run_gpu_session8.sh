@@ -22,4 +22,11 @@ step methods-seeds 560 python3 -m sparseattn.cli bench methods --lengths 131072 
 # The LLM-like input's exact 90%-mass density at 128K over 12 seeds (run 18d).
 TAIL=10 step calib-seeds 300 python3 benchmarks/calibrate_llm_like.py --lengths 131072 \
   --seeds L,0,1,2,3,4,5,6,7,8,9,10 --out "$OUT/llm_like_calibration-seeds.json"
+# MInference's configs at 128K on seeds 1 and 2 (run 18e; seed L is minference.json, run 14).
+for seed in 1 2; do
+  TAIL=12 step minf-seeds 280 python3 benchmarks/bench_minference.py --lengths 131072 --seed $seed \
+    --configs default,v512_s512_bs128,v512_s512,adaptive_0.01 --reference-max-len 0 \
+    --out "$OUT/minference-seed$seed.json"
+  cp "$OUT/minf-seeds.log" "$OUT/minference-seed$seed.log" 2>/dev/null
+done
 printf '%s\n' "${summary[@]}"
