@@ -10,7 +10,7 @@ import json
 
 import torch
 
-from sparseattn.bench.inputs import llm_like_qkv, oracle_density
+from sparseattn.bench.inputs import llm_like_qkv, oracle_density, parse_seeds
 from sparseattn.bench.timing import machine_record
 
 
@@ -24,8 +24,8 @@ def main():
     args = parser.parse_args()
     rows = []
     for L in [int(x) for x in args.lengths.split(",")]:
-        for item in args.seeds.split(","):
-            seed = L if item.strip().upper() == "L" else int(item)
+        for item in parse_seeds(args.seeds):
+            seed = L if item is None else item
             q, k, _ = llm_like_qkv(1, 32, 8, L, 128, device="cuda", seed=seed)
             for coverage in (0.9, 0.95):
                 d = oracle_density(q, k, args.block_size, coverage, query_blocks=args.query_blocks)

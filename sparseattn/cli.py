@@ -209,6 +209,9 @@ def cmd_bench(args) -> int:
 
     from .bench.timing import device_slug
 
+    seeds = _seeds(args.seeds)
+    if seeds is not None and args.suite != "methods":
+        raise UsageError("--seeds applies to the methods suite (the kernel suite draws random q/k/v)")
     if not torch.cuda.is_available():
         print("sparseattn bench needs a CUDA GPU (timings on a CPU would mean nothing).", file=sys.stderr)
         return 2
@@ -228,7 +231,7 @@ def cmd_bench(args) -> int:
         from .bench.method_suite import run_method_suite
 
         result = run_method_suite(args.methods.split(","), lengths, q_heads=args.q_heads, kv_heads=args.kv_heads,
-                                  head_dim=args.head_dim, progress=progress, seeds=_seeds(args.seeds))
+                                  head_dim=args.head_dim, progress=progress, seeds=seeds)
     out_dir = Path(args.out) / device_slug(result["machine"]["device"])
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"{args.name or args.suite}.json"
@@ -251,17 +254,15 @@ def cmd_bench(args) -> int:
 
 
 def _seeds(text: str | None) -> list[int | None] | None:
-    """``--seeds`` of the methods suite: comma-separated integers, ``L`` for the length itself."""
+    """``--seeds`` of the methods suite (``bench.inputs.parse_seeds``); ``None`` when not given."""
     if text is None:
         return None
-    items = [x.strip() for x in text.split(",") if x.strip()]
+    from .bench.inputs import parse_seeds
+
     try:
-        seeds = [None if x.upper() == "L" else int(x) for x in items]
-    except ValueError:
-        raise UsageError(f"--seeds takes comma-separated integers or L (the length), got {text!r}") from None
-    if not seeds:
-        raise UsageError(f"--seeds takes comma-separated integers or L (the length), got {text!r}")
-    return seeds
+        return parse_seeds(text)
+    except ValueError as err:
+        raise UsageError(f"--seeds: {err}") from None
 
 
 def _ints(text: str, flag: str) -> list[int]:

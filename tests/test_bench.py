@@ -98,11 +98,17 @@ def test_method_table_with_seeds_adds_the_spread():
     assert "| 8K | xattention | 2 | 20.0% / 25.0% / 30.0% | 2.00x / 3.00x / 4.00x |" in text
 
 
-def test_bench_seeds_option():
-    from sparseattn.cli import UsageError, _seeds
+def test_bench_seeds_option(capsys):
+    from sparseattn.bench.inputs import parse_seeds
+    from sparseattn.cli import UsageError, _seeds, main
 
     assert _seeds(None) is None
-    assert _seeds("L, 1,2") == [None, 1, 2]
-    for bad in ("", "a,1"):
+    assert _seeds("L, 1,2") == parse_seeds("l,1,2") == [None, 1, 2]
+    for bad in ("", "a,1", " , "):
+        with pytest.raises(ValueError, match="integers or L"):
+            parse_seeds(bad)
         with pytest.raises(UsageError, match="--seeds"):
             _seeds(bad)
+    # The kernel suite has no seeded input: refused before any GPU check, not silently ignored.
+    assert main(["bench", "kernel", "--seeds", "1"]) == 2
+    assert "--seeds applies to the methods suite" in capsys.readouterr().err

@@ -126,6 +126,23 @@ def llm_like_qkv(batch, q_heads, kv_heads, seq_len, head_dim, *, dtype=torch.bfl
     return q.reshape(B, Hq, L, D).to(dtype), k.to(dtype), v.to(dtype)
 
 
+def parse_seeds(text: str) -> list[int | None]:
+    """Seeds of ``llm_like_qkv`` from ``"L,1,2"``: integers, ``None`` for ``L`` (the length itself,
+    the methods suite's historical input). Raises ``ValueError`` on anything else or an empty list.
+
+    >>> parse_seeds("L, 1,2")
+    [None, 1, 2]
+    """
+    items = [x.strip() for x in text.split(",") if x.strip()]
+    try:
+        seeds = [None if x.upper() == "L" else int(x) for x in items]
+    except ValueError:
+        seeds = []
+    if not seeds:
+        raise ValueError(f"seeds are comma-separated integers or L (the length), got {text!r}")
+    return seeds
+
+
 @torch.no_grad()
 def oracle_density(q, k, block_size, coverage=0.9, *, query_blocks=None, seed=0):
     """Exact-attention oracle: mean fraction of causal blocks needed to cover ``coverage`` of each row's mass.
