@@ -31,7 +31,7 @@ import torch
 
 from sparseattn.bench.inputs import random_block_index, random_qkv
 from sparseattn.bench.peers import DENSE_PEERS
-from sparseattn.bench.timing import machine_record, time_ms, write_json
+from sparseattn.bench.timing import linear_fit, machine_record, time_ms, write_json
 from sparseattn.index import BlockIndex
 from sparseattn.kernels.block_sparse import KernelConfig, block_sparse_forward, default_configs
 from sparseattn.reference.attention import reference_block_sparse_attention
@@ -102,10 +102,8 @@ def main() -> None:
             index = out = None
         pts = [(r["density"], r["ms"]) for r in result["records"] if r["sharing"] == name and "ms" in r]
         if len(pts) >= 2:
-            n = len(pts)
-            mx, my = sum(p[0] for p in pts) / n, sum(p[1] for p in pts) / n
-            slope = sum((x - mx) * (y - my) for x, y in pts) / sum((x - mx) ** 2 for x, _ in pts)
-            result["fits"][name] = {"intercept_ms": my - slope * mx, "ms_per_percent": slope / 100,
+            intercept, slope = linear_fit(pts)
+            result["fits"][name] = {"intercept_ms": intercept, "ms_per_percent": slope / 100,
                                     "per_percent_x_cudnn": slope / 100 / (cudnn / 100)}
     write_json(args.out, result)
     print(f"\nDevice: {result['machine'].get('device')}; L={L}, {bs}-blocks, B=1 GQA 32/8 D=128 bf16 causal; "

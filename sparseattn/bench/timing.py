@@ -81,6 +81,18 @@ def block_flops(block_index, head_dim) -> float:
     return 4.0 * head_dim * block_index.block_q * block_index.block_k * float(block_index.counts.sum().item())
 
 
+def linear_fit(points) -> tuple[float, float]:
+    """Least-squares ``(intercept, slope)`` of ``y = a + b x`` through ``[(x, y), ...]`` (two points at least).
+
+    >>> linear_fit([(0.0, 1.0), (1.0, 3.0), (2.0, 5.0)])
+    (1.0, 2.0)
+    """
+    n = len(points)
+    mx, my = sum(p[0] for p in points) / n, sum(p[1] for p in points) / n
+    slope = sum((x - mx) * (y - my) for x, y in points) / sum((x - mx) ** 2 for x, _ in points)
+    return my - slope * mx, slope
+
+
 def machine_record() -> dict:
     import triton
 

@@ -232,8 +232,15 @@ def _fwd_kernel(
         n_plain = count - tl.sum((tail_blocks >= mask_from).to(tl.int32), axis=0)
         if not SPLIT_MASKED:
             n_plain = 0
+        # The index entry of tile t + 1 is loaded in iteration t and carried in a register. Loaded
+        # in its own iteration, the pipeliner gives the entry a cp.async stage of its own and the
+        # K/V tiles only two buffers (a prefetch distance of one tile); loaded a step ahead it is
+        # plain arithmetic to the pipeliner, the tiles get three buffers, and the load's latency
+        # hides behind a whole tile of work (benchmarks/NOTES.md, runs 16 and 19).
+        j_next = tl.load(row, mask=count > 0, other=0)
         for t in range(0, n_plain * SUB_N):
-            j = tl.load(row + (t // SUB_N) * stride_ik)
+            j = j_next
+            j_next = tl.load(row + (tl.minimum(t + 1, count * SUB_N - 1) // SUB_N) * stride_ik)
             start_n = j * SEL_BLOCK_K + (t % SUB_N) * BLOCK_N
             acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, k_base, v_base, start_n, k_tile_offs, v_tile_offs,
                                       offs_n, d_ok, q_pos, k_len, qk_scale, stride_kn, stride_vn,
@@ -409,8 +416,10 @@ def _bwd_dkdv_kernel(
             count = tl.load(KCounts + b * stride_cb + h * stride_ch + kb * stride_ck)
             first = pid_s * split_len
             last = tl.minimum(count, first + split_len)
+            i_next = tl.load(row + first * stride_iq, mask=first < last, other=0)  # one entry ahead
             for t in range(first * SUB_M, last * SUB_M):
-                i = tl.load(row + (t // SUB_M) * stride_iq)
+                i = i_next
+                i_next = tl.load(row + (tl.minimum(t + 1, last * SUB_M - 1) // SUB_M) * stride_iq)
                 start_m = i * SEL_BLOCK_Q + (t % SUB_M) * BLOCK_M
                 if IS_CAUSAL:
                     need_mask = off + start_m < start_n + BLOCK_N - 1
@@ -559,8 +568,10 @@ def _bwd_dq_kernel(
         qb = start_m // SEL_BLOCK_Q
         row = Indices + b * stride_ib + h * stride_ih + qb * stride_iq
         count = tl.load(Counts + b * stride_cb + h * stride_ch + qb * stride_cq)
+        j_next = tl.load(row, mask=count > 0, other=0)  # one entry ahead, as in the forward
         for t in range(0, count * SUB_N):
-            j = tl.load(row + (t // SUB_N) * stride_ik)
+            j = j_next
+            j_next = tl.load(row + (tl.minimum(t + 1, count * SUB_N - 1) // SUB_N) * stride_ik)
             start_n = j * SEL_BLOCK_K + (t % SUB_N) * BLOCK_N
             need_mask = start_n + BLOCK_N > k_len
             if IS_CAUSAL:

@@ -85,8 +85,12 @@ def _vs_fwd_kernel(
     SUB_N: tl.constexpr = SEL_BLOCK_K // BLOCK_N
     r_row = RangeStarts + b * stride_rb + h * stride_rh + qb * stride_rq
     r_count = tl.load(RangeCounts + b * stride_rcb + h * stride_rch + qb * stride_rcq)
+    # Each loop loads the index entries of its next step one iteration ahead, into registers it
+    # carries: the load's latency then hides behind a tile's work (block_sparse._fwd_kernel).
+    start_next = tl.load(r_row, mask=r_count > 0, other=0)
     for t in range(0, r_count * SUB_N):
-        range_start = tl.load(r_row + (t // SUB_N) * stride_rk)
+        range_start = start_next
+        start_next = tl.load(r_row + (tl.minimum(t + 1, r_count * SUB_N - 1) // SUB_N) * stride_rk)
         range_end = tl.minimum(range_start + SEL_BLOCK_K, k_len)
         start_n = range_start + (t % SUB_N) * BLOCK_N
         k_pos = start_n + offs_n  # [BLOCK_N]
@@ -103,10 +107,12 @@ def _vs_fwd_kernel(
     # Vertical columns: gathered key rows, always masked (validity + causal).
     c_row = Columns + b * stride_cb + h * stride_ch + qb * stride_cq
     c_count = tl.load(ColumnCounts + b * stride_ccb + h * stride_cch + qb * stride_ccq)
+    cols_next = tl.load(c_row + offs_n * stride_ck, mask=offs_n < c_count, other=0)
     for c in range(0, tl.cdiv(c_count, BLOCK_N)):
         slot = c * BLOCK_N + offs_n
         c_ok = slot < c_count
-        cols = tl.load(c_row + slot * stride_ck, mask=c_ok, other=0)  # [BLOCK_N] absolute key positions
+        cols = cols_next  # [BLOCK_N] absolute key positions
+        cols_next = tl.load(c_row + (slot + BLOCK_N) * stride_ck, mask=slot + BLOCK_N < c_count, other=0)
         c_ok = c_ok & (cols < k_len)
         cols64 = cols.to(tl.int64)
         kv_ok = c_ok[:, None] & d_ok[None, :]

@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Device calls of session 9: each step under its own time limit, everything under $OUT, short
+# tables last. STEPS picks steps (comma-separated). The A/B step needs the previous kernels, made
+# here and carried (.cmp is ignored):
+#   mkdir -p .cmp/base && git archive <rev before run 19> sparseattn/kernels | tar -x -C .cmp/base
+#   STEPS=gputests,ab bash benchmarks/run_gpu_session9.sh
+set -uo pipefail
+export PYTHONPATH="$PWD:/tmp/site${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+STEPS=${STEPS:-gputests,ab}
+source "$(dirname "$0")/gpu_steps.sh"
+# The gpu-marked tests of every kernel at 32K-128K. The two that load the embedded model are left
+# out: the model is not on the machine in these calls (they ran in session 7's calls with it).
+TAIL=6 step gputests 300 python3 -m pytest -q -m gpu tests/test_kernels.py tests/test_estimate.py \
+  tests/test_flexprefill.py tests/test_mixed_kernel.py tests/test_minference.py -k "not embedded_model"
+# The interpreter's kernel tests, on the GPU in bf16/fp16 (gradients, varlen, vertical-slash, ...).
+TAIL=6 step gradtests 240 python3 -m pytest -q tests/test_kernels.py tests/test_minference.py -k "gradients or \
+varlen or transposes or deterministic or config_override or vertical_slash or sparse_forward or dense_forward \
+or scales_and_accumulates"
+# Run 19: this tree's kernels against the previous commit's, same process, beside cuDNN.
+TAIL=22 step ab 420 python3 benchmarks/bench_kernel_ab.py --base .cmp/base/sparseattn/kernels \
+  --out "$OUT/kernel-ab-run19.json"
+# The kernel suite (README table) and every method on three seeds, after the change.
+TAIL=30 step bench-kernel 420 python3 -m sparseattn.cli bench kernel --out "$OUT/bench"
+TAIL=30 step methods-seeds 560 python3 -m sparseattn.cli bench methods --lengths 131072 --seeds L,1,2 \
+  --out "$OUT/bench" --name methods-seeds
+printf '%s\n' "${summary[@]}"
