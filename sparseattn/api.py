@@ -101,8 +101,22 @@ def _check_index(index, B, Hq, Lq, Lk):
         )
 
 
-def attend(q, k, v, index, *, causal: bool = True, scale: float | None = None):
-    """Attention of validated inputs over ``index`` (None = dense)."""
+def attend(q, k, v, index, *, causal: bool = True, scale: float | None = None, out: torch.Tensor | None = None):
+    """Attention of validated inputs over ``index`` (None = dense).
+
+    ``out``: a buffer of q's shape and dtype (e.g. a head slice of a larger output) that receives
+    the result; the kernels write into it directly (forward only, no autograd), other paths copy.
+    """
+    if out is not None:
+        if isinstance(index, VerticalSlashIndex) and causal and _use_triton(q):
+            from .kernels.vertical_slash import vertical_slash_forward
+
+            return vertical_slash_forward(q, k, v, index, scale=scale, out=out)[0]
+        if isinstance(index, BlockIndex) and _use_triton(q):
+            from .kernels.block_sparse import block_sparse_forward
+
+            return block_sparse_forward(q, k, v, index, causal=causal, scale=scale, out=out)[0]
+        return out.copy_(attend(q, k, v, index, causal=causal, scale=scale))
     if index is None:
         return dense_attention(q, k, v, causal=causal, scale=scale)
     if isinstance(index, VerticalSlashIndex):
@@ -120,6 +134,56 @@ def attend(q, k, v, index, *, causal: bool = True, scale: float | None = None):
 
         return block_sparse_attention(q, k, v, index, causal=causal, scale=scale)
     return _masked_sdpa(q, k, v, index, causal=causal, scale=scale)
+
+
+# BENCHMARKS.md bounds what a call holds beyond its output to 10% of the q + k + v bytes. The index
+# is the largest such buffer ([B, Hq, nq, width] int32, O((L / block)^2) per head: 768 MiB for
+# MInference's default sizes at 128K with 32 heads, against 154 MiB of budget). When a method's
+# ``index_bytes`` bound exceeds the budget, ``sparse_attention`` selects and attends a few whole GQA
+# groups at a time, writing each group's rows into one output; per-head selections are independent,
+# so the result is the same.
+INDEX_BUDGET = 0.10
+
+
+def kv_heads_per_chunk(spec, cfg, q, k, v) -> int:
+    """KV heads to select and attend together so the index stays within ``INDEX_BUDGET``."""
+    B, Hq, Lq, _ = q.shape
+    Hkv, Lk = k.shape[1], k.shape[2]
+    if spec.index_bytes is None or Hkv == 1:
+        return Hkv
+    total = spec.index_bytes(cfg, B, Hq, Lq, Lk)
+    budget = INDEX_BUDGET * sum(t.numel() * t.element_size() for t in (q, k, v))
+    if total <= budget:
+        return Hkv
+    return max(1, min(Hkv, int(budget // (total / Hkv))))
+
+
+def _needs_grad(*tensors) -> bool:
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
+def _head_chunks(q, k, v, spec, cfg, per_chunk: int, causal: bool, scale, return_stats: bool):
+    """Select and attend ``per_chunk`` KV heads (and their query heads) at a time into one output."""
+    Hq, Hkv = q.shape[1], k.shape[1]
+    G = Hq // Hkv
+    # NaN-filled under the tests' SPARSEATTN_NAN_FILL=1 (kernels.block_sparse.NAN_FILL_ENV), so a
+    # head no chunk writes fails the comparison.
+    poison = os.environ.get("SPARSEATTN_NAN_FILL") == "1"
+    out = torch.full_like(q, float("nan")) if poison else torch.empty_like(q)
+    densities = []
+    for g0 in range(0, Hkv, per_chunk):
+        g1 = min(Hkv, g0 + per_chunk)
+        h0, h1 = g0 * G, g1 * G
+        qc, kc, vc = q[:, h0:h1], k[:, g0:g1], v[:, g0:g1]
+        cfg_c = spec.head_slice(cfg, h0, h1) if spec.head_slice is not None else cfg
+        index = spec.select(qc, kc, cfg_c, causal=causal)
+        attend(qc, kc, vc, index, causal=causal, scale=scale, out=out[:, h0:h1])
+        if return_stats:
+            densities.append(_stats(index, spec.name, q.shape[0], h1 - h0, causal, q.device).density)
+        index = None  # freed before the next chunk's selection
+    if return_stats:
+        return out, AttentionStats(density=torch.cat(densities, 1), index=None, method=spec.name)
+    return out
 
 
 _MASK_CHUNK_ELEMENTS = 1 << 26
@@ -172,7 +236,8 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, method: 
         causal: causal attention (default True).
         scale: softmax scale, default `1/sqrt(D)`.
         block_index: a precomputed index; skips selection.
-        return_stats: also return :class:`AttentionStats` (per-head density and the index).
+        return_stats: also return :class:`AttentionStats` (per-head density and the index; the
+            index is None when the heads were processed in chunks, see ``INDEX_BUDGET``).
         cu_seqlens: `[N + 1]` int32 cumulative lengths for packed sequences in `q [1, Hq, total, D]`
             (`Lq == Lk` per sequence); each sequence is selected and attended on its own.
         **overrides: fields of the method's config, e.g. ``threshold=0.9``.
@@ -198,6 +263,9 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, method: 
     spec = get_method(method)
     cfg = resolve_config(method, config, **overrides)
     if block_index is None:
+        per_chunk = kv_heads_per_chunk(spec, cfg, q, k, v)
+        if per_chunk < Hkv and not _needs_grad(q, k, v):
+            return _head_chunks(q, k, v, spec, cfg, per_chunk, causal, scale, return_stats)
         block_index = spec.select(q, k, cfg, causal=causal)
     else:
         _check_index(block_index, B, Hq, Lq, Lk)

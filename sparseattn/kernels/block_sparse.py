@@ -50,6 +50,7 @@ __all__ = [
     "block_sparse_attention",
     "block_sparse_backward",
     "block_sparse_forward",
+    "check_out",
     "default_configs",
     "cached_key_major_index",
     "key_major_index",
@@ -734,6 +735,18 @@ def _default_configs(head_dim: int, dtype: torch.dtype, interpret: bool) -> Atte
     )
 
 
+def check_out(out: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """A caller's output buffer for ``like``'s result: same shape, dtype and device, unit last stride."""
+    if not isinstance(out, torch.Tensor):
+        raise TypeError(f"out must be a torch.Tensor, got {type(out).__name__}")
+    if out.shape != like.shape or out.dtype != like.dtype or out.device != like.device:
+        raise ValueError(f"out must be {tuple(like.shape)} {like.dtype} on {like.device}, got "
+                         f"{tuple(out.shape)} {out.dtype} on {out.device}")
+    if out.stride(-1) != 1:
+        raise ValueError(f"out must have a contiguous last dimension, got strides {out.stride()}")
+    return out
+
+
 def alloc_output(like: torch.Tensor, shape=None, dtype=None) -> torch.Tensor:
     """An output buffer: ``empty`` normally, NaN-filled when ``SPARSEATTN_NAN_FILL=1`` (tests).
 
@@ -779,11 +792,14 @@ def _varlen_dims(q, cu_seqlens, max_seqlen):
 
 def block_sparse_forward(q, k, v, block_index: BlockIndex | None = None, *, causal: bool = True,
                          scale: float | None = None, cu_seqlens: torch.Tensor | None = None,
-                         max_seqlen: int | None = None, config: KernelConfig | None = None):
+                         max_seqlen: int | None = None, config: KernelConfig | None = None,
+                         out: torch.Tensor | None = None):
     """Launch the forward kernel on validated inputs; returns ``(out, lse)``.
 
     ``out`` has q's shape, dtype and (when dense) strides; ``lse [B, Hq, Lq]`` fp32 natural log
-    (``[1, Hq, total]`` for varlen). ``config`` overrides the table (for sweeps).
+    (``[1, Hq, total]`` for varlen). ``config`` overrides the table (for sweeps). ``out``: write
+    into this buffer (q's shape and dtype, any strides with a unit last one, e.g. a head slice of a
+    larger output) instead of a new one.
     """
     q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
     _, Hq, Lq, D = q.shape
@@ -792,7 +808,7 @@ def block_sparse_forward(q, k, v, block_index: BlockIndex | None = None, *, caus
     cfg = config or default_configs(D, q.dtype, interpret=q.device.type == "cpu").forward_for(block_index)
     BLOCK_M, BLOCK_N, SEL_Q, SEL_K = _sparse_tiles(cfg, block_index)
     batch, grid_len, varlen_len = _varlen_dims(q, cu_seqlens, max_seqlen)
-    out = alloc_output(q)
+    out = alloc_output(q) if out is None else check_out(out, q)
     lse = alloc_output(q, (q.shape[0], Hq, Lq), torch.float32)
     if Lq == 0:
         return out, lse

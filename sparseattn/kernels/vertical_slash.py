@@ -35,6 +35,7 @@ from .block_sparse import (
     _query_program,
     _softmax_update,
     alloc_output,
+    check_out,
     default_configs,
 )
 
@@ -131,8 +132,11 @@ def _vs_fwd_kernel(
 
 
 def vertical_slash_forward(q, k, v, vs_index: VerticalSlashIndex, *, scale: float | None = None,
-                           config: KernelConfig | None = None):
-    """Launch the vertical-slash kernel on validated inputs; returns ``(out, lse)``."""
+                           config: KernelConfig | None = None, out: torch.Tensor | None = None):
+    """Launch the vertical-slash kernel on validated inputs; returns ``(out, lse)``.
+
+    ``out``: write into this buffer (q's shape and dtype, unit last stride) instead of a new one.
+    """
     q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
     B, Hq, Lq, D = q.shape
     Hkv, Lk = k.shape[1], k.shape[2]
@@ -141,7 +145,7 @@ def vertical_slash_forward(q, k, v, vs_index: VerticalSlashIndex, *, scale: floa
     cfg = config or default_configs(D, q.dtype, interpret=q.device.type == "cpu").forward_for(vs_index)
     BLOCK_M = min(cfg.block_m, vs_index.block_q)
     BLOCK_N = min(cfg.block_n, vs_index.block_k)
-    out = alloc_output(q)
+    out = alloc_output(q) if out is None else check_out(out, q)
     lse = alloc_output(q, (B, Hq, Lq), torch.float32)
     idx = (vs_index.range_starts, vs_index.range_counts, vs_index.columns, vs_index.column_counts)
     grid = _query_grid(B, Hq, Hkv, triton.cdiv(Lq, BLOCK_M), cfg.kv_major)

@@ -27,24 +27,34 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable
 
-__all__ = ["MethodSpec", "METHODS", "register_method", "get_method"]
+__all__ = ["MethodSpec", "METHODS", "block_index_bytes", "register_method", "get_method"]
 
 
 @dataclass(frozen=True)
 class MethodSpec:
-    """A registered method: its name, selector and (optional) config dataclass."""
+    """A registered method: its name, selector and (optional) config dataclass.
+
+    ``index_bytes(config, batch, q_heads, q_len, k_len)``, when given, bounds the bytes of the index
+    the selector builds for all heads, before it runs; ``sparse_attention`` then selects and attends
+    whole GQA groups at a time when that would exceed its memory budget (``api.INDEX_BUDGET``).
+    ``head_slice(config, start, stop)`` returns the config of query heads ``[start, stop)`` (needed
+    when the config holds per-head values; default: the same config).
+    """
 
     name: str
     select: Callable[..., Any]
     config_cls: type | None = None
     description: str = ""
+    index_bytes: Callable[..., int] | None = None
+    head_slice: Callable[..., Any] | None = None
 
 
 METHODS: dict[str, MethodSpec] = {}
 
 
 def register_method(name: str, select: Callable[..., Any], config_cls: type | None = None, *,
-                    description: str = "", overwrite: bool = False) -> MethodSpec:
+                    description: str = "", overwrite: bool = False, index_bytes: Callable[..., int] | None = None,
+                    head_slice: Callable[..., Any] | None = None) -> MethodSpec:
     """Register ``select`` under ``name``.
 
     Args:
@@ -56,6 +66,7 @@ def register_method(name: str, select: Callable[..., Any], config_cls: type | No
             ``sparse_attention`` are its fields.
         description: one line for ``sparseattn`` listings.
         overwrite: replace an existing method of that name (otherwise that is an error).
+        index_bytes, head_slice: optional, see :class:`MethodSpec` (memory-bounded head chunks).
     """
     if not isinstance(name, str) or not name.isidentifier():
         raise ValueError(f"method name must be an identifier string, got {name!r}")
@@ -63,9 +74,23 @@ def register_method(name: str, select: Callable[..., Any], config_cls: type | No
         raise TypeError(f"select for method {name!r} must be callable, got {type(select).__name__}")
     if name in METHODS and not overwrite:
         raise ValueError(f"method {name!r} is already registered; pass overwrite=True to replace it")
-    spec = MethodSpec(name, select, config_cls, description)
+    for hook_name, hook in (("index_bytes", index_bytes), ("head_slice", head_slice)):
+        if hook is not None and not callable(hook):
+            raise TypeError(f"{hook_name} for method {name!r} must be callable, got {type(hook).__name__}")
+    spec = MethodSpec(name, select, config_cls, description, index_bytes, head_slice)
     METHODS[name] = spec
     return spec
+
+
+def block_index_bytes(batch: int, q_heads: int, q_len: int, k_len: int, block_size: int,
+                      width: int | None = None) -> int:
+    """Bytes of a ``BlockIndex`` (int32 indices and counts) of ``width`` key blocks per row (None: all).
+
+    >>> block_index_bytes(1, 32, 131072, 131072, 128) / 2**20  # XAttention's index at 128K
+    128.125
+    """
+    nq, nk = -(-q_len // block_size), -(-k_len // block_size)
+    return 4 * batch * q_heads * nq * ((nk if width is None else min(width, nk)) + 1)
 
 
 def get_method(name: str) -> MethodSpec:

@@ -23,7 +23,7 @@ from ..index import BlockIndex
 from ..kernels import kernels_available
 from ..reference.flexprefill import flexprefill_select
 from ..validation import check_block_size, check_positive_int, check_unit_interval, check_qkv
-from . import register_method
+from . import block_index_bytes, register_method
 
 __all__ = ["FlexPrefillConfig", "Flexprefill_prefill", "flexprefill_fidelity", "select_blocks"]
 
@@ -164,5 +164,10 @@ def flexprefill_fidelity(model, input_ids: torch.Tensor, *, gammas=(0.9, 0.95), 
     return rows
 
 
-register_method("flexprefill", select_blocks, FlexPrefillConfig,
+def index_bytes(config: FlexPrefillConfig, batch: int, q_heads: int, q_len: int, k_len: int) -> int:
+    """The selection's index, bounded by every key block per row."""
+    return block_index_bytes(batch, q_heads, q_len, k_len, config.block_size)
+
+
+register_method("flexprefill", select_blocks, FlexPrefillConfig, index_bytes=index_bytes,
                 description="query-aware or vertical-slash blocks per head by JS divergence (Lai et al. 2025)")

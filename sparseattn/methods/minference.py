@@ -23,6 +23,7 @@ on the calibration text (informative only). Heads are query heads, layers are ``
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import math
@@ -35,7 +36,8 @@ from typing import Any, Mapping
 import torch
 
 from ..index import BlockIndex, VerticalSlashIndex, cdiv, diagonal_block_range
-from ..reference.minference import a_shape_select, block_mean_pool, minference_select, per_head_sizes
+from ..reference.minference import (a_shape_select, adaptive_sizes, block_mean_pool, minference_select,
+                                   per_head_sizes, selection_sizes)
 from ..reference.xattention import CHUNK_ELEMENTS, check_qk
 from ..validation import check_block_size, check_choice, check_positive_int, check_qkv, check_unit_interval
 from . import register_method
@@ -517,5 +519,38 @@ def Minference_prefill(query_states, key_states, value_states, vertical_size=100
                             last_q=last_q, head_patterns=head_patterns)
 
 
-register_method("minference", select_blocks, MInferenceConfig,
+def index_bytes(config: MInferenceConfig, batch: int, q_heads: int, q_len: int, k_len: int) -> int:
+    """Bytes of the index ``select_blocks`` builds, from the widths its builders allocate."""
+    bs = config.block_size
+    nq, nk = cdiv(q_len, bs), cdiv(k_len, bs)
+    patterns = config.head_patterns
+    if not patterns:
+        if config.pattern == "a_shape":
+            patterns = (("a_shape", config.sink, config.window),)
+        elif config.pattern == "block_sparse":
+            patterns = (("block_sparse", config.top_k, 0),)
+        elif config.adaptive_budget is not None:
+            patterns = (("vertical_and_slash", *adaptive_sizes(config.adaptive_budget, k_len)),)
+        else:
+            patterns = (("vertical_and_slash", config.vertical_size, config.slash_size),)
+    width_r = width_c = 1
+    for pattern, a, b in set(patterns):
+        if pattern == "vertical_and_slash":
+            nv, ns = selection_sizes(a, b, k_len, k_len)
+            width_r, width_c = max(width_r, min(2 * ns, nk)), max(width_c, nv)
+        elif pattern == "a_shape":
+            width_r = max(width_r, min(nk, cdiv(a, bs) + cdiv(b, bs) + 2))
+        else:
+            width_r = max(width_r, min(nk, a))
+    return 4 * batch * q_heads * nq * (width_r + width_c + 2)
+
+
+def head_slice(config: MInferenceConfig, start: int, stop: int) -> MInferenceConfig:
+    """The config of query heads ``[start, stop)``: per-head ``head_patterns`` are sliced."""
+    if config.head_patterns:
+        return dataclasses.replace(config, head_patterns=config.head_patterns[start:stop])
+    return config
+
+
+register_method("minference", select_blocks, MInferenceConfig, index_bytes=index_bytes, head_slice=head_slice,
                 description="vertical-slash / A-shape / block-sparse head patterns (Jiang et al. 2024)")

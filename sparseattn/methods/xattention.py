@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -10,7 +11,7 @@ from ..index import BlockIndex
 from ..kernels import kernels_available
 from ..reference.xattention import xattention_select
 from ..validation import check_block_size, check_choice, check_unit_interval, check_qkv
-from . import register_method
+from . import block_index_bytes, register_method
 
 
 @dataclass(frozen=True)
@@ -85,5 +86,18 @@ def Xattention_prefill(query_states, key_states, value_states, threshold=0.95, c
                             block_size=block_size)
 
 
-register_method("xattention", select_blocks, XAttentionConfig,
+def index_bytes(config: XAttentionConfig, batch: int, q_heads: int, q_len: int, k_len: int) -> int:
+    """The selection's index: every key block wide (``kernels.coverage`` writes rows of any length)."""
+    return block_index_bytes(batch, q_heads, q_len, k_len, config.block_size)
+
+
+def head_slice(config: XAttentionConfig, start: int, stop: int) -> XAttentionConfig:
+    """The config of query heads ``[start, stop)`` (a per-head threshold is sliced)."""
+    t = config.threshold
+    if isinstance(t, torch.Tensor) and t.dim() > 0 and t.numel() > 1:
+        return dataclasses.replace(config, threshold=t.reshape(-1)[start:stop])
+    return config
+
+
+register_method("xattention", select_blocks, XAttentionConfig, index_bytes=index_bytes, head_slice=head_slice,
                 description="antidiagonal block scoring, cumulative-mass threshold (Xu et al. 2025)")

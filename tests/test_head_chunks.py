@@ -1,0 +1,172 @@
+"""Memory-bounded calls: ``sparse_attention`` selects and attends whole GQA groups at a time when a
+method's index would exceed ``api.INDEX_BUDGET`` of the q + k + v bytes (BENCHMARKS.md: a call holds
+at most 10% of them beyond its output). Chunked and whole calls must give the same output and
+densities; outputs are allocated NaN-filled (``SPARSEATTN_NAN_FILL=1``), so a head that no chunk
+writes fails the comparison."""
+
+import pytest
+import torch
+
+import sparseattn
+from sparseattn import api, sparse_attention
+from sparseattn.index import BlockIndex
+from sparseattn.methods import get_method
+
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"  # CPU: kernels in the Triton interpreter
+
+
+def qkv(B=2, Hq=6, Hkv=3, L=160, D=32, seed=0, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    t = [torch.randn(B, h, L, D, generator=g) for h in (Hq, Hkv, Hkv)]
+    return [x.to(device=DEV, dtype=dtype) for x in t]
+
+
+CASES = [
+    ("xattention", dict(threshold=torch.tensor([0.5, 0.9, 0.7, 0.95, 0.6, 0.8], device=DEV), stride=8, block_size=32)),
+    ("flexprefill", dict(gamma=0.8, block_size=32)),
+    ("minference", dict(vertical_size=16, slash_size=32, last_q=16, block_size=32)),
+    ("minference", dict(block_size=32, last_q=16, head_patterns=[
+        ["vertical_and_slash", 16, 32], ["a_shape", 32, 64], ["block_sparse", 2, 0],
+        ["vertical_and_slash", 40, 8], ["block_sparse", 3, 0], ["a_shape", 32, 64]])),
+]
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+@pytest.mark.parametrize("method,options", CASES, ids=["xattn-per-head-tau", "flexprefill", "minference",
+                                                         "minference-head-patterns"])
+def test_chunked_call_equals_whole_call(method, options, backend, monkeypatch):
+    monkeypatch.setenv("SPARSEATTN_BACKEND", backend)
+    monkeypatch.setenv("SPARSEATTN_NAN_FILL", "1")
+    q, k, v = qkv()
+    spec = get_method(method)
+    cfg = api.resolve_config(method, None, **options)
+    monkeypatch.setattr(api, "INDEX_BUDGET", 1e9)
+    assert api.kv_heads_per_chunk(spec, cfg, q, k, v) == 3
+    whole, whole_stats = sparse_attention(q, k, v, method=method, return_stats=True, **options)
+    monkeypatch.setattr(api, "INDEX_BUDGET", 1e-9)  # one KV group (2 query heads) per chunk
+    assert api.kv_heads_per_chunk(spec, cfg, q, k, v) == 1
+    chunked, stats = sparse_attention(q, k, v, method=method, return_stats=True, **options)
+    assert torch.isfinite(chunked).all()
+    assert torch.equal(chunked, whole)
+    assert torch.equal(stats.density, whole_stats.density)
+    assert stats.index is None and whole_stats.index is not None
+    assert torch.equal(sparse_attention(q, k, v, method=method, **options), whole)  # without stats too
+
+
+def _counting_method(calls, total_bytes):
+    def select(q, k, config, *, causal=True):
+        calls.append((q.shape[1], k.shape[1], config))
+        B, H, L, _ = q.shape
+        nq = -(-L // 16)
+        mask = torch.tril(torch.ones(nq, nq, dtype=torch.bool, device=q.device))
+        return BlockIndex.from_mask(mask.expand(B, H, nq, nq), block_q=16, block_k=16, q_len=L, k_len=L)
+
+    return dict(select=select, index_bytes=lambda cfg, B, Hq, Lq, Lk: total_bytes,
+                head_slice=lambda cfg, start, stop: (start, stop))
+
+
+def test_chunks_follow_the_budget_and_slice_the_config(monkeypatch):
+    q, k, v = qkv(B=1, Hq=8, Hkv=4, L=64)
+    qkv_bytes = sum(t.numel() * t.element_size() for t in (q, k, v))
+    calls = []
+    hooks = _counting_method(calls, total_bytes=qkv_bytes)  # 1/4 of the q+k+v bytes per KV head
+    sparseattn.register_method("chunk_test", hooks["select"], overwrite=True, index_bytes=hooks["index_bytes"],
+                               head_slice=hooks["head_slice"])
+    try:
+        expect = sparse_attention(q, k, v, method="full")
+        for budget, expected in ((1.0, [(8, 4, None)]),  # fits: one call, the config untouched
+                                 (0.5, [(4, 2, (0, 4)), (4, 2, (4, 8))]),  # two KV heads per chunk
+                                 (0.3, [(2, 1, (0, 2)), (2, 1, (2, 4)), (2, 1, (4, 6)), (2, 1, (6, 8))]),
+                                 (0.0, [(2, 1, (0, 2)), (2, 1, (2, 4)), (2, 1, (4, 6)), (2, 1, (6, 8))])):
+            calls.clear()
+            monkeypatch.setattr(api, "INDEX_BUDGET", budget)
+            out = sparse_attention(q, k, v, method="chunk_test")
+            assert calls == expected, budget
+            assert (out - expect).abs().max() < 1e-5  # every causal block: the dense result
+        # 3 KV heads per chunk of 4: chunks of 3 and 1 heads.
+        monkeypatch.setattr(api, "INDEX_BUDGET", 0.76)
+        calls.clear()
+        sparse_attention(q, k, v, method="chunk_test")
+        assert calls == [(6, 3, (0, 6)), (2, 1, (6, 8))]
+    finally:
+        sparseattn.METHODS.pop("chunk_test")
+
+
+def test_calls_that_need_gradients_are_not_chunked(monkeypatch):
+    q, k, v = qkv(B=1, Hq=4, Hkv=2, L=64)
+    q.requires_grad_(True)
+    calls = []
+    hooks = _counting_method(calls, total_bytes=1 << 40)
+    sparseattn.register_method("chunk_test", hooks["select"], overwrite=True, index_bytes=hooks["index_bytes"],
+                               head_slice=hooks["head_slice"])
+    try:
+        out = sparse_attention(q, k, v, method="chunk_test")
+        assert calls == [(4, 2, None)]
+        out.sum().backward()
+        assert q.grad is not None and torch.isfinite(q.grad).all()
+        calls.clear()
+        with torch.no_grad():
+            sparse_attention(q, k, v, method="chunk_test")
+        assert len(calls) == 2
+    finally:
+        sparseattn.METHODS.pop("chunk_test")
+
+
+def test_register_method_checks_the_hooks():
+    with pytest.raises(TypeError, match="index_bytes"):
+        sparseattn.register_method("bad_hooks", lambda q, k, c, *, causal=True: None, index_bytes=3)
+
+
+def test_budget_at_128k_on_meta_tensors():
+    """Which built-in configs are chunked at the benchmark's shape (B=1, GQA 32/8, D=128, bf16, 128K)."""
+    L = 131072
+    q = torch.empty(1, 32, L, 128, dtype=torch.bfloat16, device="meta")
+    k = v = torch.empty(1, 8, L, 128, dtype=torch.bfloat16, device="meta")
+
+    def per_chunk(method, **options):
+        return api.kv_heads_per_chunk(get_method(method), api.resolve_config(method, None, **options), q, k, v)
+
+    assert per_chunk("xattention") == 8  # 128 MiB of index on 128-blocks: within 154 MiB
+    assert per_chunk("flexprefill") == 8
+    assert per_chunk("xattention", block_size=64) == 2  # 512 MiB on 64-blocks
+    assert per_chunk("minference") == 1  # the seed's sizes: ~760 MiB
+    assert per_chunk("minference", vertical_size=512, slash_size=512) == 3
+    assert per_chunk("streaming") == 8  # no index_bytes hook: never chunked
+
+
+def test_out_buffer_is_checked():
+    from sparseattn.kernels.block_sparse import block_sparse_forward
+
+    q, k, v = qkv(B=1, Hq=2, Hkv=1, L=32)
+    with pytest.raises(ValueError, match="out must be"):
+        block_sparse_forward(q, k, v, None, out=torch.empty(1, 2, 31, 32, device=DEV))
+    with pytest.raises(ValueError, match="contiguous last dimension"):
+        block_sparse_forward(q, k, v, None, out=torch.empty(1, 2, 32, 64, device=DEV)[..., ::2])
+    buf = torch.full((1, 4, 32, 32), float("nan"), device=DEV)
+    got = block_sparse_forward(q, k, v, None, out=buf[:, 1:3])[0]  # a head slice of a larger buffer
+    assert got.data_ptr() == buf[:, 1:3].data_ptr()
+    assert torch.isnan(buf[:, 0]).all() and torch.isnan(buf[:, 3]).all() and torch.isfinite(buf[:, 1:3]).all()
+    ref = torch.nn.functional.scaled_dot_product_attention(q, k.expand(1, 2, 32, 32), v.expand(1, 2, 32, 32),
+                                                           is_causal=True)
+    assert (buf[:, 1:3] - ref).abs().max() < 1e-4
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("method,options", [("xattention", {}), ("flexprefill", {}), ("minference", {}),
+                                            ("minference", dict(vertical_size=512, slash_size=512)),
+                                            ("streaming", {})])
+def test_gpu_peak_memory_at_128k_is_within_budget(method, options):
+    """BENCHMARKS.md: at 128K a call holds at most 10% of the q + k + v bytes beyond its output."""
+    from sparseattn.bench.inputs import llm_like_qkv
+
+    q, k, v = llm_like_qkv(1, 32, 8, 131072, 128, seed=131072)
+    sparse_attention(q, k, v, method=method, **options)  # compile and warm up outside the measurement
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    out = sparse_attention(q, k, v, method=method, **options)
+    torch.cuda.synchronize()
+    extra = torch.cuda.max_memory_allocated() - before - out.numel() * out.element_size()
+    budget = 0.10 * sum(t.numel() * t.element_size() for t in (q, k, v))
+    assert extra <= budget, f"{method} {options}: {extra / 2**20:.0f} MiB beyond the output, budget {budget / 2**20:.0f}"
