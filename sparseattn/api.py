@@ -146,12 +146,13 @@ INDEX_BUDGET = 0.10
 
 
 def kv_heads_per_chunk(spec, cfg, q, k, v) -> int:
-    """KV heads to select and attend together so the index stays within ``INDEX_BUDGET``."""
+    """KV heads to select and attend together so that the index, the selection's per-head buffers and the
+    attention's log-sum-exp stay within ``INDEX_BUDGET`` of the q + k + v bytes."""
     B, Hq, Lq, _ = q.shape
     Hkv, Lk = k.shape[1], k.shape[2]
     if spec.index_bytes is None or Hkv == 1:
         return Hkv
-    total = spec.index_bytes(cfg, B, Hq, Lq, Lk)
+    total = spec.index_bytes(cfg, B, Hq, Lq, Lk) + 4 * B * Hq * Lq  # + the kernels' fp32 log-sum-exp
     budget = INDEX_BUDGET * sum(t.numel() * t.element_size() for t in (q, k, v))
     if total <= budget:
         return Hkv

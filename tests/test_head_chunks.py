@@ -70,7 +70,8 @@ def test_chunks_follow_the_budget_and_slice_the_config(monkeypatch):
     q, k, v = qkv(B=1, Hq=8, Hkv=4, L=64)
     qkv_bytes = sum(t.numel() * t.element_size() for t in (q, k, v))
     calls = []
-    hooks = _counting_method(calls, total_bytes=qkv_bytes)  # 1/4 of the q+k+v bytes per KV head
+    lse_bytes = 4 * 8 * 64  # the fp32 log-sum-exp, which kv_heads_per_chunk adds to the method's bound
+    hooks = _counting_method(calls, total_bytes=qkv_bytes - lse_bytes)  # with it, 1/4 of q+k+v per KV head
     sparseattn.register_method("chunk_test", hooks["select"], overwrite=True, index_bytes=hooks["index_bytes"],
                                head_slice=hooks["head_slice"])
     try:
@@ -131,7 +132,7 @@ def test_budget_at_128k_on_meta_tensors():
     assert per_chunk("flexprefill") == 8
     assert per_chunk("xattention", block_size=64) == 2  # 512 MiB on 64-blocks
     assert per_chunk("minference") == 1  # the seed's sizes: ~760 MiB
-    assert per_chunk("minference", vertical_size=512, slash_size=512) == 3
+    assert per_chunk("minference", vertical_size=512, slash_size=512) == 2  # 3 held 175 MiB on the H100
     assert per_chunk("streaming") == 8  # no index_bytes hook: never chunked
 
 
@@ -169,4 +170,5 @@ def test_gpu_peak_memory_at_128k_is_within_budget(method, options):
     torch.cuda.synchronize()
     extra = torch.cuda.max_memory_allocated() - before - out.numel() * out.element_size()
     budget = 0.10 * sum(t.numel() * t.element_size() for t in (q, k, v))
+    print(f"{method} {options}: {extra / 2**20:.0f} MiB beyond the output (budget {budget / 2**20:.0f})")
     assert extra <= budget, f"{method} {options}: {extra / 2**20:.0f} MiB beyond the output, budget {budget / 2**20:.0f}"

@@ -34,9 +34,10 @@ __all__ = ["MethodSpec", "METHODS", "block_index_bytes", "register_method", "get
 class MethodSpec:
     """A registered method: its name, selector and (optional) config dataclass.
 
-    ``index_bytes(config, batch, q_heads, q_len, k_len)``, when given, bounds the bytes of the index
-    the selector builds for all heads, before it runs; ``sparse_attention`` then selects and attends
-    whole GQA groups at a time when that would exceed its memory budget (``api.INDEX_BUDGET``).
+    ``index_bytes(config, batch, q_heads, q_len, k_len)``, when given, bounds the bytes the selector
+    holds for all heads (its index and any per-head buffers), before it runs; ``sparse_attention``
+    then selects and attends whole GQA groups at a time when that would exceed its memory budget
+    (``api.INDEX_BUDGET``).
     ``head_slice(config, start, stop)`` returns the config of query heads ``[start, stop)`` (needed
     when the config holds per-head values; default: the same config).
     """

@@ -520,7 +520,8 @@ def Minference_prefill(query_states, key_states, value_states, vertical_size=100
 
 
 def index_bytes(config: MInferenceConfig, batch: int, q_heads: int, q_len: int, k_len: int) -> int:
-    """Bytes of the index ``select_blocks`` builds, from the widths its builders allocate."""
+    """Bytes ``select_blocks`` holds: the index, from the widths its builders allocate, and the
+    estimation's fp32 score rows (vertical and slash scores and their working copies, ``[B, H, Lk]`` each)."""
     bs = config.block_size
     nq, nk = cdiv(q_len, bs), cdiv(k_len, bs)
     patterns = config.head_patterns
@@ -542,7 +543,7 @@ def index_bytes(config: MInferenceConfig, batch: int, q_heads: int, q_len: int, 
             width_r = max(width_r, min(nk, cdiv(a, bs) + cdiv(b, bs) + 2))
         else:
             width_r = max(width_r, min(nk, a))
-    return 4 * batch * q_heads * nq * (width_r + width_c + 2)
+    return 4 * batch * q_heads * (nq * (width_r + width_c + 2) + 4 * k_len)
 
 
 def head_slice(config: MInferenceConfig, start: int, stop: int) -> MInferenceConfig:
