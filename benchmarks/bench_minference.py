@@ -204,8 +204,9 @@ def sweep_kernel(L, config_name, seed) -> list[dict]:
     q, k, v = llm_like_qkv(1, HEADS, KV_HEADS, L, HEAD_DIM, device="cuda", seed=seed)
     index = minference_select_fast(q, k, **CONFIGS[config_name])
     rows = []
-    for bm, bn, warps, stages in [(64, 64, 4, 3), (64, 64, 4, 2), (64, 64, 8, 3), (64, 32, 4, 3), (128, 64, 8, 3),
-                                  (128, 128, 8, 3), (128, 128, 8, 2), (128, 64, 4, 3)]:
+    for bm, bn, warps, stages in [(64, 64, 4, 3), (64, 64, 4, 2), (64, 64, 4, 4), (64, 64, 4, 5), (64, 64, 8, 3),
+                                  (64, 32, 4, 3), (64, 32, 4, 4), (128, 64, 8, 3), (128, 128, 8, 3), (128, 128, 8, 2),
+                                  (128, 64, 4, 3)]:
         cfg = KernelConfig(bm, bn, num_warps=warps, num_stages=stages)
         entry = {"config": {"block_m": bm, "block_n": bn, "num_warps": warps, "num_stages": stages},
                  "index": config_name, "L": L}

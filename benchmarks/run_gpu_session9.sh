@@ -26,4 +26,9 @@ TAIL=22 step ab 420 python3 benchmarks/bench_kernel_ab.py --base .cmp/base/spars
 TAIL=30 step bench-kernel 420 python3 -m sparseattn.cli bench kernel --out "$OUT/bench"
 TAIL=30 step methods-seeds 560 python3 -m sparseattn.cli bench methods --lengths 131072 --seeds L,1,2 \
   --out "$OUT/bench" --name methods-seeds
+# Run 19c: tile configs after the change: 64-row blocks (block-sparse and vertical-slash), sparse dQ stages.
+TAIL=16 step sweep-narrow 300 python3 benchmarks/sweep_kernel_configs.py --lengths 131072 --block-size 64 \
+  --skip-backward --sparse-backward --backward-length 32768 --out "$OUT/sweep-narrow-run19.json"
+TAIL=30 step minf-sweep 300 python3 benchmarks/bench_minference.py --lengths 131072 --configs default,v512_s512 \
+  --sweep-kernel --reference-max-len 0 --out "$OUT/minference-sweep-run19.json"
 printf '%s\n' "${summary[@]}"
