@@ -31,4 +31,6 @@ TAIL=16 step sweep-narrow 300 python3 benchmarks/sweep_kernel_configs.py --lengt
   --skip-backward --sparse-backward --backward-length 32768 --out "$OUT/sweep-narrow-run19.json"
 TAIL=30 step minf-sweep 300 python3 benchmarks/bench_minference.py --lengths 131072 --configs default,v512_s512 \
   --sweep-kernel --reference-max-len 0 --out "$OUT/minference-sweep-run19.json"
+# Run 19d: where the head chunks' time goes (whole vs chunked, per-chunk parts, host time, sync check).
+TAIL=10 step chunk-cost 300 python3 benchmarks/bench_head_chunks.py --out "$OUT/head-chunks-run19.json"
 printf '%s\n' "${summary[@]}"
