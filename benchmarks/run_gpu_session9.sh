@@ -33,4 +33,13 @@ TAIL=30 step minf-sweep 300 python3 benchmarks/bench_minference.py --lengths 131
   --sweep-kernel --reference-max-len 0 --out "$OUT/minference-sweep-run19.json"
 # Run 19d: where the head chunks' time goes (whole vs chunked, per-chunk parts, host time, sync check).
 TAIL=10 step chunk-cost 300 python3 benchmarks/bench_head_chunks.py --out "$OUT/head-chunks-run19.json"
+# Run 19e: Nsight Compute on one launch per case (dense mode, every block through the index, random
+# 5% and 20%): throughput, memory hierarchy, warp stalls. CSV per case under $OUT/ncu/.
+mkdir -p "$OUT/ncu"
+NCU="ncu --profile-from-start off --kernel-name regex:_fwd_kernel --section SpeedOfLight --section MemoryWorkloadAnalysis \
+  --section WarpStateStats --section Occupancy --section LaunchStats --section ComputeWorkloadAnalysis --csv --page details"
+for c in "dense 1" "every 1" "random 0.05" "random 0.20"; do
+  set -- $c
+  TAIL=3 step ncu 240 bash -c "$NCU python3 benchmarks/profile_sparse_forward.py --case $1 --density $2 > $OUT/ncu/$1-$2.csv"
+done
 printf '%s\n' "${summary[@]}"
