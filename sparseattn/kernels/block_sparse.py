@@ -71,6 +71,23 @@ NAN_FILL_ENV = "SPARSEATTN_NAN_FILL"
 
 
 @triton.jit
+def _warp_uniform(x, ENABLE: tl.constexpr):
+    """``x``, an int32 scalar every thread holds (e.g. a loaded count), re-read from lane 0.
+
+    ptxas treats a value loaded from global memory as possibly different per thread, so a loop
+    whose trip count is one runs with a "divergent" back edge: its stage counters and wgmma
+    descriptors live in vector registers and are moved to uniform ones every tile (~90 extra
+    instructions before each tile's first matmul, NOTES.md run 19e). A ``shfl.sync.idx`` from lane
+    0 is warp-uniform by construction, which ptxas knows. ``ENABLE`` is False in the interpreter,
+    which has no inline assembly.
+    """
+    if ENABLE:
+        x = tl.inline_asm_elementwise("shfl.sync.idx.b32 $0, $1, 0, 0x1f, 0xffffffff;", "=r,r", [x],
+                                      dtype=tl.int32, is_pure=True, pack=1)
+    return x
+
+
+@triton.jit
 def _dot(a, b, PREC: tl.constexpr):
     # PREC = "ieee" for fp32 inputs (exact, as the fp32 tests need), "tf32" (the default) otherwise.
     return tl.dot(a, b, input_precision=PREC)
@@ -178,6 +195,7 @@ def _fwd_kernel(
     SEL_BLOCK_Q: tl.constexpr, SEL_BLOCK_K: tl.constexpr,
     IS_CAUSAL: tl.constexpr, SPARSE: tl.constexpr, VARLEN: tl.constexpr, REVERSE: tl.constexpr,
     DOT_PREC: tl.constexpr, MAX_MASKED: tl.constexpr, SPLIT_MASKED: tl.constexpr, KV_MAJOR: tl.constexpr,
+    UNIFORM: tl.constexpr,
 ):
     b, h, kvh, pid_m = _query_program(num_heads, group_size, REVERSE, KV_MAJOR)
     if VARLEN:
@@ -221,7 +239,7 @@ def _fwd_kernel(
         SUB_N: tl.constexpr = SEL_BLOCK_K // BLOCK_N
         qb = start_m // SEL_BLOCK_Q
         row = Indices + b * stride_ib + h * stride_ih + qb * stride_iq
-        count = tl.load(Counts + b * stride_cb + h * stride_ch + qb * stride_cq)
+        count = _warp_uniform(tl.load(Counts + b * stride_cb + h * stride_ch + qb * stride_cq), UNIFORM)
         # Selection blocks that need an element mask (they reach this tile's causal diagonal or
         # the partial last key block) have the highest indices, so they are a suffix of the
         # ascending row: walk the prefix with plain loads and no mask, like dense mode.
@@ -230,7 +248,7 @@ def _fwd_kernel(
             mask_from = tl.minimum(mask_from, (q_first + 1) // SEL_BLOCK_K)
         tail = count - 1 - tl.arange(0, MAX_MASKED)  # [MAX_MASKED] the last entries of the row
         tail_blocks = tl.load(row + tail * stride_ik, mask=tail >= 0, other=-1)
-        n_plain = count - tl.sum((tail_blocks >= mask_from).to(tl.int32), axis=0)
+        n_plain = _warp_uniform(count - tl.sum((tail_blocks >= mask_from).to(tl.int32), axis=0), UNIFORM)
         if not SPLIT_MASKED:
             n_plain = 0
         # The index entry of tile t + 1 is loaded in iteration t and carried in a register. Loaded
@@ -683,6 +701,11 @@ class AttentionConfigs:
         return self.forward
 
 
+def _uniform_hints(t: torch.Tensor) -> bool:
+    """Whether the kernels mark loaded loop bounds warp-uniform (``_warp_uniform``): compiled CUDA only."""
+    return t.is_cuda and not _interpreting()
+
+
 def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -825,7 +848,7 @@ def block_sparse_forward(q, k, v, block_index: BlockIndex | None = None, *, caus
         DOT_PREC=_dot_precision(q.dtype), MAX_MASKED=_max_masked_blocks(BLOCK_M, SEL_K),
         # Measured (NOTES.md, run 3): the split pays when a tile is a whole selection block and
         # costs 15% when each block is several tiles; split only in the first case.
-        SPLIT_MASKED=cfg.split_masked and BLOCK_N == SEL_K, KV_MAJOR=cfg.kv_major,
+        SPLIT_MASKED=cfg.split_masked and BLOCK_N == SEL_K, KV_MAJOR=cfg.kv_major, UNIFORM=_uniform_hints(q),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return out, lse
