@@ -3,7 +3,7 @@
 # tables last. STEPS picks steps (comma-separated). The A/B step needs the previous kernels, made
 # here and carried (.cmp is ignored):
 #   mkdir -p .cmp/base && git archive <rev before run 19> sparseattn/kernels | tar -x -C .cmp/base
-#   STEPS=gputests,ab bash benchmarks/run_gpu_session9.sh
+#   STEPS=gputests,ab bash benchmarks/run_gpu_session9.sh   (run 19f: AB_RUN=run19f, base = the commit before it)
 set -uo pipefail
 export PYTHONPATH="$PWD:/tmp/site${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -21,7 +21,7 @@ varlen or transposes or deterministic or config_override or vertical_slash or sp
 or scales_and_accumulates"
 # Run 19: this tree's kernels against the previous commit's, same process, beside cuDNN.
 TAIL=22 step ab 420 python3 benchmarks/bench_kernel_ab.py --base .cmp/base/sparseattn/kernels \
-  --out "$OUT/kernel-ab-run19.json"
+  --out "$OUT/kernel-ab-${AB_RUN:-run19}.json"
 # The kernel suite (README table) and every method on three seeds, after the change.
 TAIL=30 step bench-kernel 420 python3 -m sparseattn.cli bench kernel --out "$OUT/bench"
 TAIL=30 step methods-seeds 560 python3 -m sparseattn.cli bench methods --lengths 131072 --seeds L,1,2 \
