@@ -595,3 +595,17 @@ def test_gpu_head_dim_256():
     out.sum().backward()
     ref, _ = reference(q, k, v, causal_allowed(1000, 1000))
     assert rel_err(out, ref) < 1e-2
+
+
+def test_uniform_hint_only_where_it_compiles(monkeypatch):
+    """``_warp_uniform``'s PTX is used only by compiled NVIDIA kernels; the interpreter (which has no
+    inline assembly) and CPU tensors never get it. The GPU tests cover the compiled path."""
+    from sparseattn.kernels import block_sparse as bs
+
+    assert bs._uniform_hints(torch.zeros(1)) is False
+    if torch.cuda.is_available():
+        t = torch.zeros(1, device="cuda")
+        monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+        assert bs._uniform_hints(t) is (torch.version.hip is None)
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+        assert bs._uniform_hints(t) is False

@@ -702,8 +702,9 @@ class AttentionConfigs:
 
 
 def _uniform_hints(t: torch.Tensor) -> bool:
-    """Whether the kernels mark loaded loop bounds warp-uniform (``_warp_uniform``): compiled CUDA only."""
-    return t.is_cuda and not _interpreting()
+    """Whether the kernels mark loaded loop bounds warp-uniform (``_warp_uniform``): compiled NVIDIA CUDA
+    only (the hint is PTX; ROCm builds of torch also report ``is_cuda``)."""
+    return t.is_cuda and torch.version.hip is None and not _interpreting()
 
 
 def _interpreting() -> bool:
