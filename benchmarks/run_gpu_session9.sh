@@ -33,6 +33,12 @@ TAIL=30 step minf-sweep 300 python3 benchmarks/bench_minference.py --lengths 131
   --sweep-kernel --reference-max-len 0 --out "$OUT/minference-sweep-run19.json"
 # Run 19d: where the head chunks' time goes (whole vs chunked, per-chunk parts, host time, sync check).
 TAIL=10 step chunk-cost 300 python3 benchmarks/bench_head_chunks.py --out "$OUT/head-chunks-run19.json"
+# Run 19g: XAttention's threshold sweep at 128K on seeds L (-1), 1 and 2 after run 19f.
+for seed in -1 1 2; do
+  TAIL=8 step xattn-seeds 200 python3 benchmarks/bench_xattention.py --lengths 131072 --strides 16 --seed $seed \
+    --no-reference --fidelity-max-len 0 --tau-sweep 0.85,0.9,0.95 --out "$OUT/xattention-run19g-seed$seed.json"
+  cp "$OUT/xattn-seeds.log" "$OUT/xattention-run19g-seed$seed.log" 2>/dev/null
+done
 # Run 19e: Nsight Compute on one launch per case (dense mode, every block through the index, random
 # 5% and 20%): throughput, memory hierarchy, warp stalls. CSV per case under $OUT/ncu/.
 mkdir -p "$OUT/ncu"
