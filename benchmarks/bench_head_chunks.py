@@ -63,7 +63,7 @@ def main() -> None:
                    whole_extra_mib=rec["whole_peak_mib"] - out_mib,
                    chunked_host_ms=host_ms(lambda: sparse_attention(q, k, v, method=method, **options), iters=2))
         qc, kc, vc = q[:, :per_chunk * G], k[:, :per_chunk], v[:, :per_chunk]
-        cfg_c = spec.head_slice(cfg, 0, per_chunk * G) if spec.head_slice else cfg
+        cfg_c = spec.head_slice(cfg, 0, per_chunk * G, G) if spec.head_slice else cfg
         index = spec.select(qc, kc, cfg_c, causal=True)
         rec["chunk_select_ms_x_chunks"] = chunks * time_ms(lambda: spec.select(qc, kc, cfg_c, causal=True))["ms"]
         rec["chunk_attend_ms_x_chunks"] = chunks * time_ms(lambda: api.attend(qc, kc, vc, index))["ms"]

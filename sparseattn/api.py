@@ -112,7 +112,9 @@ def attend(q, k, v, index, *, causal: bool = True, scale: float | None = None, o
             from .kernels.vertical_slash import vertical_slash_forward
 
             return vertical_slash_forward(q, k, v, index, scale=scale, out=out)[0]
-        if isinstance(index, BlockIndex) and _use_triton(q):
+        if (index is None or isinstance(index, BlockIndex)) and _use_triton(q):
+            # Dense too (a chunk of all-full heads): SDPA has no output argument, and its result
+            # copied would hold a second output of the chunk's size.
             from .kernels.block_sparse import block_sparse_forward
 
             return block_sparse_forward(q, k, v, index, causal=causal, scale=scale, out=out)[0]
@@ -176,7 +178,7 @@ def _head_chunks(q, k, v, spec, cfg, per_chunk: int, causal: bool, scale, return
         g1 = min(Hkv, g0 + per_chunk)
         h0, h1 = g0 * G, g1 * G
         qc, kc, vc = q[:, h0:h1], k[:, g0:g1], v[:, g0:g1]
-        cfg_c = spec.head_slice(cfg, h0, h1) if spec.head_slice is not None else cfg
+        cfg_c = spec.head_slice(cfg, h0, h1, G) if spec.head_slice is not None else cfg
         index = spec.select(qc, kc, cfg_c, causal=causal)
         attend(qc, kc, vc, index, causal=causal, scale=scale, out=out[:, h0:h1])
         if return_stats:

@@ -29,12 +29,14 @@ CASES = [
     ("minference", dict(block_size=32, last_q=16, head_patterns=[
         ["vertical_and_slash", 16, 32], ["a_shape", 32, 64], ["block_sparse", 2, 0],
         ["vertical_and_slash", 40, 8], ["block_sparse", 3, 0], ["a_shape", 32, 64]])),
+    # KV heads 0 and 2 full, 1 streaming: chunks of one KV head are dense, streaming, dense.
+    ("headmask", dict(full_heads=[True, False, True], sink=32, window=64, block_size=32)),
 ]
 
 
 @pytest.mark.parametrize("backend", ["triton", "reference"])
 @pytest.mark.parametrize("method,options", CASES, ids=["xattn-per-head-tau", "flexprefill", "minference",
-                                                         "minference-head-patterns"])
+                                                         "minference-head-patterns", "headmask"])
 def test_chunked_call_equals_whole_call(method, options, backend, monkeypatch):
     monkeypatch.setenv("SPARSEATTN_BACKEND", backend)
     monkeypatch.setenv("SPARSEATTN_NAN_FILL", "1")
@@ -63,7 +65,7 @@ def _counting_method(calls, total_bytes):
         return BlockIndex.from_mask(mask.expand(B, H, nq, nq), block_q=16, block_k=16, q_len=L, k_len=L)
 
     return dict(select=select, index_bytes=lambda cfg, B, Hq, Lq, Lk: total_bytes,
-                head_slice=lambda cfg, start, stop: (start, stop))
+                head_slice=lambda cfg, start, stop, group: (start, stop, group))
 
 
 def test_chunks_follow_the_budget_and_slice_the_config(monkeypatch):
@@ -77,9 +79,9 @@ def test_chunks_follow_the_budget_and_slice_the_config(monkeypatch):
     try:
         expect = sparse_attention(q, k, v, method="full")
         for budget, expected in ((1.0, [(8, 4, None)]),  # fits: one call, the config untouched
-                                 (0.5, [(4, 2, (0, 4)), (4, 2, (4, 8))]),  # two KV heads per chunk
-                                 (0.3, [(2, 1, (0, 2)), (2, 1, (2, 4)), (2, 1, (4, 6)), (2, 1, (6, 8))]),
-                                 (0.0, [(2, 1, (0, 2)), (2, 1, (2, 4)), (2, 1, (4, 6)), (2, 1, (6, 8))])):
+                                 (0.5, [(4, 2, (0, 4, 2)), (4, 2, (4, 8, 2))]),  # two KV heads per chunk
+                                 (0.3, [(2, 1, (0, 2, 2)), (2, 1, (2, 4, 2)), (2, 1, (4, 6, 2)), (2, 1, (6, 8, 2))]),
+                                 (0.0, [(2, 1, (0, 2, 2)), (2, 1, (2, 4, 2)), (2, 1, (4, 6, 2)), (2, 1, (6, 8, 2))])):
             calls.clear()
             monkeypatch.setattr(api, "INDEX_BUDGET", budget)
             out = sparse_attention(q, k, v, method="chunk_test")
@@ -89,7 +91,7 @@ def test_chunks_follow_the_budget_and_slice_the_config(monkeypatch):
         monkeypatch.setattr(api, "INDEX_BUDGET", 0.76)
         calls.clear()
         sparse_attention(q, k, v, method="chunk_test")
-        assert calls == [(6, 3, (0, 6)), (2, 1, (6, 8))]
+        assert calls == [(6, 3, (0, 6, 2)), (2, 1, (6, 8, 2))]
     finally:
         sparseattn.METHODS.pop("chunk_test")
 
@@ -134,6 +136,10 @@ def test_budget_at_128k_on_meta_tensors():
     assert per_chunk("minference") == 1  # the seed's sizes: ~760 MiB
     assert per_chunk("minference", vertical_size=512, slash_size=512) == 2  # 3 held 175 MiB on the H100
     assert per_chunk("streaming") == 8  # no index_bytes hook: never chunked
+    half = [True, False] * 4
+    assert per_chunk("headmask", full_heads=half) == 2  # a mixed mask's [B, Hq, nq, nk] index: 512 MiB
+    assert per_chunk("headmask", full_heads=[True] * 8) == 8  # dense: no index
+    assert per_chunk("headmask", full_heads=[False] * 8) == 8  # streaming rows are views of a cached table
 
 
 def test_out_buffer_is_checked():
@@ -156,7 +162,7 @@ def test_out_buffer_is_checked():
 @pytest.mark.gpu
 @pytest.mark.parametrize("method,options", [("xattention", {}), ("flexprefill", {}), ("minference", {}),
                                             ("minference", dict(vertical_size=512, slash_size=512)),
-                                            ("streaming", {})])
+                                            ("streaming", {}), ("headmask", dict(full_heads=[True, False] * 4))])
 def test_gpu_peak_memory_at_128k_is_within_budget(method, options):
     """BENCHMARKS.md: at 128K a call holds at most 10% of the q + k + v bytes beyond its output."""
     from sparseattn.bench.inputs import llm_like_qkv

@@ -38,8 +38,9 @@ class MethodSpec:
     holds for all heads (its index and any per-head buffers), before it runs; ``sparse_attention``
     then selects and attends whole GQA groups at a time when that would exceed its memory budget
     (``api.INDEX_BUDGET``).
-    ``head_slice(config, start, stop)`` returns the config of query heads ``[start, stop)`` (needed
-    when the config holds per-head values; default: the same config).
+    ``head_slice(config, start, stop, group)`` returns the config of query heads ``[start, stop)``,
+    i.e. KV heads ``[start // group, stop // group)`` (needed when the config holds per-head values;
+    default: the same config).
     """
 
     name: str

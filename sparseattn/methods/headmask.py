@@ -25,6 +25,7 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from dataclasses import dataclass
 
@@ -162,5 +163,22 @@ def head_mask_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, full_
                             return_stats=return_stats)
 
 
-register_method("headmask", select_blocks, HeadMaskConfig,
+def index_bytes(config: HeadMaskConfig, batch: int, q_heads: int, q_len: int, k_len: int) -> int:
+    """What ``select_blocks`` allocates per call: a `[B, Hq, nq, nk]` index when full and streaming
+    heads are mixed; nothing otherwise (dense attention, or views of the cached streaming rows)."""
+    full = config.full_heads
+    if full is None or all(full) or not any(full):
+        return 0
+    bs = config.block_size
+    return 4 * batch * q_heads * -(-q_len // bs) * (-(-k_len // bs) + 1)
+
+
+def head_slice(config: HeadMaskConfig, start: int, stop: int, group: int) -> HeadMaskConfig:
+    """The config of query heads ``[start, stop)``: their KV heads' entries of ``full_heads``."""
+    if config.full_heads is None:
+        return config
+    return dataclasses.replace(config, full_heads=config.full_heads[start // group:stop // group])
+
+
+register_method("headmask", select_blocks, HeadMaskConfig, index_bytes=index_bytes, head_slice=head_slice,
                 description="trained head mask: full heads + streaming (sink + window) heads")

@@ -546,7 +546,7 @@ def index_bytes(config: MInferenceConfig, batch: int, q_heads: int, q_len: int, 
     return 4 * batch * q_heads * (nq * (width_r + width_c + 2) + 4 * k_len)
 
 
-def head_slice(config: MInferenceConfig, start: int, stop: int) -> MInferenceConfig:
+def head_slice(config: MInferenceConfig, start: int, stop: int, group: int) -> MInferenceConfig:
     """The config of query heads ``[start, stop)``: per-head ``head_patterns`` are sliced."""
     if config.head_patterns:
         return dataclasses.replace(config, head_patterns=config.head_patterns[start:stop])

@@ -91,7 +91,7 @@ def index_bytes(config: XAttentionConfig, batch: int, q_heads: int, q_len: int, 
     return block_index_bytes(batch, q_heads, q_len, k_len, config.block_size)
 
 
-def head_slice(config: XAttentionConfig, start: int, stop: int) -> XAttentionConfig:
+def head_slice(config: XAttentionConfig, start: int, stop: int, group: int) -> XAttentionConfig:
     """The config of query heads ``[start, stop)`` (a per-head threshold is sliced)."""
     t = config.threshold
     if isinstance(t, torch.Tensor) and t.dim() > 0 and t.numel() > 1:
