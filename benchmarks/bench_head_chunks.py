@@ -27,7 +27,8 @@ from sparseattn.methods import get_method
 
 CASES = {"minference default": ("minference", {}),
          "minference 512/512": ("minference", dict(vertical_size=512, slash_size=512)),
-         "xattention 64-blocks": ("xattention", dict(block_size=64))}
+         "xattention 64-blocks": ("xattention", dict(block_size=64)),
+         "headmask, half the KV heads full": ("headmask", dict(full_heads=[True, False] * 4))}
 
 
 def main() -> None:

@@ -32,7 +32,7 @@ TAIL=16 step sweep-narrow 300 python3 benchmarks/sweep_kernel_configs.py --lengt
 TAIL=30 step minf-sweep 300 python3 benchmarks/bench_minference.py --lengths 131072 --configs default,v512_s512 \
   --sweep-kernel --reference-max-len 0 --out "$OUT/minference-sweep-run19.json"
 # Run 19d: where the head chunks' time goes (whole vs chunked, per-chunk parts, host time, sync check).
-TAIL=10 step chunk-cost 300 python3 benchmarks/bench_head_chunks.py --out "$OUT/head-chunks-run19.json"
+TAIL=10 step chunk-cost 300 python3 benchmarks/bench_head_chunks.py --out "$OUT/head-chunks-${CHUNK_RUN:-run19}.json"
 # Run 19g: XAttention's threshold sweep at 128K on seeds L (-1), 1 and 2 after run 19f.
 for seed in -1 1 2; do
   TAIL=8 step xattn-seeds 200 python3 benchmarks/bench_xattention.py --lengths 131072 --strides 16 --seed $seed \
