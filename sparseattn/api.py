@@ -174,8 +174,11 @@ def _head_chunks(q, k, v, spec, cfg, per_chunk: int, causal: bool, scale, return
     poison = os.environ.get("SPARSEATTN_NAN_FILL") == "1"
     out = torch.full_like(q, float("nan")) if poison else torch.empty_like(q)
     densities = []
-    for g0 in range(0, Hkv, per_chunk):
-        g1 = min(Hkv, g0 + per_chunk)
+    if spec.chunk_bounds is not None:
+        bounds = spec.chunk_bounds(cfg, Hkv, per_chunk)
+    else:
+        bounds = [(g0, min(Hkv, g0 + per_chunk)) for g0 in range(0, Hkv, per_chunk)]
+    for g0, g1 in bounds:
         h0, h1 = g0 * G, g1 * G
         qc, kc, vc = q[:, h0:h1], k[:, g0:g1], v[:, g0:g1]
         cfg_c = spec.head_slice(cfg, h0, h1, G) if spec.head_slice is not None else cfg

@@ -178,3 +178,27 @@ def test_gpu_peak_memory_at_128k_is_within_budget(method, options):
     budget = 0.10 * sum(t.numel() * t.element_size() for t in (q, k, v))
     print(f"{method} {options}: {extra / 2**20:.0f} MiB beyond the output (budget {budget / 2**20:.0f})")
     assert extra <= budget, f"{method} {options}: {extra / 2**20:.0f} MiB beyond the output, budget {budget / 2**20:.0f}"
+
+
+def test_head_mask_chunks_never_mix_full_and_streaming_heads(monkeypatch):
+    """``chunk_bounds``: with room for 2 KV heads per chunk, the mask [full, streaming, streaming] is
+    cut as (0, 1), (1, 3): the full head alone (dense mode), the streaming heads together."""
+    import dataclasses
+
+    monkeypatch.setenv("SPARSEATTN_BACKEND", "triton")
+    monkeypatch.setenv("SPARSEATTN_NAN_FILL", "1")
+    q, k, v = qkv()
+    options = dict(full_heads=[True, False, False], sink=32, window=64, block_size=32)
+    whole = sparse_attention(q, k, v, method="headmask", **options)
+    spec = get_method("headmask")
+    calls = []
+
+    def spy(qc, kc, config, *, causal=True):
+        calls.append((kc.shape[1], config.full_heads))
+        return spec.select(qc, kc, config, causal=causal)
+
+    monkeypatch.setitem(sparseattn.METHODS, "headmask", dataclasses.replace(spec, select=spy))
+    monkeypatch.setattr(api, "kv_heads_per_chunk", lambda *args: 2)
+    chunked = sparse_attention(q, k, v, method="headmask", **options)
+    assert calls == [(1, (True,)), (2, (False, False))]
+    assert torch.equal(chunked, whole)

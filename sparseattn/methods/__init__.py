@@ -40,7 +40,9 @@ class MethodSpec:
     (``api.INDEX_BUDGET``).
     ``head_slice(config, start, stop, group)`` returns the config of query heads ``[start, stop)``,
     i.e. KV heads ``[start // group, stop // group)`` (needed when the config holds per-head values;
-    default: the same config).
+    default: the same config). ``chunk_bounds(config, kv_heads, per_chunk)`` lists the KV-head
+    ranges ``[(g0, g1), ...]`` of a chunked call, each at most ``per_chunk`` heads (default: equal
+    consecutive ranges); a method whose heads run on different paths can keep each chunk uniform.
     """
 
     name: str
@@ -49,6 +51,7 @@ class MethodSpec:
     description: str = ""
     index_bytes: Callable[..., int] | None = None
     head_slice: Callable[..., Any] | None = None
+    chunk_bounds: Callable[..., list] | None = None
 
 
 METHODS: dict[str, MethodSpec] = {}
@@ -56,7 +59,8 @@ METHODS: dict[str, MethodSpec] = {}
 
 def register_method(name: str, select: Callable[..., Any], config_cls: type | None = None, *,
                     description: str = "", overwrite: bool = False, index_bytes: Callable[..., int] | None = None,
-                    head_slice: Callable[..., Any] | None = None) -> MethodSpec:
+                    head_slice: Callable[..., Any] | None = None,
+                    chunk_bounds: Callable[..., list] | None = None) -> MethodSpec:
     """Register ``select`` under ``name``.
 
     Args:
@@ -68,7 +72,8 @@ def register_method(name: str, select: Callable[..., Any], config_cls: type | No
             ``sparse_attention`` are its fields.
         description: one line for ``sparseattn`` listings.
         overwrite: replace an existing method of that name (otherwise that is an error).
-        index_bytes, head_slice: optional, see :class:`MethodSpec` (memory-bounded head chunks).
+        index_bytes, head_slice, chunk_bounds: optional, see :class:`MethodSpec` (memory-bounded
+            head chunks).
     """
     if not isinstance(name, str) or not name.isidentifier():
         raise ValueError(f"method name must be an identifier string, got {name!r}")
@@ -76,10 +81,10 @@ def register_method(name: str, select: Callable[..., Any], config_cls: type | No
         raise TypeError(f"select for method {name!r} must be callable, got {type(select).__name__}")
     if name in METHODS and not overwrite:
         raise ValueError(f"method {name!r} is already registered; pass overwrite=True to replace it")
-    for hook_name, hook in (("index_bytes", index_bytes), ("head_slice", head_slice)):
+    for hook_name, hook in (("index_bytes", index_bytes), ("head_slice", head_slice), ("chunk_bounds", chunk_bounds)):
         if hook is not None and not callable(hook):
             raise TypeError(f"{hook_name} for method {name!r} must be callable, got {type(hook).__name__}")
-    spec = MethodSpec(name, select, config_cls, description, index_bytes, head_slice)
+    spec = MethodSpec(name, select, config_cls, description, index_bytes, head_slice, chunk_bounds)
     METHODS[name] = spec
     return spec
 

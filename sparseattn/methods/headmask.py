@@ -180,5 +180,23 @@ def head_slice(config: HeadMaskConfig, start: int, stop: int, group: int) -> Hea
     return dataclasses.replace(config, full_heads=config.full_heads[start // group:stop // group])
 
 
+def chunk_bounds(config: HeadMaskConfig, kv_heads: int, per_chunk: int) -> list[tuple[int, int]]:
+    """Chunks of a memory-bounded call that never mix full and streaming heads (each run of equal
+    heads cut into pieces of ``per_chunk``): a chunk of full heads is then dense attention on the
+    dense mode's 128x128 tiles, rather than index rows on the 64-row blocks' 64x64 tiles.
+
+    >>> chunk_bounds(HeadMaskConfig(full_heads=[1, 1, 1, 0, 0, 1]), 6, 2)
+    [(0, 2), (2, 3), (3, 5), (5, 6)]
+    """
+    full = config.full_heads or (True,) * kv_heads
+    bounds, g0 = [], 0
+    for g in range(1, kv_heads + 1):
+        if g == kv_heads or full[g] != full[g0] or g - g0 == per_chunk:
+            bounds.append((g0, g))
+            g0 = g
+    return bounds
+
+
 register_method("headmask", select_blocks, HeadMaskConfig, index_bytes=index_bytes, head_slice=head_slice,
+                chunk_bounds=chunk_bounds,
                 description="trained head mask: full heads + streaming (sink + window) heads")
