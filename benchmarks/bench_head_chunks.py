@@ -46,7 +46,8 @@ def main() -> None:
         spec = get_method(method)
         cfg = api.resolve_config(method, None, **options)
         per_chunk = api.kv_heads_per_chunk(spec, cfg, q, k, v)
-        chunks = -(-k.shape[1] // per_chunk)
+        chunks = (len(spec.chunk_bounds(cfg, k.shape[1], per_chunk)) if spec.chunk_bounds
+                  else -(-k.shape[1] // per_chunk))
         rec = {"case": label, "kv_heads_per_chunk": per_chunk, "chunks": chunks}
 
         api.INDEX_BUDGET = float("inf")
