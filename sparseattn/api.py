@@ -145,17 +145,22 @@ def attend(q, k, v, index, *, causal: bool = True, scale: float | None = None, o
 # groups at a time, writing each group's rows into one output; per-head selections are independent,
 # so the result is the same.
 INDEX_BUDGET = 0.10
+# ... but never below this many bytes: at short prompts the bound is a few MiB, where chunks would
+# only multiply launches (MInference at 8K on SmolLM2 went from 0.13 to 0.59 s of prefill when each
+# layer ran as three chunks; NOTES.md, run 19j).
+INDEX_BUDGET_FLOOR = 64 << 20
 
 
 def kv_heads_per_chunk(spec, cfg, q, k, v) -> int:
     """KV heads to select and attend together so that the index, the selection's per-head buffers and the
-    attention's log-sum-exp stay within ``INDEX_BUDGET`` of the q + k + v bytes."""
+    attention's log-sum-exp stay within ``INDEX_BUDGET`` of the q + k + v bytes (or
+    ``INDEX_BUDGET_FLOOR`` bytes, whichever is larger)."""
     B, Hq, Lq, _ = q.shape
     Hkv, Lk = k.shape[1], k.shape[2]
     if spec.index_bytes is None or Hkv == 1:
         return Hkv
     total = spec.index_bytes(cfg, B, Hq, Lq, Lk) + 4 * B * Hq * Lq  # + the kernels' fp32 log-sum-exp
-    budget = INDEX_BUDGET * sum(t.numel() * t.element_size() for t in (q, k, v))
+    budget = max(INDEX_BUDGET * sum(t.numel() * t.element_size() for t in (q, k, v)), INDEX_BUDGET_FLOOR)
     if total <= budget:
         return Hkv
     return max(1, min(Hkv, int(budget // (total / Hkv))))

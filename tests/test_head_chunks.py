@@ -43,6 +43,7 @@ def test_chunked_call_equals_whole_call(method, options, backend, monkeypatch):
     q, k, v = qkv()
     spec = get_method(method)
     cfg = api.resolve_config(method, None, **options)
+    monkeypatch.setattr(api, "INDEX_BUDGET_FLOOR", 0)  # tiny shapes: the floor alone would never chunk them
     monkeypatch.setattr(api, "INDEX_BUDGET", 1e9)
     assert api.kv_heads_per_chunk(spec, cfg, q, k, v) == 3
     whole, whole_stats = sparse_attention(q, k, v, method=method, return_stats=True, **options)
@@ -70,6 +71,7 @@ def _counting_method(calls, total_bytes):
 
 def test_chunks_follow_the_budget_and_slice_the_config(monkeypatch):
     q, k, v = qkv(B=1, Hq=8, Hkv=4, L=64)
+    monkeypatch.setattr(api, "INDEX_BUDGET_FLOOR", 0)
     qkv_bytes = sum(t.numel() * t.element_size() for t in (q, k, v))
     calls = []
     lse_bytes = 4 * 8 * 64  # the fp32 log-sum-exp, which kv_heads_per_chunk adds to the method's bound
@@ -202,3 +204,15 @@ def test_head_mask_chunks_never_mix_full_and_streaming_heads(monkeypatch):
     chunked = sparse_attention(q, k, v, method="headmask", **options)
     assert calls == [(1, (True,)), (2, (False, False))]
     assert torch.equal(chunked, whole)
+
+
+def test_short_prompts_are_never_chunked():
+    """The floor: MInference at 8K on SmolLM2's shape (9/3 heads, D = 64) bounds its index at ~3 MiB,
+    over 10% of q + k + v (1.6 MiB) but far below ``INDEX_BUDGET_FLOOR``: one call, not three."""
+    L = 8192
+    q = torch.empty(1, 9, L, 64, dtype=torch.bfloat16, device="meta")
+    k = v = torch.empty(1, 3, L, 64, dtype=torch.bfloat16, device="meta")
+    spec = get_method("minference")
+    cfg = api.resolve_config("minference", None, adaptive_budget=0.1)
+    assert spec.index_bytes(cfg, 1, 9, L, L) > 0.10 * sum(t.numel() * t.element_size() for t in (q, k, v))
+    assert api.kv_heads_per_chunk(spec, cfg, q, k, v) == 3
