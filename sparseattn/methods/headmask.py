@@ -34,7 +34,7 @@ import torch
 from ..index import BlockIndex, causal_block_mask
 from ..reference.streaming import streaming_select
 from ..validation import check_block_size, check_positive_int
-from . import register_method
+from . import block_index_bytes, register_method
 
 __all__ = ["HeadMaskConfig", "head_mask_attention", "select_blocks"]
 
@@ -169,8 +169,7 @@ def index_bytes(config: HeadMaskConfig, batch: int, q_heads: int, q_len: int, k_
     full = config.full_heads
     if full is None or all(full) or not any(full):
         return 0
-    bs = config.block_size
-    return 4 * batch * q_heads * -(-q_len // bs) * (-(-k_len // bs) + 1)
+    return block_index_bytes(batch, q_heads, q_len, k_len, config.block_size)
 
 
 def head_slice(config: HeadMaskConfig, start: int, stop: int, group: int) -> HeadMaskConfig:
