@@ -5,7 +5,9 @@ attends one KV head's group at a time. For each config this times, on the LLM-li
 
 - the whole call (budget lifted): selection, attention over the whole index, end to end;
 - the chunked call: end to end, its peak memory beyond the output, and the host time to queue it
-  (``host_ms``: the GPU kept busy, so a host synchronization would show as the sleep's length);
+  (``host_ms``: the GPU kept busy, so a host synchronization would show as the sleep's length; so
+  does a call of more launches than the ~1000-entry queue holds, as chunked MInference's eight
+  selections are: its ~600 ms there is the queue, not a sync, NOTES.md run 19d);
 - one chunk's selection and attention, times the number of chunks;
 - whether the chunked call synchronizes with the host (``torch.cuda.set_sync_debug_mode("error")``).
 
@@ -86,7 +88,7 @@ def main() -> None:
     print(f"\nDevice: {result['machine'].get('device')}; L={L}, B=1 GQA 32/8 D=128 bf16 causal, LLM-like seed L; "
           f"cuDNN {result['cudnn_dense_ms']:.2f} ms")
     print("| case | chunks | whole: select + attend / e2e ms | chunked e2e ms | chunk parts x n (select + attend) "
-          "| host ms (chunked) | extra MiB whole / chunked | host sync |")
+          "| host ms (chunked; queue-bound if ~sleep) | extra MiB whole / chunked | host sync |")
     print("|---|---|---|---|---|---|---|---|")
     for r in result["records"]:
         print(f"| {r['case']} | {r['chunks']} | {r['whole_select_ms']:.2f} + {r['whole_attend_ms']:.2f} / "
