@@ -35,6 +35,17 @@ def test_llm_like_is_seeded_and_structured():
     rand_q, rand_k = torch.randn_like(q), torch.randn_like(k)
     assert dens < 0.5 * oracle_density(rand_q, rand_k, 64, 0.9, query_blocks=8)
 
+def test_llm_like_heads_seed_separates_model_from_prompt():
+    kw = dict(device="cpu", dtype=torch.float32)
+    own = llm_like_qkv(1, 4, 4, 512, 32, seed=5, **kw)
+    # The strengths are the first draw of the seed's generator: naming its own seed changes nothing.
+    assert all(torch.equal(x, y) for x, y in zip(own, llm_like_qkv(1, 4, 4, 512, 32, seed=5, heads_seed=5, **kw)))
+    held_out = llm_like_qkv(1, 4, 4, 512, 32, seed=6, heads_seed=5, **kw)
+    prompt = llm_like_qkv(1, 4, 4, 512, 32, seed=6, **kw)
+    assert torch.equal(held_out[2], prompt[2])  # everything but the strengths is seed 6's stream ...
+    assert not torch.equal(held_out[0], prompt[0])  # ... and the strengths are not seed 6's
+    assert not torch.equal(held_out[0], own[0])  # another prompt than seed 5's
+
 
 def test_flops():
     assert causal_dense_flops(1, 1, 4, 4, 1) == 4 * (1 + 2 + 3 + 4)

@@ -51,7 +51,7 @@ def random_block_index(batch, heads, q_len, k_len, block_size, density, *, devic
 
 
 def llm_like_qkv(batch, q_heads, kv_heads, seq_len, head_dim, *, dtype=torch.bfloat16, device="cuda", seed=0,
-                 sink_strength=12.0, local_strength=16.0, vertical_count=32, vertical_strength=6.0,
+                 heads_seed=None, sink_strength=12.0, local_strength=16.0, vertical_count=32, vertical_strength=6.0,
                  match_count=64, match_strength=12.0, noise=0.3):
     """Synthetic q/k/v whose attention has the structure of real LLM heads.
 
@@ -77,6 +77,13 @@ def llm_like_qkv(batch, q_heads, kv_heads, seq_len, head_dim, *, dtype=torch.bfl
 
     The draws come from a generator on ``device``, and CPU and CUDA generators give different
     streams: the same seed is a different input on a different device.
+
+    ``heads_seed`` separates the model from the prompt: the per-head strengths (the "model") are
+    then drawn from ``heads_seed`` and everything else (directions, vertical columns, matches,
+    noise, values) from ``seed``. The strengths are the generator's first draw, so
+    ``llm_like_qkv(..., seed=c, heads_seed=s)`` has the heads of ``llm_like_qkv(..., seed=s)`` with
+    another prompt: a held-out calibration input for thresholds or patterns searched per head.
+    ``heads_seed=None`` (default) draws both from ``seed``, the same stream as before it existed.
     """
     g = torch.Generator(device=device).manual_seed(seed)
     f32 = dict(device=device, dtype=torch.float32)
@@ -95,6 +102,9 @@ def llm_like_qkv(batch, q_heads, kv_heads, seq_len, head_dim, *, dtype=torch.bfl
         return (strength * head_scale[which]).sqrt() * root
 
     head_scale = 0.5 + torch.rand(4, B, Hkv, 1, 1, generator=g, **f32)
+    if heads_seed is not None:  # the same first draw from the model's own seed
+        heads = torch.Generator(device=device).manual_seed(heads_seed)
+        head_scale = 0.5 + torch.rand(4, B, Hkv, 1, 1, generator=heads, **f32)
     # Coordinates of std sqrt(noise) on both sides give a logit noise std of `noise`.
     q = rand(B, Hkv, G, L, D) * math.sqrt(noise)
     k = rand(B, Hkv, L, D) * math.sqrt(noise)

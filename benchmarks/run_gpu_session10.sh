@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Device calls of session 10: each step under its own time limit, everything under $OUT, short
+# tables last. STEPS picks steps (comma-separated).
+#   STEPS=calibrated bash benchmarks/run_gpu_session10.sh
+set -uo pipefail
+export PYTHONPATH="$PWD:/tmp/site${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+STEPS=${STEPS:-calibrated}
+source "$(dirname "$0")/gpu_steps.sh"
+# Run 20: XAttention and MInference at equal fidelity (configs calibrated on a held-out prompt of the
+# same synthetic model), 128K, seeds L, 1, 2, against cuDNN in the same process.
+TAIL=40 step calibrated 590 python3 benchmarks/bench_calibrated_methods.py --length 131072 --seeds L,1,2 \
+  --out "$OUT/calibrated-methods-${CAL_RUN:-run20}.json"
+printf '%s\n' "${summary[@]}"
