@@ -11,13 +11,16 @@ For each evaluation input (``llm_like_qkv``, B=1, GQA 32/8, D=128, bf16, causal;
 1. **Calibration on a held-out prompt of the same model.** ``llm_like_qkv(seed=s + 1000,
    heads_seed=s)`` has the evaluation input's per-head strengths (its "model") and another
    prompt (directions, vertical columns, matches, noise). On it:
-   - XAttention: per query head, the smallest threshold of ``calibrate.DEFAULT_CANDIDATES`` whose
-     selection keeps ``target`` of the exact mass (mean over query rows), exactly as
-     ``sparseattn profile`` does (``estimated_block_mass``, ``exact_block_mass``, ``coverage_curve``);
-   - MInference: per query head, the cheapest of ``CANDIDATES`` whose exact recall reaches
-     ``target`` (``search.measure_candidates`` + ``search.choose(..., target_recall=)``, as
-     ``sparseattn search --target-recall`` does), and, for comparison, the best recall within a
-     10% FLOPs budget (``search``'s default rule).
+   - XAttention: per query head, a threshold of ``calibrate.DEFAULT_CANDIDATES`` from the exact
+     mass its selection keeps (mean over query rows), as ``sparseattn profile`` does
+     (``estimated_block_mass``, ``exact_block_mass``, ``coverage_curve``): "every head" = each
+     head's smallest threshold reaching ``target`` (``--allocation head``); "layer mean" = the
+     least mean density whose mean over the heads reaches it (``--allocation layer``,
+     ``allocation.allocate_mean``);
+   - MInference: per query head, one of ``CANDIDATES`` from its exact recall and cost
+     (``search.measure_candidates`` + ``search.choose``, as ``sparseattn search`` does): the
+     same two target rules (``--target-recall --target-scope head|layer``), and ``search``'s
+     default rule (best recall within a 10% FLOPs budget).
 2. **Evaluation on the input itself.** Each config runs end to end through ``sparse_attention``
    (selection + index + attention), timed against cuDNN SDPA in the same process; reported with its
    density (fraction of causal blocks, or token pairs for MInference), the exact mass it keeps on
@@ -49,6 +52,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+from sparseattn.allocation import allocate_mean  # noqa: E402
 from sparseattn.api import sparse_attention  # noqa: E402
 from sparseattn.bench.inputs import llm_like_qkv, parse_seeds  # noqa: E402
 from sparseattn.bench.peers import DENSE_PEERS  # noqa: E402
@@ -208,7 +212,9 @@ def bench_seed(L, seed, targets, log) -> list[dict]:
     xcfgs = [("tau 0.95 (default)", torch.full((HEADS,), grid.index(0.95), dtype=torch.long)),
              ("tau 0.9", torch.full((HEADS,), grid.index(0.9), dtype=torch.long))]
     for target in targets:
-        xcfgs.append((f"per-head, {target:g} of mass on held-out prompt", per_head_thresholds(cal["coverage"], target)))
+        xcfgs.append((f"every head {target:g} (held-out)", per_head_thresholds(cal["coverage"], target)))
+        xcfgs.append((f"layer mean {target:g} (held-out)",
+                      allocate_mean(cal["coverage"].T, cal["density"].T, target).cpu()))
     for label, choice in xcfgs:
         taus = [grid[i] for i in choice.tolist()]
         cfg = XAttentionConfig(threshold=torch.tensor(taus, device=DEVICE) if len(set(taus)) > 1 else taus[0],
@@ -235,10 +241,11 @@ def bench_seed(L, seed, targets, log) -> list[dict]:
     mcfgs = [("1000 / 6096 (default)", torch.full((HEADS,), default, dtype=torch.long)),
              ("512 / 512", torch.full((HEADS,), CANDIDATES.index(Candidate("vertical_and_slash", 512, 512)),
                                       dtype=torch.long)),
-             (f"per-head, best recall within {BUDGET:g} of dense FLOPs", choose(rc, cc, BUDGET)[0].cpu())]
+             (f"best recall within {BUDGET:g} of dense (held-out)", choose(rc, cc, BUDGET)[0].cpu())]
     for target in targets:
-        mcfgs.append((f"per-head, cheapest reaching {target:g} on held-out prompt",
-                      choose(rc, cc, 1.0, target_recall=target)[0].cpu()))
+        for scope in ("head", "layer"):
+            mcfgs.append((f"{'every head' if scope == 'head' else 'layer mean'} {target:g} (held-out)",
+                          choose(rc, cc, 1.0, target_recall=target, scope=scope)[0].cpu()))
     for label, choice in mcfgs:
         patterns = [CANDIDATES[i].as_list() for i in choice.tolist()]
         cfg = MInferenceConfig(head_patterns=tuple(tuple(p) for p in patterns), block_size=MINF_BLOCK)

@@ -77,6 +77,7 @@ logger = logging.getLogger("sparseattn")
 __all__ = [
     "DEFAULT_CANDIDATES",
     "FORMAT",
+    "ALLOCATIONS",
     "STATISTICS",
     "VERSION",
     "add_profile_parser",
@@ -104,6 +105,7 @@ DATA_DIR = Path(__file__).parent / "data" / "xattention"
 # 0.01 .. 1.00 in steps of 0.01, plus two points between 0.99 and 1 where coverage moves fastest.
 DEFAULT_CANDIDATES = tuple(sorted({round(0.01 * i, 2) for i in range(1, 101)} | {0.995, 0.999}))
 STATISTICS = ("mean", "min_block")
+ALLOCATIONS = ("head", "layer")
 # fp32 elements of one exact-softmax chunk (scores + probabilities: ~2x this many bytes x 4).
 CHUNK_ELEMENTS = 1 << 24
 _REQUIRED_KEYS = ("format", "version", "model", "num_layers", "num_heads", "stride", "block_size",
@@ -320,7 +322,7 @@ def _calibration_ids(tokenizer_or_ids, tokens: int, sequences: int) -> tuple[tor
 
 def profile_xattention(model, tokenizer_or_ids, *, target_coverage: float = 0.95, stride: int = 16,
                        block_size: int = 128, candidates: Iterable[float] = DEFAULT_CANDIDATES,
-                       statistic: str = "mean", tokens: int = 4096, sequences: int = 1,
+                       statistic: str = "mean", allocation: str = "head", tokens: int = 4096, sequences: int = 1,
                        layers_per_pass: int | None = None, model_name: str | None = None,
                        text_source: str | None = None, progress: bool = True) -> dict[str, Any]:
     """Per-(layer, query head) XAttention thresholds reaching ``target_coverage`` of the exact mass.
@@ -334,6 +336,10 @@ def profile_xattention(model, tokenizer_or_ids, *, target_coverage: float = 0.95
         candidates: increasing thresholds in (0, 1] to choose from (default 0.01..1.00 by 0.01,
             plus 0.995, 0.999).
         statistic: ``"mean"`` (mean coverage over query rows) or ``"min_block"`` (worst query block).
+        allocation: ``"head"`` (default): every head reaches ``target_coverage`` with its smallest
+            threshold; ``"layer"``: the *mean* over each layer's heads reaches it at the least mean
+            density (:func:`sparseattn.allocation.allocate_mean`), so heads whose attention is
+            concentrated keep more than the target and spread-out heads less, for fewer blocks.
         tokens, sequences: calibration length and count with a tokenizer (ignored with ids).
         layers_per_pass: capture this many layers per forward pass (default all: one pass per
             sequence). Fewer layers per pass means less memory and more passes.
@@ -354,6 +360,8 @@ def profile_xattention(model, tokenizer_or_ids, *, target_coverage: float = 0.95
     values = _check_candidates(candidates)
     if statistic not in STATISTICS:
         raise ValueError(f"statistic must be one of {list(STATISTICS)}, got {statistic!r}")
+    if allocation not in ALLOCATIONS:
+        raise ValueError(f"allocation must be one of {list(ALLOCATIONS)}, got {allocation!r}")
     if isinstance(target_coverage, bool) or not 0 < float(target_coverage) <= 1:
         raise ValueError(f"target_coverage must lie in (0, 1], got {target_coverage!r}")
     text_config = model.config.get_text_config()
@@ -399,6 +407,14 @@ def profile_xattention(model, tokenizer_or_ids, *, target_coverage: float = 0.95
         stat[dense_layers], kept[dense_layers], allowed[dense_layers] = 1.0, 1.0, 1.0
     reached = stat >= target_coverage  # monotone in the candidate: a suffix of the grid
     first = torch.where(reached.any(-1), reached.int().argmax(-1), torch.full(reached.shape[:2], G - 1))
+    if allocation == "layer":
+        from .allocation import allocate_mean
+
+        density = kept / allowed.clamp_min(1)[:, None, None]
+        for layer in profiled:
+            first[layer] = allocate_mean(stat[layer].T, density[layer].T, target_coverage)
+        layer_mean = torch.gather(stat, -1, first[..., None])[..., 0].mean(-1, keepdim=True)
+        reached = (layer_mean >= target_coverage - 1e-12).expand(-1, num_heads)[..., None]
 
     def pick(per_candidate):  # [layers, heads, G] -> the chosen candidate's value
         return torch.gather(per_candidate, -1, first[..., None])[..., 0]
@@ -423,6 +439,7 @@ def profile_xattention(model, tokenizer_or_ids, *, target_coverage: float = 0.95
         "block_size": block_size,
         "target_coverage": float(target_coverage),
         "statistic": statistic,
+        "allocation": allocation,
         "candidates": values,
         "calibration": {"tokens": int(ids.shape[1]), "sequences": int(ids.shape[0]), "text": text_source or source,
                         "dtype": str(dtype).replace("torch.", ""), "device": getattr(device, "type", None),
@@ -697,6 +714,9 @@ def add_profile_parser(subparsers):
                         help="exact attention mass to keep (default 0.95)")
     parser.add_argument("--statistic", choices=STATISTICS, default="mean",
                         help="mean: mean coverage over query rows; min_block: the worst query block (stricter)")
+    parser.add_argument("--allocation", choices=ALLOCATIONS, default="head",
+                        help="head: every head reaches the target; layer: the mean over each layer's heads does, "
+                        "at the least density")
     parser.add_argument("--stride", type=int, default=16, help="XAttention stride (4, 8, 16; default 16)")
     parser.add_argument("--block-size", type=int, default=128, help="selection block size (default 128)")
     parser.add_argument("--tokens", type=int, default=None, help="calibration tokens per sequence (default 4096 on a "
@@ -742,6 +762,7 @@ def run_profile(args) -> int:
     start = time.perf_counter()
     doc = profile_xattention(model, tokenizer, target_coverage=args.target_coverage, stride=args.stride,
                              block_size=args.block_size, candidates=candidates, statistic=args.statistic,
+                             allocation=args.allocation,
                              tokens=tokens, sequences=args.sequences, layers_per_pass=args.layers_per_pass,
                              model_name=name)
     seconds = time.perf_counter() - start

@@ -39,6 +39,7 @@ from pathlib import Path
 
 import torch
 
+from .allocation import allocate_mean
 from .index import VerticalSlashIndex, cdiv
 from .methods.minference import PATTERN_DIR, PATTERNS, MInferenceConfig, MInferencePatterns, model_key, select_blocks
 
@@ -191,12 +192,16 @@ def measure_candidates(q: torch.Tensor, k: torch.Tensor, candidates: list[Candid
 
 
 def choose(recall: torch.Tensor, cost: torch.Tensor, flops_budget: float,
-           target_recall: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+           target_recall: float | None = None, scope: str = "layer") -> tuple[torch.Tensor, torch.Tensor]:
     """Per head, the candidate of highest recall with ``cost <= flops_budget`` (ties: cheaper, then earlier).
 
-    With ``target_recall``, the rule turns around: per head, the *cheapest* candidate within the
-    budget whose recall reaches the target (ties: earlier); a head that none reaches falls back
-    to the rule above (highest recall within the budget).
+    With ``target_recall`` the rule turns around, to the cheapest choices within the budget that keep
+    the target:
+
+    - ``scope="layer"`` (default): the mean recall over the heads reaches it at the least mean cost
+      (:func:`sparseattn.allocation.allocate_mean`: cost goes to the heads where it buys most mass);
+    - ``scope="head"``: every head reaches it with its cheapest such candidate (ties: earlier); a
+      head that none reaches falls back to the highest recall within the budget.
 
     Returns ``(choice [Hq] long, fits [Hq] bool)``; heads that nothing fits take the cheapest candidate.
 
@@ -205,9 +210,11 @@ def choose(recall: torch.Tensor, cost: torch.Tensor, flops_budget: float,
         >>> cost = torch.tensor([[0.1, 0.1], [0.5, 0.05], [0.1, 0.2]])
         >>> choose(recall, cost, 0.2)
         (tensor([2, 1]), tensor([True, True]))
-        >>> choose(recall, cost, 1.0, target_recall=0.9)  # head 0: 0.9 at cost 0.1 beats 0.99 at 0.5
+        >>> choose(recall, cost, 1.0, target_recall=0.9, scope="head")  # head 0: 0.9 at 0.1 beats 0.99 at 0.5
         (tensor([0, 1]), tensor([True, True]))
     """
+    if scope not in ("layer", "head"):
+        raise ValueError(f"scope must be 'layer' or 'head', got {scope!r}")
     n = recall.shape[0]
     order = torch.arange(n, dtype=torch.float64, device=recall.device)[:, None]
     # Lexicographic: recall, then lower cost, then earlier candidate.
@@ -217,9 +224,12 @@ def choose(recall: torch.Tensor, cost: torch.Tensor, flops_budget: float,
     if target_recall is not None:
         if not 0 < target_recall <= 1:
             raise ValueError(f"target_recall must be in (0, 1], got {target_recall!r}")
-        reach = fits & (recall >= target_recall)
-        cheap = torch.where(reach, -cost.double() - order * 1e-9, torch.full_like(key, -math.inf)).argmax(0)
-        best = torch.where(reach.any(0), cheap, best)
+        if scope == "layer":
+            best = allocate_mean(recall, cost, target_recall, allowed=fits)
+        else:
+            reach = fits & (recall >= target_recall)
+            cheap = torch.where(reach, -cost.double() - order * 1e-9, torch.full_like(key, -math.inf)).argmax(0)
+            best = torch.where(reach.any(0), cheap, best)
     cheapest = cost.argmin(0)
     any_fit = fits.any(0)
     return torch.where(any_fit, best, cheapest), any_fit
@@ -227,8 +237,8 @@ def choose(recall: torch.Tensor, cost: torch.Tensor, flops_budget: float,
 
 def search_minference(model, tokenizer=None, *, input_ids: torch.Tensor | None = None, texts=None,
                       length: int = DEFAULT_TOKENS, flops_budget: float = DEFAULT_BUDGET,
-                      target_recall: float | None = None, candidates: list[Candidate] | None = None,
-                      last_q: int = 64, block_size: int = 64,
+                      target_recall: float | None = None, target_scope: str = "layer",
+                      candidates: list[Candidate] | None = None, last_q: int = 64, block_size: int = 64,
                       layers=None, layers_per_pass: int | None = None, model_name: str | None = None,
                       aliases=(), progress: bool = True, info: dict | None = None) -> MInferencePatterns:
     """Search every (layer, query head) of ``model`` for the MInference pattern of best recall under a FLOPs budget.
@@ -241,8 +251,10 @@ def search_minference(model, tokenizer=None, *, input_ids: torch.Tensor | None =
         texts: calibration strings (joined with blank lines) used when ``input_ids`` is None.
         length: calibration tokens (default 4096).
         flops_budget: the largest cost (fraction of dense causal attention) a head may take (default 0.25).
-        target_recall: if set, each head takes the cheapest candidate within the budget reaching this
-            recall (:func:`choose`), instead of the highest recall; heads none reaches keep that rule.
+        target_recall: if set, the cheapest choices within the budget keeping this recall
+            (:func:`choose`) instead of the highest recall: per layer as the mean over its heads
+            (``target_scope="layer"``, default) or for every head (``"head"``).
+        target_scope: ``"layer"`` or ``"head"``, see ``target_recall``.
         candidates: patterns to try (default :func:`default_candidates` of the length).
         last_q, block_size: MInference's estimation rows and block size.
         layers: layer indices to search (default all).
@@ -263,6 +275,8 @@ def search_minference(model, tokenizer=None, *, input_ids: torch.Tensor | None =
         raise ValueError(f"flops_budget must be in (0, 1], got {flops_budget!r}")
     if target_recall is not None and not 0 < target_recall <= 1:
         raise ValueError(f"target_recall must be in (0, 1], got {target_recall!r}")
+    if target_scope not in ("layer", "head"):
+        raise ValueError(f"target_scope must be 'layer' or 'head', got {target_scope!r}")
     start = time.perf_counter()
     calibration = "caller's input_ids"
     if input_ids is None:
@@ -302,7 +316,7 @@ def search_minference(model, tokenizer=None, *, input_ids: torch.Tensor | None =
         for layer in layers[p0:p0 + layers_per_pass]:
             q, k, _ = captured.pop(layer)
             recall, cost = measure_candidates(q, k, candidates, last_q=last_q, block_size=block_size)
-            choice, fits = choose(recall, cost, flops_budget, target_recall)
+            choice, fits = choose(recall, cost, flops_budget, target_recall, target_scope)
             heads = range(q.shape[1])
             table[layer] = tuple(tuple(candidates[int(choice[h])].as_list()) for h in heads)
             scores[layer] = tuple(float(recall[choice[h], h]) for h in heads)
@@ -320,7 +334,8 @@ def search_minference(model, tokenizer=None, *, input_ids: torch.Tensor | None =
         "calibration": calibration,
         "tokens": int(L), "batch": int(input_ids.shape[0]), "flops_budget": flops_budget,
         "rule": ("highest recall within the budget" if target_recall is None else
-                 f"cheapest within the budget reaching recall {target_recall}"),
+                 f"cheapest within the budget keeping recall {target_recall} "
+                 + ("as the mean over each layer's heads" if target_scope == "layer" else "in every head")),
         "cost": "computed (query, key) pairs + estimation pairs, over dense causal pairs",
         "recall": "exact attention mass kept, mean over query rows",
         "block_size": block_size, "last_q": last_q,
@@ -345,8 +360,10 @@ def _add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--budget", type=float, default=DEFAULT_BUDGET,
                         help="largest cost per head, as a fraction of dense causal attention (default 0.25)")
     parser.add_argument("--target-recall", type=float, default=None,
-                        help="per head the cheapest candidate reaching this recall, instead of the highest recall "
-                        "within the budget")
+                        help="the cheapest patterns keeping this exact-attention recall, instead of the highest "
+                        "recall within the budget")
+    parser.add_argument("--target-scope", choices=("layer", "head"), default="layer",
+                        help="--target-recall as the mean over each layer's heads (default) or for every head")
     parser.add_argument("--block-size", type=int, default=64)
     parser.add_argument("--last-q", type=int, default=64)
     parser.add_argument("--layers", default=None, help="comma-separated layer indices (default all)")
@@ -396,7 +413,7 @@ def run_search(args) -> int:
     print(f"Loading {args.model} on {device} ...", flush=True)
     model, tokenizer = load_llama(args.model, device=device)
     patterns = search_minference(model, tokenizer, length=args.tokens, flops_budget=args.budget,
-                                 target_recall=args.target_recall,
+                                 target_recall=args.target_recall, target_scope=args.target_scope,
                                  block_size=args.block_size, last_q=args.last_q, layers=layers, model_name=name,
                                  aliases=aliases, info={"command": command})
     path = patterns.save(out)
@@ -413,7 +430,7 @@ def _argv_for(args) -> list[str]:
     flags = [f"--model {args.model}", f"--tokens {args.tokens}", f"--budget {args.budget}",
              f"--block-size {args.block_size}", f"--last-q {args.last_q}"]
     if args.target_recall is not None:
-        flags.append(f"--target-recall {args.target_recall}")
+        flags.append(f"--target-recall {args.target_recall} --target-scope {args.target_scope}")
     if args.layers:
         flags.append(f"--layers {args.layers}")
     if args.name:

@@ -499,6 +499,22 @@ def test_choose_best_recall_within_budget():
     assert choice.tolist() == [1]  # equal recall: the cheaper
 
 
+def test_choose_cheapest_reaching_a_target():
+    from sparseattn.search import choose
+
+    recall = torch.tensor([[0.80, 0.50], [0.92, 0.60], [0.99, 0.98]])
+    cost = torch.tensor([[0.10, 0.10], [0.20, 0.20], [0.30, 0.50]])
+    # Every head at 0.9: head 0 its cheapest reaching it, head 1 only the dearest reaches it.
+    assert choose(recall, cost, 1.0, target_recall=0.9, scope="head")[0].tolist() == [1, 2]
+    # The layer's mean at 0.75: head 1's jump to 0.98 for 0.4 is the best buy, head 0 stays cheap.
+    assert choose(recall, cost, 1.0, target_recall=0.75)[0].tolist() == [0, 2]
+    # The budget still binds: at 0.25 head 1 cannot take 0.98, so head 0 climbs instead.
+    assert choose(recall, cost, 0.25, target_recall=0.75)[0].tolist() == [1, 1]
+    assert choose(recall, cost, 0.25, target_recall=0.99, scope="head")[0].tolist() == [1, 1]  # none: best in budget
+    with pytest.raises(ValueError, match="scope"):
+        choose(recall, cost, 1.0, target_recall=0.9, scope="model")
+
+
 class CharTokenizer:
     """Enough of a tokenizer for ``real_text_ids``: one id per character."""
 
@@ -556,6 +572,17 @@ def test_search_command(tiny_llama, tmp_path, monkeypatch, capsys):
     assert table.search["command"] == ("sparseattn search --model my/Tiny.gguf --tokens 128 --budget 0.5 "
                                        "--block-size 16 --last-q 16 --layers 1")
     assert "wrote" in capsys.readouterr().out
+    assert table.search["rule"] == "highest recall within the budget"
+    # The recall-target rule: the layer's mean recall reaches the target, at the least mean cost.
+    args = parser.parse_args(["search", "--model", "my/Tiny.gguf", "--tokens", "128", "--target-recall", "0.8",
+                              "--block-size", "16", "--last-q", "16", "--layers", "1", "--out", str(out),
+                              "--budget", "1"])
+    assert run_search(args) == 0
+    table = load_minference_patterns(out)
+    assert table.search["rule"] == "cheapest within the budget keeping recall 0.8 as the mean over each layer's heads"
+    assert "--target-recall 0.8 --target-scope layer" in table.search["command"]
+    recalls = table.scores[1]  # each head's calibration recall (rounded to 6 digits in the file)
+    assert sum(recalls) / len(recalls) >= 0.8 - 1e-6
 
 
 # ---- GPU: large shapes ----------------------------------------------------------------------------
