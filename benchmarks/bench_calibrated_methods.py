@@ -53,7 +53,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from sparseattn.allocation import allocate_mean  # noqa: E402
-from sparseattn.api import sparse_attention  # noqa: E402
+from sparseattn.api import attend, sparse_attention  # noqa: E402
 from sparseattn.bench.inputs import llm_like_qkv, parse_seeds  # noqa: E402
 from sparseattn.bench.peers import DENSE_PEERS  # noqa: E402
 from sparseattn.bench.timing import machine_record, time_ms  # noqa: E402
@@ -79,6 +79,11 @@ CANDIDATES = ([Candidate("vertical_and_slash", v, s) for v, s in
                 (1000, 6096))]
               + [Candidate("a_shape", 128, w) for w in (2048, 8192)]
               + [Candidate("block_sparse", n, 0) for n in (64, 128)])
+# --candidates extended: finer steps at both ends (the allocation can only pick what it is offered).
+EXTENDED = CANDIDATES + ([Candidate("vertical_and_slash", v, s) for v, s in
+                          ((128, 128), (256, 512), (512, 2048), (1024, 4096), (2048, 3072))]
+                         + [Candidate("a_shape", 64, w) for w in (512, 1024)]
+                         + [Candidate("block_sparse", n, 0) for n in (16, 32, 256)])
 
 
 def _rel(a, b) -> float:
@@ -173,17 +178,19 @@ def run_method(q, k, v, method, cfg, dense_out, dense_ms):
     spec = get_method(method)
     index = spec.select(q, k, cfg, causal=True)
     density = float(index.density().mean().item())
+    select_ms = time_ms(lambda: spec.select(q, k, cfg, causal=True))["ms"]
+    attend_ms = time_ms(lambda: attend(q, k, v, index))["ms"]
     index = None
     o = sparse_attention(q, k, v, method=method, config=cfg)
     err = _rel(o, dense_out)
     o = None
     t = time_ms(lambda: sparse_attention(q, k, v, method=method, config=cfg))
     torch.cuda.empty_cache()
-    return {"e2e_ms": t["ms"], "speedup": dense_ms / t["ms"], "density": density, "rel_err": err,
-            "peak_mib": t["peak_mib"]}
+    return {"e2e_ms": t["ms"], "speedup": dense_ms / t["ms"], "select_ms": select_ms, "attend_ms": attend_ms,
+            "density": density, "rel_err": err, "peak_mib": t["peak_mib"]}
 
 
-def bench_seed(L, seed, targets, log) -> list[dict]:
+def bench_seed(L, seed, targets, log, methods=("xattention", "minference")) -> list[dict]:
     name = "L" if seed is None else seed
     seed = L if seed is None else seed
     rows = []
@@ -195,9 +202,17 @@ def bench_seed(L, seed, targets, log) -> list[dict]:
     rows.append({**base, "method": "dense_cudnn", "config": "cuDNN SDPA", "e2e_ms": dense_ms, "speedup": 1.0})
     log(f"seed {name}: cuDNN {dense_ms:.2f} ms")
 
-    # ---- XAttention -------------------------------------------------------------------------------
-    t0 = time.perf_counter()
     qc, kc, _ = llm_like_qkv(1, HEADS, KV_HEADS, L, HEAD_DIM, device=DEVICE, seed=seed + HELD_OUT, heads_seed=seed)
+    if "xattention" in methods:
+        rows += _xattention_rows(q, k, v, qc, kc, L, base, dense_out, dense_ms, targets, log)
+    if "minference" in methods:
+        rows += _minference_rows(q, k, v, qc, kc, base, dense_out, dense_ms, targets, log)
+    return rows
+
+
+def _xattention_rows(q, k, v, qc, kc, L, base, dense_out, dense_ms, targets, log) -> list[dict]:
+    rows = []
+    t0 = time.perf_counter()
     cal = xattention_curve(qc, kc)
     cal.pop("exact")
     ev = xattention_curve(q, k)
@@ -226,14 +241,17 @@ def bench_seed(L, seed, targets, log) -> list[dict]:
                  thresholds=taus)
         rows.append({**base, "method": "xattention", "config": label, **r})
         log(f"  xattention {label}: {r['e2e_ms']:.2f} ms ({r['speedup']:.2f}x), density {100 * r['density']:.1f}%, "
-            f"recall {r['recall']:.3f} (calibration {r['calibration_recall']:.3f}), err {r['rel_err']:.3f}")
+            f"recall {r['recall']:.3f} (calibration {r['calibration_recall']:.3f}), err {r['rel_err']:.3f}; "
+            f"select {r['select_ms']:.2f} + attend {r['attend_ms']:.2f} ms")
     cal = ev = None
     torch.cuda.empty_cache()
+    return rows
 
-    # ---- MInference -------------------------------------------------------------------------------
+
+def _minference_rows(q, k, v, qc, kc, base, dense_out, dense_ms, targets, log) -> list[dict]:
+    rows, base = [], {**base, "candidates": "extended" if CANDIDATES is EXTENDED else "default"}
     t0 = time.perf_counter()
     rc, cc = measure_candidates(qc, kc, CANDIDATES, last_q=64, block_size=MINF_BLOCK)
-    qc = kc = None
     torch.cuda.empty_cache()
     re_, ce = measure_candidates(q, k, CANDIDATES, last_q=64, block_size=MINF_BLOCK)
     log(f"  minference candidates measured ({time.perf_counter() - t0:.0f} s)")
@@ -252,10 +270,11 @@ def bench_seed(L, seed, targets, log) -> list[dict]:
         r = run_method(q, k, v, "minference", cfg, dense_out, dense_ms)
         r.update(recall=pick(re_.T, choice).mean().item(), recall_min_head=pick(re_.T, choice).min().item(),
                  calibration_recall=pick(rc.T, choice).mean().item(), cost=pick(ce.T, choice).mean().item(),
-                 patterns={str(p): sum(x == p for x in patterns) for p in {str(p) for p in patterns}})
+                 patterns={p: sum(str(x) == p for x in patterns) for p in sorted({str(x) for x in patterns})})
         rows.append({**base, "method": "minference", "config": label, **r})
         log(f"  minference {label}: {r['e2e_ms']:.2f} ms ({r['speedup']:.2f}x), density {100 * r['density']:.1f}%, "
-            f"recall {r['recall']:.3f} (calibration {r['calibration_recall']:.3f}), err {r['rel_err']:.3f}")
+            f"recall {r['recall']:.3f} (calibration {r['calibration_recall']:.3f}), err {r['rel_err']:.3f}; "
+            f"select {r['select_ms']:.2f} + attend {r['attend_ms']:.2f} ms")
     return rows
 
 
@@ -280,9 +299,15 @@ def main(argv=None) -> int:
     ap.add_argument("--length", type=int, default=131072)
     ap.add_argument("--seeds", default="L,1,2", help="evaluation seeds of llm_like_qkv (L = the length)")
     ap.add_argument("--targets", default="0.9,0.95", help="exact-mass targets of the calibrated configs")
+    ap.add_argument("--methods", default="xattention,minference", help="comma-separated: xattention, minference")
+    ap.add_argument("--candidates", choices=("default", "extended"), default="default",
+                    help="MInference candidates: CANDIDATES, or EXTENDED (finer steps at both ends)")
     ap.add_argument("--out", required=True, help="JSON path (a .md table is written next to it)")
     args = ap.parse_args(argv)
     seeds = parse_seeds(args.seeds)
+    global CANDIDATES
+    if args.candidates == "extended":
+        CANDIDATES = EXTENDED
     targets = [float(t) for t in args.targets.split(",")]
 
     def log(msg):
@@ -292,12 +317,12 @@ def main(argv=None) -> int:
     log(f"correctness gate: {'PASS' if gate['passed'] else 'FAIL'} {json.dumps(gate)}")
     rows = []
     for seed in seeds:
-        rows += bench_seed(args.length, seed, targets, log)
+        rows += bench_seed(args.length, seed, targets, log, methods=args.methods.split(","))
     record = {"machine": machine_record(), "script": "benchmarks/bench_calibrated_methods.py",
               "input": f"llm_like_qkv, B=1, {HEADS}/{KV_HEADS} heads, D={HEAD_DIM}, bf16, causal; calibration "
                        f"prompt seed + {HELD_OUT} with the evaluation seed's heads (heads_seed)",
               "xattention": {"stride": XATTN_STRIDE, "block_size": XATTN_BLOCK, "candidates": list(DEFAULT_CANDIDATES)},
-              "minference": {"block_size": MINF_BLOCK, "last_q": 64, "budget": BUDGET,
+              "minference": {"block_size": MINF_BLOCK, "last_q": 64, "budget": BUDGET, "candidate_set": args.candidates,
                              "candidates": [c.as_list() for c in CANDIDATES]},
               "targets": targets, "gate": gate, "records": rows}
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)

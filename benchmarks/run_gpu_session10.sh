@@ -11,4 +11,9 @@ source "$(dirname "$0")/gpu_steps.sh"
 # same synthetic model), 128K, seeds L, 1, 2, against cuDNN in the same process.
 TAIL=40 step calibrated 590 python3 benchmarks/bench_calibrated_methods.py --length 131072 --seeds L,1,2 \
   --out "$OUT/calibrated-methods-${CAL_RUN:-run20}.json"
+# Run 20c: MInference only, select / attend split, the run's candidates and the extended set.
+TAIL=24 step minf-split 400 python3 benchmarks/bench_calibrated_methods.py --length 131072 --seeds L,1,2 \
+  --methods minference --out "$OUT/calibrated-minference-run20c.json"
+TAIL=24 step minf-extended 400 python3 benchmarks/bench_calibrated_methods.py --length 131072 --seeds L,1,2 \
+  --methods minference --candidates extended --out "$OUT/calibrated-minference-extended-run20c.json"
 printf '%s\n' "${summary[@]}"
