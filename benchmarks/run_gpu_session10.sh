@@ -16,4 +16,7 @@ TAIL=24 step minf-split 400 python3 benchmarks/bench_calibrated_methods.py --len
   --methods minference --out "$OUT/calibrated-minference-run20c.json"
 TAIL=24 step minf-extended 400 python3 benchmarks/bench_calibrated_methods.py --length 131072 --seeds L,1,2 \
   --methods minference --candidates extended --out "$OUT/calibrated-minference-extended-run20c.json"
+# Run 20d: the mixed-pattern selection's parts and top kernels.
+TAIL=40 step minf-select-profile 200 python3 benchmarks/profile_minference_select.py \
+  --out "$OUT/minference-select-profile-${PROF_RUN:-run20d}.json"
 printf '%s\n' "${summary[@]}"
