@@ -179,14 +179,17 @@ def block_sparse_select_fast(q: torch.Tensor, k: torch.Tensor, *, top_k, block_s
     H, G, bs, device = len(heads), Hq // Hkv, block_size, q.device
     top = per_head_sizes("top_k", top_k, H, allow_zero=True)
     nq, nk = cdiv(Lq, bs), cdiv(Lk, bs)
-    q_sel = q if heads == list(range(Hq)) else q.index_select(1, _device_ints(tuple(heads), device))
-    q_pool = block_mean_pool(q_sel, bs)  # [B, H, nq, D]
+    q_pool = _block_mean_pool(q, bs)  # [B, Hq, nq, D] fp32 (pooled, then the heads: no copy of q)
+    if heads != list(range(Hq)):
+        q_pool = q_pool.index_select(1, _device_ints(tuple(heads), device))
     kv = _device_ints(tuple(h // G for h in heads), device)
-    k_pool_t = block_mean_pool(k, bs).index_select(1, kv).transpose(-1, -2)  # [B, H, D, nk] (pooled: small)
+    k_pool_t = _block_mean_pool(k, bs).index_select(1, kv).transpose(-1, -2)  # [B, H, D, nk]
     width_top = min(max(max(top), 1), nk)
     limit = _device_ints(tuple(top), device)[:, None, None]  # [H, 1, 1]
     first, last = diagonal_block_range(Lq, Lk, bs, bs, device=device)
-    forced = torch.stack([torch.zeros_like(first), first, last], dim=-1)  # [nq, 3]
+    # Block numbers fit int16 up to 2M tokens at 64-blocks: a 16-bit radix sort is 4x shorter than int64's.
+    small = torch.int16 if nk < 2 ** 15 - 1 else torch.int32
+    forced = torch.stack([torch.zeros_like(first), first, last], dim=-1).to(small)  # [nq, 3]
     width = min(width_top + 3, nk)
     indices = torch.empty(B, H, nq, width, dtype=torch.int32, device=device)
     counts = torch.empty(B, H, nq, dtype=torch.int32, device=device)
@@ -199,13 +202,33 @@ def block_sparse_select_fast(q: torch.Tensor, k: torch.Tensor, *, top_k, block_s
             scores = scores.masked_fill(cols > last[qb0:qb1, None], float("-inf"))
         values, picked = torch.topk(scores, width_top, dim=-1, sorted=True)
         keep = (torch.arange(width_top, device=device) < limit) & (values > float("-inf"))
-        cand = torch.cat([torch.where(keep, picked, nk), forced[qb0:qb1].expand(B, H, -1, -1)], dim=-1)
+        cand = torch.cat([torch.where(keep, picked, nk).to(small), forced[qb0:qb1].expand(B, H, -1, -1)], dim=-1)
         cand = torch.sort(cand, dim=-1).values
-        dup = torch.cat([torch.zeros_like(cand[..., :1], dtype=torch.bool), cand[..., 1:] == cand[..., :-1]], -1)
-        cand = torch.sort(torch.where(dup, nk, cand), dim=-1).values[..., :width]
-        indices[:, :, qb0:qb1] = torch.where(cand < nk, cand, -1).to(torch.int32)
-        counts[:, :, qb0:qb1] = (cand < nk).sum(-1, dtype=torch.int32)
+        # Drop repeats and the "none" marker nk, keeping ascending order: a prefix sum places each
+        # kept block; the others go to a spare last column (no second sort).
+        first_seen = torch.ones_like(cand, dtype=torch.bool)
+        first_seen[..., 1:] = cand[..., 1:] != cand[..., :-1]
+        valid = first_seen & (cand < nk)
+        place = torch.where(valid, valid.cumsum(-1) - 1, width)
+        row = torch.full((*cand.shape[:-1], width + 1), -1, dtype=torch.int32, device=device)
+        row.scatter_(-1, place, cand.to(torch.int32))
+        indices[:, :, qb0:qb1] = row[..., :width]
+        counts[:, :, qb0:qb1] = valid.sum(-1, dtype=torch.int32)
     return BlockIndex(indices, counts, bs, bs, Lq, Lk)
+
+
+def _block_mean_pool(x: torch.Tensor, block_size: int) -> torch.Tensor:
+    """``reference.block_mean_pool`` without its fp32 copy of ``x``: the block sums accumulate in fp32
+    straight from bf16/fp16 (``sum(dtype=)``), the partial last block on its own."""
+    B, H, L, D = x.shape
+    full = L // block_size
+    parts = []
+    if full:
+        parts.append(x[:, :, :full * block_size].reshape(B, H, full, block_size, D).sum(3, dtype=torch.float32)
+                     / block_size)
+    if full * block_size < L:
+        parts.append(x[:, :, full * block_size:].sum(2, keepdim=True, dtype=torch.float32) / (L - full * block_size))
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)
 
 
 def _block_sparse(q, k, top_k, config: MInferenceConfig, causal: bool, heads=None) -> BlockIndex:
@@ -251,8 +274,10 @@ def _select_head_patterns(q, k, config: MInferenceConfig, causal: bool):
         sizes = [(v, s) if p == "vertical_and_slash" else (1, 1) for p, v, s in patterns]
         vs = _vertical_and_slash(q, k, [v for v, _ in sizes], [s for _, s in sizes], config, causal)
         width = max([vs.range_starts.shape[-1]] + [i.indices.shape[-1] for _, i in parts])
-        starts = torch.nn.functional.pad(vs.range_starts, (0, width - vs.range_starts.shape[-1]), value=-1)
-        counts, columns, column_counts = vs.range_counts.clone(), vs.columns.clone(), vs.column_counts.clone()
+        starts = vs.range_starts  # the selection's own tensors: written in place below
+        if width > starts.shape[-1]:
+            starts = torch.nn.functional.pad(starts, (0, width - starts.shape[-1]), value=-1)
+        counts, columns, column_counts = vs.range_counts, vs.columns, vs.column_counts
     else:
         nq = -(-Lq // bs)
         width = max(i.indices.shape[-1] for _, i in parts)
