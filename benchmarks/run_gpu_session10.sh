@@ -15,7 +15,9 @@ TAIL=40 step calibrated 590 python3 benchmarks/bench_calibrated_methods.py --len
 TAIL=24 step minf-split 400 python3 benchmarks/bench_calibrated_methods.py --length 131072 --seeds L,1,2 \
   --methods minference --out "$OUT/calibrated-minference-run20c.json"
 TAIL=24 step minf-extended 400 python3 benchmarks/bench_calibrated_methods.py --length 131072 --seeds L,1,2 \
-  --methods minference --candidates extended --out "$OUT/calibrated-minference-extended-run20c.json"
+  --methods minference --candidates extended --out "$OUT/calibrated-minference-extended-${EXT_RUN:-run20c}.json"
+# GPU tests of MInference (selection changed in run 20e).
+TAIL=6 step minf-gputests 300 python3 -m pytest -q -m gpu tests/test_minference.py tests/test_head_chunks.py -k "not embedded_model"
 # Run 20d: the mixed-pattern selection's parts and top kernels.
 TAIL=40 step minf-select-profile 200 python3 benchmarks/profile_minference_select.py \
   --out "$OUT/minference-select-profile-${PROF_RUN:-run20d}.json"
