@@ -161,9 +161,16 @@ def test_out_buffer_is_checked():
     assert (buf[:, 1:3] - ref).abs().max() < 1e-4
 
 
+# A per-head mix like a searched table's at 128K (run 20e): block-sparse, vertical-slash in one group.
+MIXED_128K = ((("block_sparse", 64, 0),) * 12 + (("vertical_and_slash", 1024, 1024),) * 4
+              + (("block_sparse", 256, 0),) * 8 + (("a_shape", 128, 2048),) * 8)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("method,options", [("xattention", {}), ("flexprefill", {}), ("minference", {}),
                                             ("minference", dict(vertical_size=512, slash_size=512)),
+                                            ("minference", dict(pattern="block_sparse", top_k=256)),
+                                            ("minference", dict(head_patterns=MIXED_128K)),
                                             ("streaming", {}), ("headmask", dict(full_heads=[True, False] * 4))])
 def test_gpu_peak_memory_at_128k_is_within_budget(method, options):
     """BENCHMARKS.md: at 128K a call holds at most 10% of the q + k + v bytes beyond its output."""

@@ -38,7 +38,7 @@ import torch
 from ..index import BlockIndex, VerticalSlashIndex, cdiv, diagonal_block_range
 from ..reference.minference import (a_shape_select, adaptive_sizes, block_mean_pool, minference_select,
                                    per_head_sizes, selection_sizes)
-from ..reference.xattention import CHUNK_ELEMENTS, check_qk
+from ..reference.xattention import check_qk
 from ..validation import check_block_size, check_choice, check_positive_int, check_qkv, check_unit_interval
 from . import register_method
 
@@ -194,12 +194,12 @@ def block_sparse_select_fast(q: torch.Tensor, k: torch.Tensor, *, top_k, block_s
     indices = torch.empty(B, H, nq, width, dtype=torch.int32, device=device)
     counts = torch.empty(B, H, nq, dtype=torch.int32, device=device)
     cols = torch.arange(nk, device=device)
-    blocks_per_chunk = max(1, CHUNK_ELEMENTS // (B * H * nk))
+    blocks_per_chunk = max(1, BLOCK_SPARSE_CHUNK_ELEMENTS // (B * H * nk))
     for qb0 in range(0, nq, blocks_per_chunk):
         qb1 = min(nq, qb0 + blocks_per_chunk)
-        scores = torch.matmul(q_pool[:, :, qb0:qb1], k_pool_t) / math.sqrt(D)  # [B, H, c, nk]
+        scores = torch.matmul(q_pool[:, :, qb0:qb1], k_pool_t).div_(math.sqrt(D))  # [B, H, c, nk]
         if causal:
-            scores = scores.masked_fill(cols > last[qb0:qb1, None], float("-inf"))
+            scores.masked_fill_(cols > last[qb0:qb1, None], float("-inf"))
         values, picked = torch.topk(scores, width_top, dim=-1, sorted=True)
         keep = (torch.arange(width_top, device=device) < limit) & (values > float("-inf"))
         cand = torch.cat([torch.where(keep, picked, nk).to(small), forced[qb0:qb1].expand(B, H, -1, -1)], dim=-1)
@@ -215,6 +215,12 @@ def block_sparse_select_fast(q: torch.Tensor, k: torch.Tensor, *, top_k, block_s
         indices[:, :, qb0:qb1] = row[..., :width]
         counts[:, :, qb0:qb1] = valid.sum(-1, dtype=torch.int32)
     return BlockIndex(indices, counts, bs, bs, Lq, Lk)
+
+
+# Pooled scores per chunk of block_sparse_select_fast (16 MiB of fp32): its scratch stays a small
+# part of the memory budget (``index_bytes``) at 128K.
+BLOCK_SPARSE_CHUNK_ELEMENTS = 1 << 22
+_POOL_HEAD_DIM = 128  # the head dim index_bytes assumes for the pooled q / k (it is not told D)
 
 
 def _block_mean_pool(x: torch.Tensor, block_size: int) -> torch.Tensor:
@@ -270,7 +276,26 @@ def _select_head_patterns(q, k, config: MInferenceConfig, causal: bool):
         heads = [h for h, e in enumerate(patterns) if e == ("a_shape", sink, window)]
         parts.append((heads, a_shape_select(Lq, Lk, B, len(heads), sink=sink, window=window, block_size=bs,
                                             device=q.device)))
-    if "vertical_and_slash" in kinds:
+    G = Hq // k.shape[1]
+    vs_heads = [h for h, (p, _, _) in enumerate(patterns) if p == "vertical_and_slash"]
+    g0, g1 = (vs_heads[0] // G, vs_heads[-1] // G + 1) if vs_heads else (0, 0)
+    if vs_heads and (g0, g1) != (0, k.shape[1]):
+        # Vertical-slash heads within a few KV groups: estimate on those groups only (views of q and
+        # k, no copy), the span's other heads at the smallest sizes; the block patterns overwrite them.
+        sizes = [(v, s) if p == "vertical_and_slash" else (1, 1) for p, v, s in patterns[g0 * G:g1 * G]]
+        vs = _vertical_and_slash(q[:, g0 * G:g1 * G], k[:, g0:g1], [v for v, _ in sizes], [s for _, s in sizes],
+                                 config, causal)
+        nq = -(-Lq // bs)
+        width = max([vs.range_starts.shape[-1]] + [i.indices.shape[-1] for _, i in parts])
+        starts = torch.full((B, Hq, nq, width), -1, dtype=torch.int32, device=q.device)
+        starts[:, g0 * G:g1 * G, :, :vs.range_starts.shape[-1]] = vs.range_starts
+        counts = torch.zeros(B, Hq, nq, dtype=torch.int32, device=q.device)
+        counts[:, g0 * G:g1 * G] = vs.range_counts
+        columns = torch.full((B, Hq, nq, vs.columns.shape[-1]), -1, dtype=torch.int32, device=q.device)
+        columns[:, g0 * G:g1 * G] = vs.columns
+        column_counts = torch.zeros(B, Hq, nq, dtype=torch.int32, device=q.device)
+        column_counts[:, g0 * G:g1 * G] = vs.column_counts
+    elif vs_heads:
         sizes = [(v, s) if p == "vertical_and_slash" else (1, 1) for p, v, s in patterns]
         vs = _vertical_and_slash(q, k, [v for v, _ in sizes], [s for _, s in sizes], config, causal)
         width = max([vs.range_starts.shape[-1]] + [i.indices.shape[-1] for _, i in parts])
@@ -560,6 +585,7 @@ def index_bytes(config: MInferenceConfig, batch: int, q_heads: int, q_len: int, 
         else:
             patterns = (("vertical_and_slash", config.vertical_size, config.slash_size),)
     width_r = width_c = 1
+    scratch = 0
     for pattern, a, b in set(patterns):
         if pattern == "vertical_and_slash":
             nv, ns = selection_sizes(a, b, k_len, k_len)
@@ -567,8 +593,14 @@ def index_bytes(config: MInferenceConfig, batch: int, q_heads: int, q_len: int, 
         elif pattern == "a_shape":
             width_r = max(width_r, min(nk, cdiv(a, bs) + cdiv(b, bs) + 2))
         else:
-            width_r = max(width_r, min(nk, a))
-    return 4 * batch * q_heads * (nq * (width_r + width_c + 2) + 4 * k_len)
+            width_r = max(width_r, min(nk, a + 3))
+            # block_sparse_select_fast: fp32 pooled q and k (k per query head), one chunk of fp32
+            # scores, and per chunk row its top-k values / indices, candidates, sort and prefix sums
+            # (~40 bytes per candidate).
+            rows = min(batch * q_heads * nq, max(1, BLOCK_SPARSE_CHUNK_ELEMENTS // nk))
+            pools = 4 * batch * _POOL_HEAD_DIM * (2 * q_heads * nq + q_heads * nk)
+            scratch = max(scratch, pools + 4 * rows * nk + 40 * rows * min(nk, a + 3))
+    return 4 * batch * q_heads * (nq * (width_r + width_c + 2) + 4 * k_len) + scratch
 
 
 def head_slice(config: MInferenceConfig, start: int, stop: int, group: int) -> MInferenceConfig:
