@@ -21,4 +21,7 @@ TAIL=6 step minf-gputests 300 python3 -m pytest -q -m gpu tests/test_minference.
 # Run 20d: the mixed-pattern selection's parts and top kernels.
 TAIL=40 step minf-select-profile 200 python3 benchmarks/profile_minference_select.py \
   --out "$OUT/minference-select-profile-${PROF_RUN:-run20d}.json"
+# Run 20g: seed 1 only (the device time left), MInference, extended candidates.
+TAIL=14 step minf-seed1 300 python3 benchmarks/bench_calibrated_methods.py --length 131072 --seeds 1 \
+  --methods minference --candidates extended --targets 0.9 --out "$OUT/calibrated-minference-extended-seed1-run20g.json"
 printf '%s\n' "${summary[@]}"
