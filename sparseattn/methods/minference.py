@@ -194,7 +194,7 @@ def block_sparse_select_fast(q: torch.Tensor, k: torch.Tensor, *, top_k, block_s
     indices = torch.empty(B, H, nq, width, dtype=torch.int32, device=device)
     counts = torch.empty(B, H, nq, dtype=torch.int32, device=device)
     cols = torch.arange(nk, device=device)
-    blocks_per_chunk = max(1, BLOCK_SPARSE_HEAD_ELEMENTS // nk)  # scratch grows with the heads (head chunks bound it)
+    blocks_per_chunk = max(1, BLOCK_SPARSE_CHUNK_ELEMENTS // (B * H * nk))
     for qb0 in range(0, nq, blocks_per_chunk):
         qb1 = min(nq, qb0 + blocks_per_chunk)
         scores = torch.matmul(q_pool[:, :, qb0:qb1], k_pool_t).div_(math.sqrt(D))  # [B, H, c, nk]
@@ -217,11 +217,9 @@ def block_sparse_select_fast(q: torch.Tensor, k: torch.Tensor, *, top_k, block_s
     return BlockIndex(indices, counts, bs, bs, Lq, Lk)
 
 
-# Pooled scores per head and chunk of block_sparse_select_fast (8 MiB of fp32 a head: 2 chunks at 128K
-# on 64-blocks). Per head, so that ``index_bytes`` grows with the heads and the head chunks of
-# ``sparse_attention`` bound it; few chunks, because each costs ~15 launches (2^22 elements for all
-# heads made the selection host-bound, 3x slower: run 20f).
-BLOCK_SPARSE_HEAD_ELEMENTS = 1 << 21
+# Pooled scores per chunk of block_sparse_select_fast (16 MiB of fp32): its scratch stays a small
+# part of the memory budget (``index_bytes``) at 128K.
+BLOCK_SPARSE_CHUNK_ELEMENTS = 1 << 22
 _POOL_HEAD_DIM = 128  # the head dim index_bytes assumes for the pooled q / k (it is not told D)
 
 
@@ -599,7 +597,7 @@ def index_bytes(config: MInferenceConfig, batch: int, q_heads: int, q_len: int, 
             # block_sparse_select_fast: fp32 pooled q and k (k per query head), one chunk of fp32
             # scores, and per chunk row its top-k values / indices, candidates, sort and prefix sums
             # (~40 bytes per candidate).
-            rows = batch * q_heads * min(nq, max(1, BLOCK_SPARSE_HEAD_ELEMENTS // nk))
+            rows = min(batch * q_heads * nq, max(1, BLOCK_SPARSE_CHUNK_ELEMENTS // nk))
             pools = 4 * batch * _POOL_HEAD_DIM * (2 * q_heads * nq + q_heads * nk)
             scratch = max(scratch, pools + 4 * rows * nk + 40 * rows * min(nk, a + 3))
     return 4 * batch * q_heads * (nq * (width_r + width_c + 2) + 4 * k_len) + scratch
