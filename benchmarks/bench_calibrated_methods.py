@@ -37,6 +37,7 @@ computed pairs) against the index the method builds. If it fails, no speedups ar
 
     python benchmarks/bench_calibrated_methods.py --out /tmp/out/calibrated-methods.json
     python benchmarks/bench_calibrated_methods.py --length 32768 --seeds L --targets 0.9
+    python benchmarks/bench_calibrated_methods.py --plot A.json B.json --out calibrated-methods.png
 """
 
 from __future__ import annotations
@@ -294,6 +295,51 @@ def table(rows, gate_ok) -> str:
     return "\n".join(lines)
 
 
+def plot(paths, out_png) -> str:
+    """Speedup against the exact mass kept on the evaluation input, one point per (config, seed),
+    from one or more result JSONs of this script (later files override earlier ones per method)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = {}
+    device = None
+    for path in paths:
+        with open(path) as f:
+            doc = json.load(f)
+        device = doc["machine"].get("device", device)
+        methods = {r["method"] for r in doc["records"] if r["method"] in ("xattention", "minference")}
+        rows = {key: r for key, r in rows.items() if key[0] not in methods}
+        rows.update({(r["method"], r["config"], r["seed"]): r for r in doc["records"] if r["method"] in methods})
+    fig, ax = plt.subplots(figsize=(8, 5.5))
+    colors = {"xattention": "tab:blue", "minference": "tab:orange"}
+    markers = {"L": "o", 1: "s", 2: "^"}
+    for (method, config, seed), r in sorted(rows.items(), key=lambda kv: str(kv[0])):
+        calibrated = "held-out" in config
+        ax.scatter(r["recall"], r["speedup"], color=colors[method], marker=markers.get(seed, "x"),
+                   facecolors=colors[method] if calibrated else "none", s=45)
+        if seed == "L":
+            ax.annotate(config.replace(" (held-out)", "*"), (r["recall"], r["speedup"]), fontsize=6,
+                        xytext=(3, 2), textcoords="offset points")
+    ax.axhline(6, color="gray", lw=0.8, ls="--")
+    ax.set_xlabel("exact attention mass kept on the evaluation input (mean over heads)")
+    ax.set_ylabel("speedup vs cuDNN dense, end to end")
+    ax.set_yscale("log")
+    ticks = matplotlib.ticker.FuncFormatter(lambda y, _: f"{y:g}x")
+    ax.yaxis.set_major_formatter(ticks)
+    ax.yaxis.set_minor_formatter(ticks)
+    ax.set_title(f"128K, LLM-like input, seeds L (o) / 1 (s) / 2 (^); filled = calibrated on a held-out prompt\n{device}",
+                 fontsize=9)
+    for method, color in colors.items():
+        ax.scatter([], [], color=color, label=method)
+    ax.legend(loc="upper right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=130)
+    plt.close(fig)
+    return out_png
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--length", type=int, default=131072)
@@ -302,8 +348,13 @@ def main(argv=None) -> int:
     ap.add_argument("--methods", default="xattention,minference", help="comma-separated: xattention, minference")
     ap.add_argument("--candidates", choices=("default", "extended"), default="default",
                     help="MInference candidates: CANDIDATES, or EXTENDED (finer steps at both ends)")
-    ap.add_argument("--out", required=True, help="JSON path (a .md table is written next to it)")
+    ap.add_argument("--out", required=True, help="JSON path (a .md table is written next to it); with --plot, the PNG")
+    ap.add_argument("--plot", nargs="+", default=None, metavar="JSON",
+                    help="no run: plot these result files (later ones replace a method's points) to --out")
     args = ap.parse_args(argv)
+    if args.plot:
+        print(plot(args.plot, args.out))
+        return 0
     seeds = parse_seeds(args.seeds)
     global CANDIDATES
     if args.candidates == "extended":
