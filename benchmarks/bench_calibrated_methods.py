@@ -92,7 +92,8 @@ def _rel(a, b) -> float:
 
 
 def oracle_density(exact: torch.Tensor, q_len: int, coverage: float) -> float:
-    """Mean over heads of the fewest blocks per row holding ``coverage`` of each row's exact mass, over causal blocks."""
+    """Mean over heads of the fewest blocks per row holding ``coverage`` of each row's exact mass,
+    as a fraction of the causal blocks."""
     B, H, nq, nk = exact.shape
     allowed = causal_block_mask(q_len, q_len, XATTN_BLOCK, XATTN_BLOCK, True, device=exact.device)
     need = 0.0
@@ -165,8 +166,8 @@ def correctness_gate() -> dict:
     is_vs = torch.tensor([CANDIDATES[i].pattern == "vertical_and_slash" for i in choice.tolist()], device=DEVICE)
     got_cost = pairs + torch.where(is_vs, estimation, 0.0)
     blocks = [CANDIDATES[i].pattern == "block_sparse" for i in choice.tolist()]
-    got_cost = torch.where(torch.tensor(blocks, device=DEVICE), pairs + math.ceil(L / MINF_BLOCK) ** 2 / (L * (L + 1) / 2),
-                           got_cost)
+    block_estimation = math.ceil(L / MINF_BLOCK) ** 2 / (L * (L + 1) / 2)
+    got_cost = torch.where(torch.tensor(blocks, device=DEVICE), pairs + block_estimation, got_cost)
     out["minference"] = {"out_rel_err": _rel(o, masked_reference(index.to_element_mask())),
                          "cost_bookkeeping_max_diff": (got_cost - want_cost).abs().max().item(),
                          "patterns": [CANDIDATES[i].as_list() for i in choice.tolist()]}
@@ -329,8 +330,8 @@ def plot(paths, out_png) -> str:
     ticks = matplotlib.ticker.FuncFormatter(lambda y, _: f"{y:g}x")
     ax.yaxis.set_major_formatter(ticks)
     ax.yaxis.set_minor_formatter(ticks)
-    ax.set_title(f"128K, LLM-like input, seeds L (o) / 1 (s) / 2 (^); filled = calibrated on a held-out prompt\n{device}",
-                 fontsize=9)
+    ax.set_title("128K, LLM-like input, seeds L (o) / 1 (s) / 2 (^); filled = calibrated on a held-out prompt\n"
+                 f"{device}", fontsize=9)
     for method, color in colors.items():
         ax.scatter([], [], color=color, label=method)
     ax.legend(loc="upper right", fontsize=8)

@@ -36,7 +36,7 @@ from typing import Any, Mapping
 import torch
 
 from ..index import BlockIndex, VerticalSlashIndex, cdiv, diagonal_block_range
-from ..reference.minference import (a_shape_select, adaptive_sizes, block_mean_pool, minference_select,
+from ..reference.minference import (a_shape_select, adaptive_sizes, minference_select,
                                    per_head_sizes, selection_sizes)
 from ..reference.xattention import check_qk
 from ..validation import check_block_size, check_choice, check_positive_int, check_qkv, check_unit_interval
