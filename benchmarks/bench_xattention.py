@@ -264,8 +264,9 @@ def main(argv=None):
     parser.add_argument("--fidelity-max-len", type=int, default=131072,
                         help="compare with the reference up to this length (it costs ~1 s at 128K)")
     parser.add_argument("--sweep", action="store_true", help="time estimation tile configs at the longest length")
-    parser.add_argument("--seed", type=int, default=0,
-                        help="seed of the LLM-like input; -1 draws seed L as `sparseattn bench methods` does")
+    parser.add_argument("--seed", type=int, default=-1,
+                        help="seed of the LLM-like input; -1 (default) draws seed L as `sparseattn bench methods` "
+                             "does (before session 10 the default was 0: xattention.json)")
     parser.add_argument("--tau-sweep", default="", help="comma-separated thresholds: density, e2e and output "
                                                          "error against dense for each (e.g. 0.8,0.85,0.9,0.95)")
     args = parser.parse_args(argv)
