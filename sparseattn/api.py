@@ -8,6 +8,8 @@ reference on a CPU (the Triton interpreter is for tests, far too slow for real i
 from __future__ import annotations
 
 import dataclasses
+import functools
+import inspect
 import logging
 import os
 from dataclasses import dataclass
@@ -155,15 +157,26 @@ def kv_heads_per_chunk(spec, cfg, q, k, v) -> int:
     """KV heads to select and attend together so that the index, the selection's per-head buffers and the
     attention's log-sum-exp stay within ``INDEX_BUDGET`` of the q + k + v bytes (or
     ``INDEX_BUDGET_FLOOR`` bytes, whichever is larger)."""
-    B, Hq, Lq, _ = q.shape
+    B, Hq, Lq, D = q.shape
     Hkv, Lk = k.shape[1], k.shape[2]
     if spec.index_bytes is None or Hkv == 1:
         return Hkv
-    total = spec.index_bytes(cfg, B, Hq, Lq, Lk) + 4 * B * Hq * Lq  # + the kernels' fp32 log-sum-exp
+    extra = {"head_dim": D} if _takes_keyword(spec.index_bytes, "head_dim") else {}
+    total = spec.index_bytes(cfg, B, Hq, Lq, Lk, **extra) + 4 * B * Hq * Lq  # + the kernels' fp32 log-sum-exp
     budget = max(INDEX_BUDGET * sum(t.numel() * t.element_size() for t in (q, k, v)), INDEX_BUDGET_FLOOR)
     if total <= budget:
         return Hkv
     return max(1, min(Hkv, int(budget // (total / Hkv))))
+
+
+@functools.lru_cache(maxsize=64)
+def _takes_keyword(fn, name: str) -> bool:
+    """Whether ``fn`` accepts the keyword ``name`` (hooks written before it existed do not)."""
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
+    return name in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
 
 
 def _needs_grad(*tensors) -> bool:

@@ -4,6 +4,8 @@ at most 10% of them beyond its output). Chunked and whole calls must give the sa
 densities; outputs are allocated NaN-filled (``SPARSEATTN_NAN_FILL=1``), so a head that no chunk
 writes fails the comparison."""
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -11,6 +13,7 @@ import sparseattn
 from sparseattn import api, sparse_attention
 from sparseattn.index import BlockIndex
 from sparseattn.methods import get_method
+from sparseattn.methods.minference import MInferenceConfig
 
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"  # CPU: kernels in the Triton interpreter
@@ -123,6 +126,31 @@ def test_register_method_checks_the_hooks():
         sparseattn.register_method("bad_hooks", lambda q, k, c, *, causal=True: None, index_bytes=3)
 
 
+def test_index_bytes_hooks_are_given_the_head_dim_if_they_take_it():
+    from sparseattn.methods import minference
+
+    seen = {}
+
+    def with_dim(config, batch, q_heads, q_len, k_len, *, head_dim):
+        seen["head_dim"] = head_dim
+        return 0
+
+    def without(config, batch, q_heads, q_len, k_len):  # a hook written before head_dim existed
+        seen["old"] = True
+        return 0
+
+    q = torch.empty(1, 8, 4096, 96, device="meta")
+    k = v = torch.empty(1, 4, 4096, 96, device="meta")
+    for hook in (with_dim, without):
+        spec = dataclasses.replace(get_method("minference"), index_bytes=hook)
+        assert api.kv_heads_per_chunk(spec, MInferenceConfig(), q, k, v) == 4
+    assert seen == {"head_dim": 96, "old": True}
+    # Block-sparse heads pool q and k in fp32, head_dim wide: the bound grows with it.
+    cfg = MInferenceConfig(pattern="block_sparse", top_k=64)
+    small, large = (minference.index_bytes(cfg, 1, 32, 131072, 131072, head_dim=d) for d in (64, 256))
+    assert large - small == 4 * 192 * (2 * 32 * 2048 + 32 * 2048)
+
+
 def test_budget_at_128k_on_meta_tensors():
     """Which built-in configs are chunked at the benchmark's shape (B=1, GQA 32/8, D=128, bf16, 128K)."""
     L = 131072
@@ -192,7 +220,6 @@ def test_gpu_peak_memory_at_128k_is_within_budget(method, options):
 def test_head_mask_chunks_never_mix_full_and_streaming_heads(monkeypatch):
     """``chunk_bounds``: with room for 2 KV heads per chunk, the mask [full, streaming, streaming] is
     cut as (0, 1), (1, 3): the full head alone (dense mode), the streaming heads together."""
-    import dataclasses
 
     monkeypatch.setenv("SPARSEATTN_BACKEND", "triton")
     monkeypatch.setenv("SPARSEATTN_NAN_FILL", "1")

@@ -35,7 +35,8 @@ class MethodSpec:
     """A registered method: its name, selector and (optional) config dataclass.
 
     ``index_bytes(config, batch, q_heads, q_len, k_len)``, when given, bounds the bytes the selector
-    holds for all heads (its index and any per-head buffers), before it runs; ``sparse_attention``
+    holds for all heads (its index and any per-head buffers), before it runs (a hook that also takes a
+    ``head_dim`` keyword is given the query's head dim); ``sparse_attention``
     then selects and attends whole GQA groups at a time when that would exceed its memory budget
     (``api.INDEX_BUDGET``).
     ``head_slice(config, start, stop, group)`` returns the config of query heads ``[start, stop)``,

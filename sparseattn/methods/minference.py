@@ -220,7 +220,6 @@ def block_sparse_select_fast(q: torch.Tensor, k: torch.Tensor, *, top_k, block_s
 # Pooled scores per chunk of block_sparse_select_fast (16 MiB of fp32): its scratch stays a small
 # part of the memory budget (``index_bytes``) at 128K.
 BLOCK_SPARSE_CHUNK_ELEMENTS = 1 << 22
-_POOL_HEAD_DIM = 128  # the head dim index_bytes assumes for the pooled q / k (it is not told D)
 
 
 def _block_mean_pool(x: torch.Tensor, block_size: int) -> torch.Tensor:
@@ -569,9 +568,11 @@ def Minference_prefill(query_states, key_states, value_states, vertical_size=100
                             last_q=last_q, head_patterns=head_patterns)
 
 
-def index_bytes(config: MInferenceConfig, batch: int, q_heads: int, q_len: int, k_len: int) -> int:
-    """Bytes ``select_blocks`` holds: the index, from the widths its builders allocate, and the
-    estimation's fp32 score rows (vertical and slash scores and their working copies, ``[B, H, Lk]`` each)."""
+def index_bytes(config: MInferenceConfig, batch: int, q_heads: int, q_len: int, k_len: int, *,
+                head_dim: int = 128) -> int:
+    """Bytes ``select_blocks`` holds: the index, from the widths its builders allocate, the
+    estimation's fp32 score rows (vertical and slash scores and their working copies, ``[B, H, Lk]``
+    each) and, for block-sparse heads, the fp32 pooled q / k (``head_dim`` wide) and score chunk."""
     bs = config.block_size
     nq, nk = cdiv(q_len, bs), cdiv(k_len, bs)
     patterns = config.head_patterns
@@ -598,7 +599,7 @@ def index_bytes(config: MInferenceConfig, batch: int, q_heads: int, q_len: int, 
             # scores, and per chunk row its top-k values / indices, candidates, sort and prefix sums
             # (~40 bytes per candidate).
             rows = min(batch * q_heads * nq, max(1, BLOCK_SPARSE_CHUNK_ELEMENTS // nk))
-            pools = 4 * batch * _POOL_HEAD_DIM * (2 * q_heads * nq + q_heads * nk)
+            pools = 4 * batch * head_dim * (2 * q_heads * nq + q_heads * nk)
             scratch = max(scratch, pools + 4 * rows * nk + 40 * rows * min(nk, a + 3))
     return 4 * batch * q_heads * (nq * (width_r + width_c + 2) + 4 * k_len) + scratch
 
