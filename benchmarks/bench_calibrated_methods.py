@@ -55,7 +55,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from sparseattn.allocation import allocate_mean  # noqa: E402
 from sparseattn.api import attend, sparse_attention  # noqa: E402
-from sparseattn.bench.inputs import llm_like_qkv, parse_seeds  # noqa: E402
+from sparseattn.bench.inputs import llm_like_qkv, oracle_density_from_mass, parse_seeds  # noqa: E402
 from sparseattn.bench.peers import DENSE_PEERS  # noqa: E402
 from sparseattn.bench.timing import machine_record, time_ms  # noqa: E402
 from sparseattn.calibrate import (DEFAULT_CANDIDATES, coverage_curve, estimated_block_mass,  # noqa: E402
@@ -89,20 +89,6 @@ EXTENDED = CANDIDATES + ([Candidate("vertical_and_slash", v, s) for v, s in
 
 def _rel(a, b) -> float:
     return ((a.float() - b.float()).norm() / b.float().norm()).item()
-
-
-def oracle_density(exact: torch.Tensor, q_len: int, coverage: float) -> float:
-    """Mean over heads of the fewest blocks per row holding ``coverage`` of each row's exact mass,
-    as a fraction of the causal blocks."""
-    B, H, nq, nk = exact.shape
-    allowed = causal_block_mask(q_len, q_len, XATTN_BLOCK, XATTN_BLOCK, True, device=exact.device)
-    need = 0.0
-    for r0 in range(0, nq, 64):
-        m = exact[:, :, r0:r0 + 64].double()
-        srt = m.sort(-1, descending=True).values
-        csum = srt.cumsum(-1)
-        need += ((csum < coverage * m.sum(-1, keepdim=True)).sum(-1) + 1).clamp(max=nk).double().sum().item()
-    return need / (B * H * allowed.sum().item())
 
 
 def xattention_curve(q, k, candidates=DEFAULT_CANDIDATES) -> dict:
@@ -219,7 +205,7 @@ def _xattention_rows(q, k, v, qc, kc, L, base, dense_out, dense_ms, targets, log
     cal.pop("exact")
     ev = xattention_curve(q, k)
     exact = ev.pop("exact")
-    oracle = {c: oracle_density(exact, L, c) for c in (0.9, 0.95)}
+    oracle = {c: oracle_density_from_mass(exact, L, L, XATTN_BLOCK, c) for c in (0.9, 0.95)}
     exact = None
     rows.append({**base, "method": "oracle", "config": "fewest 128-blocks per row", "density_90": oracle[0.9],
                  "density_95": oracle[0.95]})

@@ -35,6 +35,17 @@ def test_llm_like_is_seeded_and_structured():
     rand_q, rand_k = torch.randn_like(q), torch.randn_like(k)
     assert dens < 0.5 * oracle_density(rand_q, rand_k, 64, 0.9, query_blocks=8)
 
+def test_oracle_from_block_mass_equals_the_oracle():
+    from sparseattn.bench.inputs import oracle_density_from_mass
+    from sparseattn.calibrate import exact_block_mass
+
+    q, k, _ = llm_like_qkv(1, 4, 2, 1000, 32, device="cpu", dtype=torch.float32, seed=4)
+    mass = exact_block_mass(q, k, block_size=64)
+    for coverage in (0.9, 0.95):
+        want = oracle_density(q, k, 64, coverage)  # every query block, its own softmax
+        assert oracle_density_from_mass(mass, 1000, 1000, 64, coverage, rows_per_chunk=5) == pytest.approx(want, abs=1e-6)
+
+
 def test_llm_like_heads_seed_separates_model_from_prompt():
     kw = dict(device="cpu", dtype=torch.float32)
     own = llm_like_qkv(1, 4, 4, 512, 32, seed=5, **kw)

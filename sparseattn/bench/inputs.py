@@ -153,6 +153,34 @@ def parse_seeds(text: str) -> list[int | None]:
     return seeds
 
 
+def _blocks_needed(mass: torch.Tensor, coverage: float) -> torch.Tensor:
+    """Fewest entries along the last dim holding ``coverage`` of its sum (mass of one query block per key block)."""
+    mass = mass / mass.sum(-1, keepdim=True)
+    return (mass.sort(-1, descending=True).values.cumsum(-1) < coverage).sum(-1) + 1
+
+
+@torch.no_grad()
+def oracle_density_from_mass(block_mass: torch.Tensor, q_len: int, k_len: int, block_size: int,
+                             coverage: float = 0.9, *, rows_per_chunk: int = 64) -> float:
+    """``oracle_density`` over every query block, from an exact block mass already computed
+    (``calibrate.exact_block_mass``, `[B, Hq, nq, nk]`, causal): per query block the fewest key blocks
+    holding ``coverage`` of its mass, over all causal blocks of all heads.
+
+    Example:
+        >>> m = torch.tensor([[[[2.0, 0.0], [1.4, 0.6]]]])  # 2 query blocks of 2 rows
+        >>> oracle_density_from_mass(m, 4, 4, 2, 0.9)  # 1 + 2 blocks needed of 1 + 2 causal ones
+        1.0
+    """
+    from ..index import causal_block_mask
+
+    B, H, nq, nk = block_mass.shape
+    needed = 0
+    for r0 in range(0, nq, rows_per_chunk):
+        needed += _blocks_needed(block_mass[:, :, r0:r0 + rows_per_chunk].double(), coverage).sum().item()
+    allowed = causal_block_mask(q_len, k_len, block_size, block_size, True, device=block_mass.device).sum().item()
+    return needed / (B * H * allowed)
+
+
 @torch.no_grad()
 def oracle_density(q, k, block_size, coverage=0.9, *, query_blocks=None, seed=0):
     """Exact-attention oracle: mean fraction of causal blocks needed to cover ``coverage`` of each row's mass.
@@ -181,9 +209,7 @@ def oracle_density(q, k, block_size, coverage=0.9, *, query_blocks=None, seed=0)
         nkb = -(-r1 // block_size)
         pad = nkb * block_size - r1
         mass = torch.nn.functional.pad(p, (0, pad)).reshape(B, Hkv, G, r1 - r0, nkb, block_size).sum((-1, -3))
-        mass = mass / mass.sum(-1, keepdim=True)  # [B, Hkv, G, nkb]
-        sorted_mass = mass.sort(-1, descending=True).values.cumsum(-1)
-        needed = (sorted_mass < coverage).sum(-1) + 1
+        needed = _blocks_needed(mass, coverage)  # [B, Hkv, G]
         fractions.append((needed.float() / nkb).mean().item())
     # Weight rows by their number of causal blocks, as density is defined over all causal blocks.
     weights = [(-(-min(L, (r + 1) * block_size) // block_size)) for r in rows.tolist()]
