@@ -59,7 +59,7 @@ from sparseattn.bench.inputs import llm_like_qkv, oracle_density_from_mass, pars
 from sparseattn.bench.peers import DENSE_PEERS  # noqa: E402
 from sparseattn.bench.timing import machine_record, time_ms  # noqa: E402
 from sparseattn.calibrate import (DEFAULT_CANDIDATES, coverage_curve, estimated_block_mass,  # noqa: E402
-                                  exact_block_mass)
+                                  exact_block_mass, smallest_reaching)
 from sparseattn.index import causal_block_mask  # noqa: E402
 from sparseattn.methods import get_method  # noqa: E402
 from sparseattn.methods.minference import MInferenceConfig  # noqa: E402
@@ -101,13 +101,6 @@ def xattention_curve(q, k, candidates=DEFAULT_CANDIDATES) -> dict:
             "exact": exact}
 
 
-def per_head_thresholds(coverage: torch.Tensor, target: float, candidates=DEFAULT_CANDIDATES) -> torch.Tensor:
-    """`[Hq]` index into ``candidates``: the smallest threshold reaching ``target`` (the largest if none does)."""
-    reached = coverage >= target
-    return torch.where(reached.any(-1), reached.int().argmax(-1), torch.full_like(reached[:, 0], len(candidates) - 1,
-                                                                                   dtype=torch.long))
-
-
 def pick(values: torch.Tensor, choice: torch.Tensor) -> torch.Tensor:
     """``values [G, Hq]`` (candidate-major) or ``[Hq, G]`` -> per head the chosen entry."""
     return values.gather(-1, choice[:, None].to(values.device))[:, 0]
@@ -127,7 +120,7 @@ def correctness_gate() -> dict:
         return torch.nn.functional.scaled_dot_product_attention(q.float(), kk, vv, attn_mask=mask)
 
     curve = xattention_curve(q, k)
-    choice = per_head_thresholds(curve["coverage"], 0.9)
+    choice = smallest_reaching(curve["coverage"], 0.9)
     taus = torch.tensor([DEFAULT_CANDIDATES[i] for i in choice.tolist()], device=DEVICE)
     cfg = XAttentionConfig(threshold=taus, stride=XATTN_STRIDE, block_size=XATTN_BLOCK)
     index = get_method("xattention").select(q, k, cfg, causal=True)
@@ -215,7 +208,7 @@ def _xattention_rows(q, k, v, qc, kc, L, base, dense_out, dense_ms, targets, log
     xcfgs = [("tau 0.95 (default)", torch.full((HEADS,), grid.index(0.95), dtype=torch.long)),
              ("tau 0.9", torch.full((HEADS,), grid.index(0.9), dtype=torch.long))]
     for target in targets:
-        xcfgs.append((f"every head {target:g} (held-out)", per_head_thresholds(cal["coverage"], target)))
+        xcfgs.append((f"every head {target:g} (held-out)", smallest_reaching(cal["coverage"], target)))
         xcfgs.append((f"layer mean {target:g} (held-out)",
                       allocate_mean(cal["coverage"].T, cal["density"].T, target).cpu()))
     for label, choice in xcfgs:

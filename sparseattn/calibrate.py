@@ -75,9 +75,9 @@ from .reference.xattention import check_qk, xattention_block_mass
 logger = logging.getLogger("sparseattn")
 
 __all__ = [
+    "ALLOCATIONS",
     "DEFAULT_CANDIDATES",
     "FORMAT",
-    "ALLOCATIONS",
     "STATISTICS",
     "VERSION",
     "add_profile_parser",
@@ -94,6 +94,7 @@ __all__ = [
     "run_profile",
     "save_xattention_thresholds",
     "sliding_window_layers",
+    "smallest_reaching",
     "summarize_fidelity",
     "thresholds_slug",
     "xattention_fidelity",
@@ -254,6 +255,19 @@ def coverage_curve(est_mass: torch.Tensor, exact_mass: torch.Tensor, candidates:
             "allowed": allowed.sum().double()}
 
 
+def smallest_reaching(coverage: torch.Tensor, target: float) -> torch.Tensor:
+    """Per entry of ``coverage [..., G]`` (monotone along the candidates), the index of the first
+    candidate reaching ``target``; the last candidate where none does. Long, ``coverage.shape[:-1]``.
+
+    Example:
+        >>> smallest_reaching(torch.tensor([[0.5, 0.9, 0.97], [0.2, 0.4, 0.6]]), 0.9).tolist()
+        [1, 2]
+    """
+    reached = coverage >= target
+    last = torch.full(reached.shape[:-1], reached.shape[-1] - 1, dtype=torch.long, device=coverage.device)
+    return torch.where(reached.any(-1), reached.long().argmax(-1), last)
+
+
 # ==================================================================================================
 # Profile
 # ==================================================================================================
@@ -406,7 +420,7 @@ def profile_xattention(model, tokenizer_or_ids, *, target_coverage: float = 0.95
     if dense_layers:  # not calibrated: they keep everything (threshold 1.0, and "dense" when loaded)
         stat[dense_layers], kept[dense_layers], allowed[dense_layers] = 1.0, 1.0, 1.0
     reached = stat >= target_coverage  # monotone in the candidate: a suffix of the grid
-    first = torch.where(reached.any(-1), reached.int().argmax(-1), torch.full(reached.shape[:2], G - 1))
+    first = smallest_reaching(stat, target_coverage)
     if allocation == "layer":
         from .allocation import allocate_mean
 

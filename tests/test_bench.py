@@ -43,7 +43,8 @@ def test_oracle_from_block_mass_equals_the_oracle():
     mass = exact_block_mass(q, k, block_size=64)
     for coverage in (0.9, 0.95):
         want = oracle_density(q, k, 64, coverage)  # every query block, its own softmax
-        assert oracle_density_from_mass(mass, 1000, 1000, 64, coverage, rows_per_chunk=5) == pytest.approx(want, abs=1e-6)
+        got = oracle_density_from_mass(mass, 1000, 1000, 64, coverage, rows_per_chunk=5)
+        assert got == pytest.approx(want, abs=1e-6)
 
 
 def test_llm_like_heads_seed_separates_model_from_prompt():
