@@ -84,8 +84,9 @@ def allocate_mean(recall: torch.Tensor, cost: torch.Tensor, target: float, *, al
     # Above this price every head takes its cheapest allowed candidate.
     span = (recall.max() - recall.min()).item()
     hi = 2.0 * max(span, 1e-12) / _min_positive_gap(cost)
-    if mean_recall(pick(hi)) >= target:
-        return pick(hi)
+    cheapest = pick(hi)
+    if mean_recall(cheapest) >= target:
+        return cheapest
     lo = 0.0
     for _ in range(iterations):
         mid = 0.5 * (lo + hi)
