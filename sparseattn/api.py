@@ -161,7 +161,8 @@ def kv_heads_per_chunk(spec, cfg, q, k, v) -> int:
     Hkv, Lk = k.shape[1], k.shape[2]
     if spec.index_bytes is None or Hkv == 1:
         return Hkv
-    extra = {"head_dim": D} if _takes_keyword(spec.index_bytes, "head_dim") else {}
+    extra = {name: value for name, value in (("head_dim", D), ("kv_heads", Hkv))
+             if _takes_keyword(spec.index_bytes, name)}
     total = spec.index_bytes(cfg, B, Hq, Lq, Lk, **extra) + 4 * B * Hq * Lq  # + the kernels' fp32 log-sum-exp
     budget = max(INDEX_BUDGET * sum(t.numel() * t.element_size() for t in (q, k, v)), INDEX_BUDGET_FLOOR)
     if total <= budget:

@@ -126,7 +126,7 @@ def test_register_method_checks_the_hooks():
         sparseattn.register_method("bad_hooks", lambda q, k, c, *, causal=True: None, index_bytes=3)
 
 
-def test_index_bytes_hooks_are_given_the_head_dim_if_they_take_it():
+def test_index_bytes_hooks_are_given_the_head_dim_and_kv_heads_if_they_take_them():
     from sparseattn.methods import minference
 
     seen = {}
@@ -135,20 +135,25 @@ def test_index_bytes_hooks_are_given_the_head_dim_if_they_take_it():
         seen["head_dim"] = head_dim
         return 0
 
+    def with_both(config, batch, q_heads, q_len, k_len, **options):
+        seen["both"] = options
+        return 0
+
     def without(config, batch, q_heads, q_len, k_len):  # a hook written before head_dim existed
         seen["old"] = True
         return 0
 
     q = torch.empty(1, 8, 4096, 96, device="meta")
     k = v = torch.empty(1, 4, 4096, 96, device="meta")
-    for hook in (with_dim, without):
+    for hook in (with_dim, with_both, without):
         spec = dataclasses.replace(get_method("minference"), index_bytes=hook)
         assert api.kv_heads_per_chunk(spec, MInferenceConfig(), q, k, v) == 4
-    assert seen == {"head_dim": 96, "old": True}
-    # Block-sparse heads pool q and k in fp32, head_dim wide: the bound grows with it.
+    assert seen == {"head_dim": 96, "both": {"head_dim": 96, "kv_heads": 4}, "old": True}
+    # Block-sparse heads pool q and k in fp32, head_dim wide (q for 32 heads, k for 8), and hold one
+    # head's pools per chunk (a 128K head's 2048 x 2048 scores fill the chunk): the bound grows with D.
     cfg = MInferenceConfig(pattern="block_sparse", top_k=64)
-    small, large = (minference.index_bytes(cfg, 1, 32, 131072, 131072, head_dim=d) for d in (64, 256))
-    assert large - small == 4 * 192 * (2 * 32 * 2048 + 32 * 2048)
+    small, large = (minference.index_bytes(cfg, 1, 32, 131072, 131072, head_dim=d, kv_heads=8) for d in (64, 256))
+    assert large - small == 4 * 192 * (32 * 2048 + 8 * 2048 + 2048 + 2048)
 
 
 def test_budget_at_128k_on_meta_tensors():
@@ -165,6 +170,8 @@ def test_budget_at_128k_on_meta_tensors():
     assert per_chunk("xattention", block_size=64) == 2  # 512 MiB on 64-blocks
     assert per_chunk("minference") == 1  # the seed's sizes: ~760 MiB
     assert per_chunk("minference", vertical_size=512, slash_size=512) == 2  # 3 held 175 MiB on the H100
+    assert per_chunk("minference", pattern="block_sparse", top_k=64) == 8  # 76 MiB: pools + one head's scores
+    assert per_chunk("minference", pattern="block_sparse", top_k=256) == 8  # 124 MiB: a wider index
     assert per_chunk("streaming") == 8  # no index_bytes hook: never chunked
     half = [True, False] * 4
     assert per_chunk("headmask", full_heads=half) == 2  # a mixed mask's [B, Hq, nq, nk] index: 512 MiB

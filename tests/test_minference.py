@@ -19,7 +19,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sparseattn import Minference_prefill, sparse_attention
-from sparseattn.index import VerticalSlashIndex
+from sparseattn.index import BlockIndex, VerticalSlashIndex
 from sparseattn.kernels.minference_index import (
     NAN_FILL_ENV,
     last_query_scores_fast,
@@ -311,6 +311,67 @@ def test_block_sparse_fast_per_head_top_k_and_head_subset():
     for i, h in enumerate(heads):
         ref = block_sparse_select(q[:, h:h + 1], k[:, h // 2:h // 2 + 1], top_k=top[i], block_size=32)
         assert torch.equal(fast.to_mask()[:, i:i + 1], ref.to_mask())
+
+
+def assert_same_rows(fast, ref):
+    """Equal key blocks row for row, in the same (ascending) order; each side ``-1`` padded to its width."""
+    width = max(fast.indices.shape[-1], ref.indices.shape[-1])
+    pad = [torch.nn.functional.pad(i.indices.cpu(), (0, width - i.indices.shape[-1]), value=-1) for i in (fast, ref)]
+    assert torch.equal(*pad)
+    assert torch.equal(fast.counts.cpu(), ref.counts.cpu())
+
+
+def tied_qk(B, Hq, Hkv, Lq, Lk, D, seed):
+    """Integer-valued q and k with a constant first half of the keys: many pooled scores tie exactly,
+    so the top-k cut falls inside runs of equal scores."""
+    q, k, _ = make_qkv(B, Hq, Hkv, Lq, Lk, D, seed=seed)
+    q, k = q.round(), (0.5 * k).round()
+    k[:, :, :Lk // 2] = 1.0
+    return q, k
+
+
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "noncausal"])
+@pytest.mark.parametrize("ties", [False, True], ids=["distinct", "tied"])
+def test_block_sparse_triton_matches_reference(causal, ties, monkeypatch):
+    # The Triton selection kernel (interpreted on a CPU), on scores chunked by rows of one head
+    # (2 heads x 7 rows x 11 blocks > 64): Lq < Lk, a partial last block, top 0 / 2 / all.
+    import sparseattn.methods.minference as minference
+
+    monkeypatch.setattr(minference, "BLOCK_SPARSE_CHUNK_ELEMENTS", 64)
+    B, Hq, Hkv, Lq, Lk, D = 2, 4, 2, 100, 165, 16
+    q, k = tied_qk(B, Hq, Hkv, Lq, Lk, D, seed=21) if ties else make_qkv(B, Hq, Hkv, Lq, Lk, D, seed=21)[:2]
+    for top_k in (0, 2, 50):
+        fast = block_sparse_select_fast(q, k, top_k=top_k, block_size=16, causal=causal, backend="triton")
+        ref = block_sparse_select(q, k, top_k=top_k, block_size=16, causal=causal)
+        assert_same_rows(fast, ref)
+
+
+def test_block_sparse_triton_head_chunks_per_head_top_k(monkeypatch):
+    # Chunks of two whole heads (2 x 8 rows x 8 blocks = 128 scores), a head subset, per-head top-k.
+    import sparseattn.methods.minference as minference
+
+    monkeypatch.setattr(minference, "BLOCK_SPARSE_CHUNK_ELEMENTS", 128)
+    # Heads from 1 on: the pools cover heads 1-5 and KV heads 0-2 (an odd shift into the groups).
+    q, k = tied_qk(1, 6, 3, 128, 128, 16, seed=22)
+    heads, top = [5, 1, 3], [2, 0, 4]
+    for backend in ("triton", "torch"):
+        fast = block_sparse_select_fast(q, k, top_k=top, block_size=16, heads=heads, backend=backend)
+        for i, h in enumerate(heads):
+            ref = block_sparse_select(q[:, h:h + 1], k[:, h // 2:h // 2 + 1], top_k=top[i], block_size=16)
+            assert_same_rows(BlockIndex(fast.indices[:, i:i + 1], fast.counts[:, i:i + 1], 16, 16, 128, 128), ref)
+
+
+def test_block_sparse_backend_choice(monkeypatch):
+    import sparseattn.kernels.minference_index as kernels
+
+    q, k, _ = make_qkv(1, 2, 1, 64, 64, 16)
+    with pytest.raises(ValueError, match="backend must be one of"):
+        block_sparse_select_fast(q, k, top_k=1, block_size=16, backend="cuda")
+    monkeypatch.setattr(kernels, "MAX_TOP_K_BLOCKS", 2)
+    with pytest.raises(ValueError, match="at most 2 key blocks per row, got 4"):
+        block_sparse_select_fast(q, k, top_k=1, block_size=16, backend="triton")
+    auto = block_sparse_select_fast(q.to(DEVICE), k.to(DEVICE), top_k=1, block_size=16)  # rows too long: torch
+    assert_same_rows(auto, block_sparse_select(q, k, top_k=1, block_size=16))
 
 
 HEAD_PATTERNS = [["vertical_and_slash", 40, 120], ["a_shape", 16, 64], ["block_sparse", 2, 0],
@@ -619,6 +680,36 @@ def test_gpu_select_equals_reference(L):
     want = torch.nn.functional.scaled_dot_product_attention(
         q[:, :, first:].float(), repeat_kv(k, 4).float(), repeat_kv(v, 4).float(), attn_mask=tail.to_element_mask())
     assert ((out[:, :, first:].float() - want).norm() / want.norm()).item() < 2e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("top_k", [16, 256])
+def test_gpu_block_sparse_select_equals_reference(top_k):
+    """The Triton top-k at 32K + 77 (bf16, GQA 8/2), chunked by rows (a head's 514 x 514 scores with a
+    chunk of 2^17): rows equal to the reference's wherever no near-tie sits at the cut, and every row's
+    kept blocks score as much as the reference's (a near-tie swaps blocks of equal score)."""
+    import sparseattn.methods.minference as minference
+    from sparseattn.reference.minference import block_mean_pool
+
+    L, bs = 32768 + 77, 64
+    q, k, _ = make_qkv(1, 8, 2, L, L, 128, seed=14, dtype=torch.bfloat16)
+    ref = block_sparse_select(q, k, top_k=top_k, block_size=bs)
+    for chunk in (1 << 22, 1 << 17):
+        minference.BLOCK_SPARSE_CHUNK_ELEMENTS, saved = chunk, minference.BLOCK_SPARSE_CHUNK_ELEMENTS
+        try:
+            fast = block_sparse_select_fast(q, k, top_k=top_k, block_size=bs, backend="triton")
+        finally:
+            minference.BLOCK_SPARSE_CHUNK_ELEMENTS = saved
+        width = ref.counts.max().item()
+        same = (fast.indices[..., :width] == ref.indices[..., :width]).all(-1) & (fast.counts == ref.counts)
+        assert same.float().mean().item() >= 0.99
+        scores = block_mean_pool(q, bs) @ block_mean_pool(k, bs).repeat_interleave(4, 1).transpose(-1, -2)
+
+        def kept(index):
+            picked = scores.gather(-1, index.indices.clamp(min=0).long())
+            return torch.where(index.indices >= 0, picked, 0.0).sum(-1)
+
+        torch.testing.assert_close(kept(fast), kept(ref), rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("name", ["sparseattn.kernels.minference_index", "sparseattn.reference.minference",

@@ -155,8 +155,13 @@ def _vertical_and_slash(q, k, vertical_size, slash_size, config: MInferenceConfi
 
 
 def block_sparse_select_fast(q: torch.Tensor, k: torch.Tensor, *, top_k, block_size: int = 64, causal: bool = True,
-                             heads: list[int] | None = None) -> BlockIndex:
-    """MInference's block_sparse pattern with ``topk`` instead of a full sort; equal to ``reference.block_sparse_select``.
+                             heads: list[int] | None = None, backend: str = "auto") -> BlockIndex:
+    """MInference's block_sparse pattern without a full sort; equal to ``reference.block_sparse_select``.
+
+    The pooled block scores are computed a chunk of heads at a time (``torch.matmul``, at most
+    ``BLOCK_SPARSE_CHUNK_ELEMENTS`` fp32); each chunk's rows are then selected by the Triton kernel
+    behind ``kernels.minference_index.block_top_k_`` (a bisected cut, no sort), or, with the torch
+    backend, by a stable sort of each row and a sort of the few candidates.
 
     Args:
         q: `[B, Hq, Lq, D]`; k: `[B, Hkv, Lk, D]`.
@@ -164,6 +169,8 @@ def block_sparse_select_fast(q: torch.Tensor, k: torch.Tensor, *, top_k, block_s
         block_size: query and key block size (default 64).
         causal: causal attention (default True).
         heads: the query heads to select for (default all); the index has ``len(heads)`` heads.
+        backend: ``"triton"`` (CUDA tensors, or CPU under ``TRITON_INTERPRET=1``), ``"torch"``, or
+            ``"auto"`` (default: Triton on CUDA, torch otherwise).
 
     Returns:
         ``BlockIndex`` of width ``min(max top_k + 3, nk)`` (top blocks, block 0, diagonal blocks).
@@ -179,11 +186,17 @@ def block_sparse_select_fast(q: torch.Tensor, k: torch.Tensor, *, top_k, block_s
     H, G, bs, device = len(heads), Hq // Hkv, block_size, q.device
     top = per_head_sizes("top_k", top_k, H, allow_zero=True)
     nq, nk = cdiv(Lq, bs), cdiv(Lk, bs)
-    q_pool = _block_mean_pool(q, bs)  # [B, Hq, nq, D] fp32 (pooled, then the heads: no copy of q)
-    if heads != list(range(Hq)):
+    # fp32 block means of the span of heads selected for (views of q and k: no copy), then the heads.
+    lo, hi = min(heads), max(heads) + 1
+    q_pool = _block_mean_pool(q[:, lo:hi], bs)  # [B, hi - lo, nq, D]
+    k_pool = _block_mean_pool(k[:, lo // G:(hi - 1) // G + 1], bs)  # [B, its KV heads, nk, D]
+    heads = [h - lo for h in heads]
+    if _top_k_backend(backend, device, nk) == "triton":
+        return _block_sparse_triton(q_pool, k_pool, heads, top, Lq, Lk, bs, causal, G, lo % G)
+    if heads != list(range(hi - lo)):
         q_pool = q_pool.index_select(1, _device_ints(tuple(heads), device))
-    kv = _device_ints(tuple(h // G for h in heads), device)
-    k_pool_t = _block_mean_pool(k, bs).index_select(1, kv).transpose(-1, -2)  # [B, H, D, nk]
+    kv = _device_ints(tuple((h + lo % G) // G for h in heads), device)
+    k_pool_t = k_pool.index_select(1, kv).transpose(-1, -2)  # [B, H, D, nk]
     width_top = min(max(max(top), 1), nk)
     limit = _device_ints(tuple(top), device)[:, None, None]  # [H, 1, 1]
     first, last = diagonal_block_range(Lq, Lk, bs, bs, device=device)
@@ -200,7 +213,9 @@ def block_sparse_select_fast(q: torch.Tensor, k: torch.Tensor, *, top_k, block_s
         scores = torch.matmul(q_pool[:, :, qb0:qb1], k_pool_t).div_(math.sqrt(D))  # [B, H, c, nk]
         if causal:
             scores.masked_fill_(cols > last[qb0:qb1, None], float("-inf"))
-        values, picked = torch.topk(scores, width_top, dim=-1, sorted=True)
+        # A stable sort, not topk: ties at the cut go to the lower block, as in the reference.
+        values, picked = torch.sort(scores, dim=-1, descending=True, stable=True)
+        values, picked = values[..., :width_top], picked[..., :width_top]
         keep = (torch.arange(width_top, device=device) < limit) & (values > float("-inf"))
         cand = torch.cat([torch.where(keep, picked, nk).to(small), forced[qb0:qb1].expand(B, H, -1, -1)], dim=-1)
         cand = torch.sort(cand, dim=-1).values
@@ -220,6 +235,62 @@ def block_sparse_select_fast(q: torch.Tensor, k: torch.Tensor, *, top_k, block_s
 # Pooled scores per chunk of block_sparse_select_fast (16 MiB of fp32): its scratch stays a small
 # part of the memory budget (``index_bytes``) at 128K.
 BLOCK_SPARSE_CHUNK_ELEMENTS = 1 << 22
+
+
+def _head_rows(x: torch.Tensor, heads: list[int]) -> torch.Tensor:
+    """``x[:, heads]``: a view when the heads are one run of consecutive heads, else a copy."""
+    h0 = heads[0]
+    if heads == list(range(h0, h0 + len(heads))):
+        return x[:, h0:h0 + len(heads)]
+    return x.index_select(1, _device_ints(tuple(heads), x.device))
+
+
+def _top_k_backend(backend: str, device: torch.device, nk: int) -> str:
+    """``"triton"`` or ``"torch"`` for ``block_sparse_select_fast`` (``"auto"``: Triton on CUDA when
+    installed and the rows fit the kernel's registers)."""
+    check_choice("backend", backend, ("auto", "triton", "torch"))
+    try:
+        from ..kernels.minference_index import MAX_TOP_K_BLOCKS, _backend
+    except ImportError:  # pragma: no cover - platforms without Triton
+        if backend == "triton":
+            raise RuntimeError("block_sparse_select_fast: backend='triton' needs Triton installed") from None
+        return "torch"
+    chosen = _backend(backend, device)
+    if chosen == "triton" and nk > MAX_TOP_K_BLOCKS:
+        if backend == "triton":
+            raise ValueError(f"block_sparse_select_fast: backend='triton' takes at most {MAX_TOP_K_BLOCKS} key "
+                             f"blocks per row, got {nk}; use a larger block_size or backend='torch'")
+        return "torch"
+    return chosen
+
+
+def _block_sparse_triton(q_pool, k_pool, heads, top, Lq, Lk, bs, causal, G, shift) -> BlockIndex:
+    """``block_sparse_select_fast``'s Triton path: scores a chunk of whole heads at a time (rows of one
+    head where a head alone exceeds the chunk), each chunk's rows selected by one kernel launch.
+    ``heads`` index ``q_pool``; query head ``h`` reads KV head ``(h + shift) // G`` of ``k_pool``.
+    Holds the pools, one chunk of scores and the chunk's heads of the pools (``index_bytes``)."""
+    from ..kernels.minference_index import _alloc, block_top_k_
+
+    B, _, nq, D = q_pool.shape
+    H, nk, device = len(heads), k_pool.shape[2], q_pool.device
+    width = min(min(max(max(top), 1), nk) + 3, nk)
+    indices = _alloc(B, H, nq, width, dtype=torch.int32, device=device)  # poisoned under SPARSEATTN_NAN_FILL=1
+    counts = _alloc(B, H, nq, dtype=torch.int32, device=device)
+    top_t = _device_ints(tuple(top), device)
+    rows = nq if B * nq * nk <= BLOCK_SPARSE_CHUNK_ELEMENTS else max(1, BLOCK_SPARSE_CHUNK_ELEMENTS // (B * nk))
+    per = max(1, BLOCK_SPARSE_CHUNK_ELEMENTS // (B * nq * nk)) if rows == nq else 1
+    buf = torch.empty(B * min(per, H) * rows * nk, dtype=torch.float32, device=device)
+    for h0 in range(0, H, per):
+        chunk = heads[h0:h0 + per]
+        qp = _head_rows(q_pool, chunk)
+        kp_t = _head_rows(k_pool, [(h + shift) // G for h in chunk]).transpose(-1, -2)  # [B, c, D, nk]
+        for r0 in range(0, nq, rows):
+            r1 = min(nq, r0 + rows)
+            scores = buf[:B * len(chunk) * (r1 - r0) * nk].view(B, len(chunk), r1 - r0, nk)
+            torch.matmul(qp[:, :, r0:r1], kp_t, out=scores)
+            block_top_k_(scores, top_t, indices, counts, head0=h0, row0=r0, q_len=Lq, k_len=Lk, block_size=bs,
+                         causal=causal, head_dim=D)
+    return BlockIndex(indices, counts, bs, bs, Lq, Lk)
 
 
 def _block_mean_pool(x: torch.Tensor, block_size: int) -> torch.Tensor:
@@ -569,12 +640,17 @@ def Minference_prefill(query_states, key_states, value_states, vertical_size=100
 
 
 def index_bytes(config: MInferenceConfig, batch: int, q_heads: int, q_len: int, k_len: int, *,
-                head_dim: int = 128) -> int:
-    """Bytes ``select_blocks`` holds: the index, from the widths its builders allocate, the
-    estimation's fp32 score rows (vertical and slash scores and their working copies, ``[B, H, Lk]``
-    each) and, for block-sparse heads, the fp32 pooled q / k (``head_dim`` wide) and score chunk."""
+                head_dim: int = 128, kv_heads: int | None = None) -> int:
+    """Bytes ``select_blocks`` holds: the index, from the widths its builders allocate; with
+    vertical-slash heads, the estimation's fp32 score rows (vertical and slash scores and their working
+    copies, ``[B, H, Lk]`` each); with block-sparse heads, ``block_sparse_select_fast``'s fp32 pooled
+    q and k (``head_dim`` wide; ``kv_heads`` defaults to ``q_heads``), one chunk of scores and the
+    chunk's heads of the pools. That is its Triton path (CUDA); the torch path, which CPU tensors
+    and rows over ``MAX_TOP_K_BLOCKS`` blocks take, also holds per-query-head pools and the top-k
+    candidates of a chunk: counted when the rows are that long."""
     bs = config.block_size
     nq, nk = cdiv(q_len, bs), cdiv(k_len, bs)
+    kv_heads = q_heads if kv_heads is None else kv_heads
     patterns = config.head_patterns
     if not patterns:
         if config.pattern == "a_shape":
@@ -585,23 +661,39 @@ def index_bytes(config: MInferenceConfig, batch: int, q_heads: int, q_len: int, 
             patterns = (("vertical_and_slash", *adaptive_sizes(config.adaptive_budget, k_len)),)
         else:
             patterns = (("vertical_and_slash", config.vertical_size, config.slash_size),)
+        patterns = patterns * q_heads
     width_r = width_c = 1
-    scratch = 0
+    estimation = scratch = 0
+    sparse = sum(p == "block_sparse" for p, _, _ in patterns)
     for pattern, a, b in set(patterns):
         if pattern == "vertical_and_slash":
             nv, ns = selection_sizes(a, b, k_len, k_len)
             width_r, width_c = max(width_r, min(2 * ns, nk)), max(width_c, nv)
+            estimation = 16 * batch * q_heads * k_len
         elif pattern == "a_shape":
             width_r = max(width_r, min(nk, cdiv(a, bs) + cdiv(b, bs) + 2))
         else:
             width_r = max(width_r, min(nk, a + 3))
-            # block_sparse_select_fast: fp32 pooled q and k (k per query head), one chunk of fp32
-            # scores, and per chunk row its top-k values / indices, candidates, sort and prefix sums
-            # (~40 bytes per candidate).
-            rows = min(batch * q_heads * nq, max(1, BLOCK_SPARSE_CHUNK_ELEMENTS // nk))
-            pools = 4 * batch * head_dim * (2 * q_heads * nq + q_heads * nk)
-            scratch = max(scratch, pools + 4 * rows * nk + 40 * rows * min(nk, a + 3))
-    return 4 * batch * q_heads * (nq * (width_r + width_c + 2) + 4 * k_len) + scratch
+            if nk <= _max_top_k_blocks():
+                # Triton path: the pools, a chunk of scores (whole heads, or rows of one) and its heads' pools.
+                heads = min(sparse, max(1, BLOCK_SPARSE_CHUNK_ELEMENTS // (batch * nq * nk)))
+                chunk = min(BLOCK_SPARSE_CHUNK_ELEMENTS, batch * sparse * nq * nk)
+                scratch = 4 * (batch * head_dim * (q_heads * nq + kv_heads * nk + heads * (nq + nk)) + chunk)
+            else:
+                # torch path: per-query-head pools, one chunk of scores and, per chunk row, its top-k
+                # values / indices, candidates, sort and prefix sums (~40 bytes per candidate).
+                rows = min(batch * q_heads * nq, max(1, BLOCK_SPARSE_CHUNK_ELEMENTS // nk))
+                pools = 4 * batch * head_dim * (2 * q_heads * nq + q_heads * nk)
+                scratch = max(scratch, pools + 4 * rows * nk + 40 * rows * min(nk, a + 3))
+    return 4 * batch * q_heads * nq * (width_r + width_c + 2) + estimation + scratch
+
+
+def _max_top_k_blocks() -> int:
+    try:
+        from ..kernels.minference_index import MAX_TOP_K_BLOCKS
+    except ImportError:  # pragma: no cover - platforms without Triton
+        return 0
+    return MAX_TOP_K_BLOCKS
 
 
 def head_slice(config: MInferenceConfig, start: int, stop: int, group: int) -> MInferenceConfig:

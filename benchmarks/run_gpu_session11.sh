@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Device calls of session 11: each step under its own time limit, everything under $OUT, short
+# tables last. STEPS picks steps (comma-separated); RUN names the outputs.
+#   STEPS=gputests,select-profile RUN=run21 bash benchmarks/run_gpu_session11.sh
+set -uo pipefail
+export PYTHONPATH="$PWD:/tmp/site${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+STEPS=${STEPS:-gputests,select-profile}
+RUN=${RUN:-run21}
+source "$(dirname "$0")/gpu_steps.sh"
+# Run 21: block-sparse top-k in Triton (kernels.minference_index.block_top_k_). GPU tests of the
+# MInference selection and of the peak memory at 128K, then the selection's parts against cuDNN.
+TAIL=8 step gputests 300 python3 -m pytest -q -m gpu tests/test_minference.py tests/test_head_chunks.py \
+  -k "not embedded_model" -rA
+TAIL=40 step select-profile 240 python3 benchmarks/profile_minference_select.py \
+  --out "$OUT/minference-select-profile-$RUN.json"
+# MInference at equal fidelity (held-out calibration, extended candidates), seeds L, 1, 2, 128K.
+TAIL=30 step minf-extended 560 python3 benchmarks/bench_calibrated_methods.py --length 131072 --seeds L,1,2 \
+  --methods minference --candidates extended --out "$OUT/calibrated-minference-extended-$RUN.json"
+printf '%s\n' "${summary[@]}"
