@@ -12,6 +12,7 @@ source "$(dirname "$0")/gpu_steps.sh"
 # MInference selection and of the peak memory at 128K, then the selection's parts against cuDNN.
 TAIL=8 step gputests 300 python3 -m pytest -q -m gpu tests/test_minference.py tests/test_head_chunks.py \
   -k "not embedded_model" -rA
+TAIL=30 step top-k 120 python3 benchmarks/bench_block_top_k.py --out "$OUT/block-top-k-$RUN.json"
 TAIL=40 step select-profile 240 python3 benchmarks/profile_minference_select.py \
   --out "$OUT/minference-select-profile-$RUN.json"
 # MInference at equal fidelity (held-out calibration, extended candidates), seeds L, 1, 2, 128K.

@@ -394,8 +394,13 @@ HEAD_PATTERNS_SPAN = [["block_sparse", 2, 0], ["a_shape", 16, 64], ["vertical_an
                       ["block_sparse", 1, 0], ["block_sparse", 3, 0], ["a_shape", 0, 32]]
 
 
+@pytest.mark.parametrize("block_backend", ["torch", "triton"])
 @pytest.mark.parametrize("patterns", [HEAD_PATTERNS, HEAD_PATTERNS_SPAN], ids=["all-groups", "one-group"])
-def test_head_patterns_mix_patterns_per_head(patterns):
+def test_head_patterns_mix_patterns_per_head(patterns, block_backend, monkeypatch):
+    # "triton": the block-sparse heads' rows are written into the ranges by the top-k kernel.
+    import sparseattn.methods.minference as minference
+
+    monkeypatch.setattr(minference, "MIXED_BLOCK_BACKEND", block_backend)
     q, k, v = make_qkv(2, 6, 3, 200, 250, 32, seed=9)
     cfg = MInferenceConfig(head_patterns=patterns, block_size=32, last_q=32)
     if patterns is HEAD_PATTERNS:

@@ -277,12 +277,13 @@ def _fill_index_kernel(
 
 @triton.jit
 def _block_top_k_kernel(
-    Scores, Top, Indices, Counts,
+    Scores, Top, OutHead, Indices, Counts,
     n_rows, nk, width, q_len, k_len, sqrt_d, s_b, s_h, s_r, i_b, i_h, i_r, c_b, c_h, head0, row0,
-    BS: tl.constexpr, IS_CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr,
+    BS: tl.constexpr, UNIT: tl.constexpr, IS_CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """One query block's key blocks: its ``top`` highest-scoring allowed blocks (ties: lower block
-    first), key block 0 and its diagonal blocks, ascending, ``-1`` padded to ``width``.
+    first), key block 0 and its diagonal blocks, ascending, times ``UNIT`` (1: block numbers; the
+    block size: range starts), ``-1`` padded to ``width``, in output head ``OutHead[head]``.
 
     The top-k is a selection, not a sort: bisect the ``top``-th largest score over the scores'
     order-preserving int32 keys (at most 32 passes over the row, held in registers), then take the
@@ -308,13 +309,17 @@ def _block_top_k_kernel(
     key = tl.where(allowed, key, -2147483648)  # below every real key (-inf maps above it)
     n_allowed = tl.sum(allowed.to(tl.int32), 0)
     k = tl.minimum(tl.load(Top + head0 + h), n_allowed)
-    # Largest T with #(key >= T) >= k, in [lo, hi]: #(key >= lo) = n_allowed >= k.
+    # Largest T with #(key >= T) >= k, in [lo, hi]: #(key >= lo) = n_allowed >= k. A T' with
+    # #(key >= T') == k exactly selects the same blocks (nothing ties across it): stop there.
     lo = tl.min(tl.where(allowed, key, 2147483647), 0).to(tl.int64)
-    hi = tl.max(key, 0).to(tl.int64)
+    hi = tl.where(k > 0, tl.max(key, 0).to(tl.int64), lo)  # top 0: nothing to search
     while lo < hi:
         mid = (lo + hi + 1) // 2
         n_ge = tl.sum((key >= mid.to(tl.int32)).to(tl.int32), 0)
-        if n_ge >= k:
+        if n_ge == k:
+            lo = mid
+            hi = mid
+        elif n_ge > k:
             lo = mid
         else:
             hi = mid - 1
@@ -329,10 +334,13 @@ def _block_top_k_kernel(
     kept = keep.to(tl.int32)
     slot = tl.cumsum(kept, 0) - kept
     count = tl.sum(kept, 0)
-    out = Indices + pid_b * i_b + (head0 + h).to(tl.int64) * i_h + qb.to(tl.int64) * i_r
-    tl.store(out + slot, cols, mask=keep)
-    tl.store(out + cols, tl.full([BLOCK_N], -1, tl.int32), mask=(cols >= count) & (cols < width))
-    tl.store(Counts + pid_b * c_b + (head0 + h).to(tl.int64) * c_h + qb, count)
+    out_h = tl.load(OutHead + head0 + h)
+    out = Indices + pid_b * i_b + out_h * i_h + qb.to(tl.int64) * i_r
+    tl.store(out + slot, cols * UNIT, mask=keep)
+    for c0 in range(0, width, BLOCK_N):  # the padding (the output may be wider than a row of blocks)
+        c = c0 + cols
+        tl.store(out + c, tl.full([BLOCK_N], -1, tl.int32), mask=(c >= count) & (c < width))
+    tl.store(Counts + pid_b * c_b + out_h * c_h + qb, count)
 
 
 # ==================================================================================================
@@ -345,21 +353,28 @@ def _pow2(x: int, low: int = 16) -> int:
 
 
 # Key blocks per row that ``block_top_k_`` holds in registers (2M tokens at 64-blocks); longer rows
-# go through ``torch.topk``.
+# take block_sparse_select_fast's torch path.
 MAX_TOP_K_BLOCKS = 1 << 15
+# Warps per row program by row width (power of two), where measured (benchmarks/bench_block_top_k.py).
+BLOCK_TOP_K_WARPS: dict[int, int] = {}
 
 
 def block_top_k_(scores: torch.Tensor, top: torch.Tensor, indices: torch.Tensor, counts: torch.Tensor, *,
-                 head0: int, row0: int, q_len: int, k_len: int, block_size: int, causal: bool, head_dim: int) -> None:
+                 head0: int, row0: int, q_len: int, k_len: int, block_size: int, causal: bool, head_dim: int,
+                 out_heads: torch.Tensor, as_ranges: bool = False, num_warps: int | None = None) -> None:
     """Writes MInference's block_sparse rows from pooled block scores into ``indices`` / ``counts``.
 
     Args:
         scores: `[B, Hc, R, nk]` fp32 pooled products ``mean(q block) . mean(k block)``, unscaled (last
             dim contiguous), of heads ``head0..head0+Hc-1`` and query blocks ``row0..row0+R-1``;
             entries beyond a row's causal limit are not read. The kernel divides by ``sqrt(head_dim)``.
-        top: `[H]` int32, the blocks kept per head (then block 0 and the diagonal blocks are added).
-        indices: `[B, H, nq, width]` int32, written in rows ``row0..row0+R-1`` of the chunk's heads:
-            ascending key blocks, ``-1`` padded; counts: `[B, H, nq]` int32.
+        top: `[H]` int64, the blocks kept per head (then block 0 and the diagonal blocks are added).
+        indices: `[B, H_out, nq, width]` int32, written in rows ``row0..row0+R-1`` of the chunk's
+            output heads: ascending key blocks, ``-1`` padded; counts: `[B, H_out, nq]` int32.
+        out_heads: `[H]` int64, the output head of each selected head.
+        as_ranges: write range starts (``block * block_size``) instead of block numbers: the rows of
+            a ``VerticalSlashIndex`` (``range_starts``, ``range_counts``).
+        num_warps: warps per row program (default: ``BLOCK_TOP_K_WARPS``, else by row width).
         q_len, k_len, block_size, causal, head_dim: the attention's shape (the queries are the last ``q_len``).
 
     Equal to ``reference.minference.block_sparse_select`` on the same scores, ties included (lower
@@ -369,11 +384,12 @@ def block_top_k_(scores: torch.Tensor, top: torch.Tensor, indices: torch.Tensor,
     if scores.stride(-1) != 1 or nk > MAX_TOP_K_BLOCKS:
         raise ValueError(f"block_top_k_: scores need a contiguous last dim of at most {MAX_TOP_K_BLOCKS} blocks")
     block_n = _pow2(nk)
-    num_warps = 4 if block_n <= 2048 else (8 if block_n <= 8192 else 16)
+    if num_warps is None:
+        num_warps = BLOCK_TOP_K_WARPS.get(block_n, 4 if block_n <= 2048 else (8 if block_n <= 8192 else 16))
     _block_top_k_kernel[(Hc * R, B)](
-        scores, top, indices, counts, R, nk, indices.shape[-1], q_len, k_len, math.sqrt(head_dim),
+        scores, top, out_heads, indices, counts, R, nk, indices.shape[-1], q_len, k_len, math.sqrt(head_dim),
         *scores.stride()[:3], *indices.stride()[:3], *counts.stride()[:2], head0, row0,
-        BS=block_size, IS_CAUSAL=causal, BLOCK_N=block_n, num_warps=num_warps)
+        BS=block_size, UNIT=block_size if as_ranges else 1, IS_CAUSAL=causal, BLOCK_N=block_n, num_warps=num_warps)
 
 
 def last_query_scores_fast(q: torch.Tensor, k: torch.Tensor, num_last: int, causal: bool = True):

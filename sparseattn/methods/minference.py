@@ -183,27 +183,45 @@ def block_sparse_select_fast(q: torch.Tensor, k: torch.Tensor, *, top_k, block_s
     """
     B, Hq, Hkv, Lq, Lk, D = check_qk(q, k, "block_sparse_select_fast")
     heads = list(range(Hq)) if heads is None else list(heads)
-    H, G, bs, device = len(heads), Hq // Hkv, block_size, q.device
-    top = per_head_sizes("top_k", top_k, H, allow_zero=True)
+    top = per_head_sizes("top_k", top_k, len(heads), allow_zero=True)
+    return _block_sparse_rows(q, k, top, heads, block_size, causal, backend)
+
+
+def _block_sparse_rows(q, k, top, heads, bs, causal, backend, into=None) -> BlockIndex | None:
+    """``block_sparse_select_fast`` on checked arguments. ``into``: ``(range_starts, range_counts)``
+    of a per-head ``VerticalSlashIndex`` whose query heads ``heads`` get the rows as block-aligned
+    ranges (written by the kernel on the Triton path: no ``BlockIndex`` in between); returns None."""
+    B, Hq, Lq, D = q.shape
+    Hkv, Lk = k.shape[1], k.shape[2]
+    H, G, device = len(heads), Hq // Hkv, q.device
     nq, nk = cdiv(Lq, bs), cdiv(Lk, bs)
+    if into is not None and _top_k_backend(backend, device, nk) != "triton":
+        index = _block_sparse_rows(q, k, top, heads, bs, causal, backend)
+        starts, counts = into
+        idx = _device_ints(tuple(heads), device)
+        starts.index_copy_(1, idx, _as_ranges(index, starts.shape[-1]))
+        counts.index_copy_(1, idx, index.counts)
+        return None
     # fp32 block means of the span of heads selected for (views of q and k: no copy), then the heads.
     lo, hi = min(heads), max(heads) + 1
     q_pool = _block_mean_pool(q[:, lo:hi], bs)  # [B, hi - lo, nq, D]
     k_pool = _block_mean_pool(k[:, lo // G:(hi - 1) // G + 1], bs)  # [B, its KV heads, nk, D]
+    out_heads = heads
     heads = [h - lo for h in heads]
     if _top_k_backend(backend, device, nk) == "triton":
-        return _block_sparse_triton(q_pool, k_pool, heads, top, Lq, Lk, bs, causal, G, lo % G)
+        return _block_sparse_triton(q_pool, k_pool, heads, top, Lq, Lk, bs, causal, G, lo % G,
+                                    into=into and (*into, out_heads))
     if heads != list(range(hi - lo)):
         q_pool = q_pool.index_select(1, _device_ints(tuple(heads), device))
     kv = _device_ints(tuple((h + lo % G) // G for h in heads), device)
     k_pool_t = k_pool.index_select(1, kv).transpose(-1, -2)  # [B, H, D, nk]
     width_top = min(max(max(top), 1), nk)
     limit = _device_ints(tuple(top), device)[:, None, None]  # [H, 1, 1]
+    width = block_sparse_width(top, nk)
     first, last = diagonal_block_range(Lq, Lk, bs, bs, device=device)
     # Block numbers fit int16 up to 2M tokens at 64-blocks: a 16-bit radix sort is 4x shorter than int64's.
     small = torch.int16 if nk < 2 ** 15 - 1 else torch.int32
     forced = torch.stack([torch.zeros_like(first), first, last], dim=-1).to(small)  # [nq, 3]
-    width = min(width_top + 3, nk)
     indices = torch.empty(B, H, nq, width, dtype=torch.int32, device=device)
     counts = torch.empty(B, H, nq, dtype=torch.int32, device=device)
     cols = torch.arange(nk, device=device)
@@ -264,18 +282,23 @@ def _top_k_backend(backend: str, device: torch.device, nk: int) -> str:
     return chosen
 
 
-def _block_sparse_triton(q_pool, k_pool, heads, top, Lq, Lk, bs, causal, G, shift) -> BlockIndex:
+def _block_sparse_triton(q_pool, k_pool, heads, top, Lq, Lk, bs, causal, G, shift, into=None) -> BlockIndex | None:
     """``block_sparse_select_fast``'s Triton path: scores a chunk of whole heads at a time (rows of one
     head where a head alone exceeds the chunk), each chunk's rows selected by one kernel launch.
     ``heads`` index ``q_pool``; query head ``h`` reads KV head ``(h + shift) // G`` of ``k_pool``.
+    ``into``: ``(range_starts, range_counts, output heads)``, written as ranges (returns None).
     Holds the pools, one chunk of scores and the chunk's heads of the pools (``index_bytes``)."""
     from ..kernels.minference_index import _alloc, block_top_k_
 
     B, _, nq, D = q_pool.shape
     H, nk, device = len(heads), k_pool.shape[2], q_pool.device
-    width = min(min(max(max(top), 1), nk) + 3, nk)
-    indices = _alloc(B, H, nq, width, dtype=torch.int32, device=device)  # poisoned under SPARSEATTN_NAN_FILL=1
-    counts = _alloc(B, H, nq, dtype=torch.int32, device=device)
+    if into is None:
+        width = block_sparse_width(top, nk)
+        indices = _alloc(B, H, nq, width, dtype=torch.int32, device=device)  # poisoned under SPARSEATTN_NAN_FILL=1
+        counts = _alloc(B, H, nq, dtype=torch.int32, device=device)
+        out_heads = _device_ints(tuple(range(H)), device)
+    else:
+        indices, counts, out_heads = into[0], into[1], _device_ints(tuple(into[2]), device)
     top_t = _device_ints(tuple(top), device)
     rows = nq if B * nq * nk <= BLOCK_SPARSE_CHUNK_ELEMENTS else max(1, BLOCK_SPARSE_CHUNK_ELEMENTS // (B * nk))
     per = max(1, BLOCK_SPARSE_CHUNK_ELEMENTS // (B * nq * nk)) if rows == nq else 1
@@ -289,8 +312,13 @@ def _block_sparse_triton(q_pool, k_pool, heads, top, Lq, Lk, bs, causal, G, shif
             scores = buf[:B * len(chunk) * (r1 - r0) * nk].view(B, len(chunk), r1 - r0, nk)
             torch.matmul(qp[:, :, r0:r1], kp_t, out=scores)
             block_top_k_(scores, top_t, indices, counts, head0=h0, row0=r0, q_len=Lq, k_len=Lk, block_size=bs,
-                         causal=causal, head_dim=D)
-    return BlockIndex(indices, counts, bs, bs, Lq, Lk)
+                         causal=causal, head_dim=D, out_heads=out_heads, as_ranges=into is not None)
+    return None if into is not None else BlockIndex(indices, counts, bs, bs, Lq, Lk)
+
+
+def block_sparse_width(top: list[int], nk: int) -> int:
+    """Index width of block-sparse rows: the largest top-k, block 0 and two diagonal blocks."""
+    return min(min(max(max(top), 1), nk) + 3, nk)
 
 
 def _block_mean_pool(x: torch.Tensor, block_size: int) -> torch.Tensor:
@@ -317,6 +345,11 @@ def _as_ranges(index: BlockIndex, width: int) -> torch.Tensor:
     return torch.nn.functional.pad(starts, (0, width - starts.shape[-1]), value=-1)
 
 
+# The block-sparse backend of per-head mixes ("auto": the Triton top-k on CUDA; tests set "triton" to
+# run its into-the-ranges path in the interpreter).
+MIXED_BLOCK_BACKEND = "auto"
+
+
 def _select_head_patterns(q, k, config: MInferenceConfig, causal: bool):
     """One index for heads of different patterns: a ``VerticalSlashIndex`` whose block-pattern heads have
     block-aligned ranges and no columns (no per-head Python loop: one call per pattern kind)."""
@@ -335,12 +368,12 @@ def _select_head_patterns(q, k, config: MInferenceConfig, causal: bool):
         return a_shape_select(Lq, Lk, B, Hq, sink=sink, window=window, block_size=bs, device=q.device)
 
     # Vertical-slash for every head (heads of other patterns get the smallest sizes, 30 and 100
-    # after forcing: cheap), then the block patterns overwrite their heads.
+    # after forcing: cheap), then the block patterns overwrite their heads: A-shape from its small
+    # static index, block-sparse written into the ranges by its selection (no index in between).
     parts: list[tuple[list[int], BlockIndex]] = []
     sparse_heads = [h for h, (p, _, _) in enumerate(patterns) if p == "block_sparse"]
-    if sparse_heads:
-        parts.append((sparse_heads, _block_sparse(q, k, [patterns[h][1] for h in sparse_heads], config, causal,
-                                                  heads=sparse_heads)))
+    sparse_top = [patterns[h][1] for h in sparse_heads]
+    widths = [block_sparse_width(sparse_top, -(-Lk // bs))] if sparse_heads else []
     shapes = sorted({(v, s) for p, v, s in patterns if p == "a_shape"})
     for sink, window in shapes:  # one call per distinct (sink, window), not per head
         heads = [h for h, e in enumerate(patterns) if e == ("a_shape", sink, window)]
@@ -356,7 +389,7 @@ def _select_head_patterns(q, k, config: MInferenceConfig, causal: bool):
         vs = _vertical_and_slash(q[:, g0 * G:g1 * G], k[:, g0:g1], [v for v, _ in sizes], [s for _, s in sizes],
                                  config, causal)
         nq = -(-Lq // bs)
-        width = max([vs.range_starts.shape[-1]] + [i.indices.shape[-1] for _, i in parts])
+        width = max([vs.range_starts.shape[-1]] + [i.indices.shape[-1] for _, i in parts] + widths)
         starts = torch.full((B, Hq, nq, width), -1, dtype=torch.int32, device=q.device)
         starts[:, g0 * G:g1 * G, :, :vs.range_starts.shape[-1]] = vs.range_starts
         counts = torch.zeros(B, Hq, nq, dtype=torch.int32, device=q.device)
@@ -368,14 +401,14 @@ def _select_head_patterns(q, k, config: MInferenceConfig, causal: bool):
     elif vs_heads:
         sizes = [(v, s) if p == "vertical_and_slash" else (1, 1) for p, v, s in patterns]
         vs = _vertical_and_slash(q, k, [v for v, _ in sizes], [s for _, s in sizes], config, causal)
-        width = max([vs.range_starts.shape[-1]] + [i.indices.shape[-1] for _, i in parts])
+        width = max([vs.range_starts.shape[-1]] + [i.indices.shape[-1] for _, i in parts] + widths)
         starts = vs.range_starts  # the selection's own tensors: written in place below
         if width > starts.shape[-1]:
             starts = torch.nn.functional.pad(starts, (0, width - starts.shape[-1]), value=-1)
         counts, columns, column_counts = vs.range_counts, vs.columns, vs.column_counts
     else:
         nq = -(-Lq // bs)
-        width = max(i.indices.shape[-1] for _, i in parts)
+        width = max([i.indices.shape[-1] for _, i in parts] + widths)
         starts = torch.full((B, Hq, nq, width), -1, dtype=torch.int32, device=q.device)
         counts = torch.zeros(B, Hq, nq, dtype=torch.int32, device=q.device)
         columns = torch.full((B, Hq, nq, 1), -1, dtype=torch.int32, device=q.device)
@@ -384,8 +417,11 @@ def _select_head_patterns(q, k, config: MInferenceConfig, causal: bool):
         idx = _device_ints(tuple(heads), q.device)
         starts.index_copy_(1, idx, _as_ranges(index, width))
         counts.index_copy_(1, idx, index.counts)
-        columns.index_fill_(1, idx, -1)
-        column_counts.index_fill_(1, idx, 0)
+    if sparse_heads:
+        _block_sparse_rows(q, k, sparse_top, sparse_heads, bs, causal, MIXED_BLOCK_BACKEND, into=(starts, counts))
+    block_heads = _device_ints(tuple(sorted(sparse_heads + [h for heads, _ in parts for h in heads])), q.device)
+    columns.index_fill_(1, block_heads, -1)
+    column_counts.index_fill_(1, block_heads, 0)
     return VerticalSlashIndex(starts, counts, columns, column_counts, bs, bs, Lq, Lk)
 
 
