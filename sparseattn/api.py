@@ -153,21 +153,52 @@ INDEX_BUDGET = 0.10
 INDEX_BUDGET_FLOOR = 64 << 20
 
 
+def _index_budget(q, k, v) -> float:
+    return max(INDEX_BUDGET * sum(t.numel() * t.element_size() for t in (q, k, v)), INDEX_BUDGET_FLOOR)
+
+
+def _call_bytes(spec, cfg, q, k, g0: int, g1: int) -> int:
+    """What selecting and attending KV heads ``[g0, g1)`` holds: ``index_bytes`` of their config
+    (``head_slice``) plus the kernels' fp32 log-sum-exp."""
+    B, Hq, Lq, D = q.shape
+    Hkv, Lk = k.shape[1], k.shape[2]
+    G = Hq // Hkv
+    if (g0, g1) != (0, Hkv) and spec.head_slice is not None:
+        cfg = spec.head_slice(cfg, g0 * G, g1 * G, G)
+    extra = {name: value for name, value in (("head_dim", D), ("kv_heads", g1 - g0))
+             if _takes_keyword(spec.index_bytes, name)}
+    return spec.index_bytes(cfg, B, (g1 - g0) * G, Lq, Lk, **extra) + 4 * B * (g1 - g0) * G * Lq
+
+
 def kv_heads_per_chunk(spec, cfg, q, k, v) -> int:
     """KV heads to select and attend together so that the index, the selection's per-head buffers and the
     attention's log-sum-exp stay within ``INDEX_BUDGET`` of the q + k + v bytes (or
     ``INDEX_BUDGET_FLOOR`` bytes, whichever is larger)."""
-    B, Hq, Lq, D = q.shape
-    Hkv, Lk = k.shape[1], k.shape[2]
+    Hkv = k.shape[1]
     if spec.index_bytes is None or Hkv == 1:
         return Hkv
-    extra = {name: value for name, value in (("head_dim", D), ("kv_heads", Hkv))
-             if _takes_keyword(spec.index_bytes, name)}
-    total = spec.index_bytes(cfg, B, Hq, Lq, Lk, **extra) + 4 * B * Hq * Lq  # + the kernels' fp32 log-sum-exp
-    budget = max(INDEX_BUDGET * sum(t.numel() * t.element_size() for t in (q, k, v)), INDEX_BUDGET_FLOOR)
+    total = _call_bytes(spec, cfg, q, k, 0, Hkv)
+    budget = _index_budget(q, k, v)
     if total <= budget:
         return Hkv
     return max(1, min(Hkv, int(budget // (total / Hkv))))
+
+
+def packed_chunk_bounds(spec, cfg, q, k, v) -> list[tuple[int, int]]:
+    """Chunks of consecutive KV heads, each as long as its own bytes (``index_bytes`` of its heads'
+    config) fit the budget: where heads differ (a per-head table whose few vertical-slash heads make a
+    wide index), the narrow heads go together and the wide ones alone, not every chunk sized for the
+    widest. A KV head over the budget on its own is a chunk of one."""
+    Hkv = k.shape[1]
+    budget = _index_budget(q, k, v)
+    bounds, g0 = [], 0
+    while g0 < Hkv:
+        g1 = g0 + 1
+        while g1 < Hkv and _call_bytes(spec, cfg, q, k, g0, g1 + 1) <= budget:
+            g1 += 1
+        bounds.append((g0, g1))
+        g0 = g1
+    return bounds
 
 
 @functools.lru_cache(maxsize=64)
@@ -184,6 +215,44 @@ def _needs_grad(*tensors) -> bool:
     return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
 
+def _chunk_bounds(spec, cfg, q, k, v, per_chunk: int) -> list[tuple[int, int]]:
+    Hkv = k.shape[1]
+    if spec.chunk_bounds is not None:
+        return spec.chunk_bounds(cfg, Hkv, per_chunk)
+    if spec.head_slice is not None:  # heads may differ: chunks packed by their own bytes
+        return packed_chunk_bounds(spec, cfg, q, k, v)
+    return [(g0, min(Hkv, g0 + per_chunk)) for g0 in range(0, Hkv, per_chunk)]
+
+
+def _chunk_selections(q, k, spec, cfg, bounds, causal: bool):
+    """``(g0, g1, index)`` per chunk of KV heads ``[g0, g1)``: the selection of its query heads."""
+    G = q.shape[1] // k.shape[1]
+    for g0, g1 in bounds:
+        h0, h1 = g0 * G, g1 * G
+        cfg_c = spec.head_slice(cfg, h0, h1, G) if spec.head_slice is not None else cfg
+        yield g0, g1, spec.select(q[:, h0:h1], k[:, g0:g1], cfg_c, causal=causal)
+
+
+def selection_chunks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, method: str = "xattention", config=None, *,
+                     causal: bool = True, **overrides):
+    """The selections ``sparse_attention`` makes for these inputs, without attending: one
+    ``(kv_head_start, kv_head_stop, index)`` per chunk of KV heads (one chunk of all heads when the
+    call is not memory-bounded). Used to time a call's estimation and index building as it runs them.
+
+    Example:
+        >>> q, k = torch.randn(1, 4, 256, 32), torch.randn(1, 2, 256, 32)
+        >>> [(g0, g1, type(index).__name__) for g0, g1, index in selection_chunks(q, k, k, "streaming")]
+        [(0, 2, 'BlockIndex')]
+    """
+    check_qkv(q, k, v, causal=causal, names=("q", "k", "v"))
+    spec = get_method(method)
+    cfg = resolve_config(method, config, **overrides)
+    Hkv = k.shape[1]
+    per_chunk = kv_heads_per_chunk(spec, cfg, q, k, v)
+    bounds = _chunk_bounds(spec, cfg, q, k, v, per_chunk) if per_chunk < Hkv else [(0, Hkv)]
+    yield from _chunk_selections(q, k, spec, cfg, bounds, causal)
+
+
 def _head_chunks(q, k, v, spec, cfg, per_chunk: int, causal: bool, scale, return_stats: bool):
     """Select and attend ``per_chunk`` KV heads (and their query heads) at a time into one output."""
     Hq, Hkv = q.shape[1], k.shape[1]
@@ -193,15 +262,9 @@ def _head_chunks(q, k, v, spec, cfg, per_chunk: int, causal: bool, scale, return
     poison = os.environ.get("SPARSEATTN_NAN_FILL") == "1"
     out = torch.full_like(q, float("nan")) if poison else torch.empty_like(q)
     densities = []
-    if spec.chunk_bounds is not None:
-        bounds = spec.chunk_bounds(cfg, Hkv, per_chunk)
-    else:
-        bounds = [(g0, min(Hkv, g0 + per_chunk)) for g0 in range(0, Hkv, per_chunk)]
-    for g0, g1 in bounds:
+    for g0, g1, index in _chunk_selections(q, k, spec, cfg, _chunk_bounds(spec, cfg, q, k, v, per_chunk), causal):
         h0, h1 = g0 * G, g1 * G
         qc, kc, vc = q[:, h0:h1], k[:, g0:g1], v[:, g0:g1]
-        cfg_c = spec.head_slice(cfg, h0, h1, G) if spec.head_slice is not None else cfg
-        index = spec.select(qc, kc, cfg_c, causal=causal)
         attend(qc, kc, vc, index, causal=causal, scale=scale, out=out[:, h0:h1])
         if return_stats:
             densities.append(_stats(index, spec.name, q.shape[0], h1 - h0, causal, q.device).density)

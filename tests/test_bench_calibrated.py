@@ -55,6 +55,7 @@ def test_one_input_rows_table_and_plot(bench, tmp_path):
     assert min(head["thresholds"]) >= 0.01 and 0 < layer["density"] <= 1
     m = by["minference", "layer mean 0.9 (held-out)"]
     assert m["calibration_recall"] >= 0.9 - 1e-9 and sum(m["patterns"].values()) == 32
+    assert m["select_run_ms"] > 0 and m["select_run_share"] == m["select_run_ms"] / m["dense_ms"]
     for r in rows:
         if r["method"] in ("xattention", "minference"):
             assert 0 <= r["rel_err"] < 1 and 0 < r["recall"] <= 1 + 1e-6

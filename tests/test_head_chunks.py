@@ -68,7 +68,8 @@ def _counting_method(calls, total_bytes):
         mask = torch.tril(torch.ones(nq, nq, dtype=torch.bool, device=q.device))
         return BlockIndex.from_mask(mask.expand(B, H, nq, nq), block_q=16, block_k=16, q_len=L, k_len=L)
 
-    return dict(select=select, index_bytes=lambda cfg, B, Hq, Lq, Lk: total_bytes,
+    # The bound grows with the heads: ``total_bytes`` for the 8 query heads of these tests.
+    return dict(select=select, index_bytes=lambda cfg, B, Hq, Lq, Lk: total_bytes * Hq // 8,
                 head_slice=lambda cfg, start, stop, group: (start, stop, group))
 
 
@@ -97,6 +98,40 @@ def test_chunks_follow_the_budget_and_slice_the_config(monkeypatch):
         calls.clear()
         sparse_attention(q, k, v, method="chunk_test")
         assert calls == [(6, 3, (0, 6, 2)), (2, 1, (6, 8, 2))]
+    finally:
+        sparseattn.METHODS.pop("chunk_test")
+
+
+@dataclasses.dataclass(frozen=True)
+class _Shares:
+    shares: tuple = ()  # each query head's share of the budget
+
+
+def test_chunks_are_packed_by_their_own_bytes(monkeypatch):
+    """Heads whose bounds differ (a per-head config, sliced by ``head_slice``): the cheap KV heads
+    share chunks, a KV head that fills the budget alone gets its own, and the result is unchanged."""
+    q, k, v = qkv(B=1, Hq=8, Hkv=4, L=64)
+    monkeypatch.setattr(api, "INDEX_BUDGET_FLOOR", 0)
+    budget = api.INDEX_BUDGET * sum(t.numel() * t.element_size() for t in (q, k, v))
+    cfg = _Shares((0.1, 0.1, 0.1, 0.1, 0.9, 0.9, 0.1, 0.1))  # KV head 2 (query heads 4, 5) is wide
+    calls = []
+    hooks = _counting_method(calls, 0)
+
+    def index_bytes(config, B, Hq, Lq, Lk):
+        return int(budget * sum(config.shares)) - 4 * B * Hq * Lq  # less the log-sum-exp the API adds
+
+    def head_slice(config, start, stop, group):
+        return _Shares(config.shares[start:stop])
+
+    sparseattn.register_method("chunk_test", hooks["select"], _Shares, overwrite=True, index_bytes=index_bytes,
+                               head_slice=head_slice)
+    try:
+        spec = get_method("chunk_test")
+        assert api.packed_chunk_bounds(spec, cfg, q, k, v) == [(0, 2), (2, 3), (3, 4)]
+        assert api.kv_heads_per_chunk(spec, cfg, q, k, v) == 1  # uniform chunks: 4 calls
+        out = sparse_attention(q, k, v, method="chunk_test", config=cfg)
+        assert [c[2].shares for c in calls] == [cfg.shares[0:4], cfg.shares[4:6], cfg.shares[6:8]]
+        assert (out - sparse_attention(q, k, v, method="full")).abs().max() < 1e-5
     finally:
         sparseattn.METHODS.pop("chunk_test")
 
@@ -173,6 +208,12 @@ def test_budget_at_128k_on_meta_tensors():
     assert per_chunk("minference", pattern="block_sparse", top_k=64) == 8  # 76 MiB: pools + one head's scores
     assert per_chunk("minference", pattern="block_sparse", top_k=256) == 8  # 124 MiB: a wider index
     assert per_chunk("streaming") == 8  # no index_bytes hook: never chunked
+    # A searched table with two wide vertical-slash heads (1024/1024: 2048 ranges a row) in KV head 3:
+    # uniform chunks of one KV head (8 calls); packed by their own bytes, 3 calls, the wide head alone.
+    table = (("block_sparse", 32, 0),) * 13 + (("vertical_and_slash", 1024, 1024),) * 2 + (("block_sparse", 64, 0),) * 17
+    cfg = api.resolve_config("minference", None, head_patterns=table)
+    assert api.kv_heads_per_chunk(get_method("minference"), cfg, q, k, v) == 1
+    assert api.packed_chunk_bounds(get_method("minference"), cfg, q, k, v) == [(0, 3), (3, 4), (4, 8)]
     half = [True, False] * 4
     assert per_chunk("headmask", full_heads=half) == 2  # a mixed mask's [B, Hq, nq, nk] index: 512 MiB
     assert per_chunk("headmask", full_heads=[True] * 8) == 8  # dense: no index

@@ -115,6 +115,20 @@ def test_last_query_scores_fast_matches_reference(B, Hq, Hkv, Lq, Lk, D, last_q,
     assert torch.allclose(slash.sum(-1), torch.full_like(slash[..., 0], n), rtol=1e-5)
 
 
+def test_last_query_scores_fast_on_a_subset_of_heads():
+    """``kv_heads``: three query heads' last rows (of a 6/3 GQA layout: KV heads 2, 0, 2), scored against
+    the full k without a copy, equal to the reference on those heads; bad maps are refused."""
+    q, k, _ = make_qkv(2, 6, 3, 90, 150, 16, seed=3)
+    heads, n = [5, 0, 4], 24
+    q_last = q[:, heads, -n:]
+    vertical, slash, _ = last_query_scores_fast(q_last, k, n, kv_heads=[h // 2 for h in heads])
+    ref_v, ref_s, _ = last_query_scores(q[:, heads], k[:, [2, 0, 2]], n)
+    torch.testing.assert_close(vertical, ref_v, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(slash, ref_s, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="one KV head in"):
+        last_query_scores_fast(q_last, k, n, kv_heads=[2, 0, 3])
+
+
 # ---- index building from scores -------------------------------------------------------------------
 
 
@@ -400,7 +414,7 @@ def test_head_patterns_mix_patterns_per_head(patterns, block_backend, monkeypatc
     # "triton": the block-sparse heads' rows are written into the ranges by the top-k kernel.
     import sparseattn.methods.minference as minference
 
-    monkeypatch.setattr(minference, "MIXED_BLOCK_BACKEND", block_backend)
+    monkeypatch.setattr(minference, "MIXED_BACKEND", block_backend)
     q, k, v = make_qkv(2, 6, 3, 200, 250, 32, seed=9)
     cfg = MInferenceConfig(head_patterns=patterns, block_size=32, last_q=32)
     if patterns is HEAD_PATTERNS:

@@ -129,9 +129,9 @@ def _dot(a, b, IEEE: tl.constexpr):
 
 @triton.jit
 def _row_lse_kernel(
-    Q, K, MaxOut, SumOut,
+    Q, K, KvHead, MaxOut, SumOut,
     stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
-    num_heads, group_size, q_first, n_rows, k_len, keys_per_split, qk_scale,
+    num_heads, q_first, n_rows, k_len, keys_per_split, qk_scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, ROWS: tl.constexpr, N_ROWS: tl.constexpr,
     BLOCK_N: tl.constexpr, IS_CAUSAL: tl.constexpr, IEEE: tl.constexpr,
 ):
@@ -141,7 +141,7 @@ def _row_lse_kernel(
     r0 = tl.program_id(2) * ROWS
     b = pid_bh // num_heads
     h = pid_bh % num_heads
-    kvh = h // group_size
+    kvh = tl.load(KvHead + h)  # the KV head of query head h (GQA, or a subset of heads)
     offs_t = r0 + tl.arange(0, ROWS)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
@@ -177,9 +177,9 @@ def _row_lse_kernel(
 
 @triton.jit
 def _vertical_slash_sums_kernel(
-    Q, K, Lse, Vertical, Slash,
+    Q, K, KvHead, Lse, Vertical, Slash,
     stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
-    num_heads, group_size, q_first, n_rows, k_len, n_off, min_offset, qk_scale,
+    num_heads, q_first, n_rows, k_len, n_off, min_offset, qk_scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, ROWS: tl.constexpr, N_ROWS: tl.constexpr,
     BLOCK_O: tl.constexpr, IS_CAUSAL: tl.constexpr, IEEE: tl.constexpr,
 ):
@@ -189,7 +189,7 @@ def _vertical_slash_sums_kernel(
     j0 = tl.program_id(1) * BLOCK_O
     b = pid_bh // num_heads
     h = pid_bh % num_heads
-    kvh = h // group_size
+    kvh = tl.load(KvHead + h)  # the KV head of query head h (GQA, or a subset of heads)
     offs_w = tl.arange(0, W)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
@@ -392,8 +392,12 @@ def block_top_k_(scores: torch.Tensor, top: torch.Tensor, indices: torch.Tensor,
         BS=block_size, UNIT=block_size if as_ranges else 1, IS_CAUSAL=causal, BLOCK_N=block_n, num_warps=num_warps)
 
 
-def last_query_scores_fast(q: torch.Tensor, k: torch.Tensor, num_last: int, causal: bool = True):
+def last_query_scores_fast(q: torch.Tensor, k: torch.Tensor, num_last: int, causal: bool = True,
+                           kv_heads: list[int] | None = None):
     """Triton version of :func:`sparseattn.reference.minference.last_query_scores` (same outputs, fp32).
+
+    ``kv_heads``: the KV head of each query head (default GQA's ``h // (Hq / Hkv)``). With it, ``q``
+    may hold any subset of query heads, e.g. a few heads' last ``num_last`` rows, with no copy of ``k``.
 
     Returns:
         ``(vertical [B, Hq, Lk], slash [B, Hq, n_off], min_offset)`` as the reference.
@@ -407,13 +411,21 @@ def last_query_scores_fast(q: torch.Tensor, k: torch.Tensor, num_last: int, caus
         >>> round(vertical.sum().item(), 3), round(slash.sum().item(), 3)  # 2 heads x 16 rows of mass 1
         (32.0, 32.0)
     """
-    B, Hq, Hkv, Lq, Lk, D = check_qk(q, k, "last_query_scores_fast")
+    if kv_heads is None:
+        B, Hq, Hkv, Lq, Lk, D = check_qk(q, k, "last_query_scores_fast")
+        kv_heads = [h // (Hq // Hkv) for h in range(Hq)]
+    else:
+        B, Hq, _, Lq, Lk, D = check_qk(q, k[:, :1], "last_query_scores_fast")
+        if len(kv_heads) != Hq or not all(0 <= g < k.shape[1] for g in kv_heads):
+            raise ValueError(f"last_query_scores_fast: kv_heads needs one KV head in [0, {k.shape[1]}) per query "
+                             f"head ({Hq}), got {list(kv_heads)}")
     if not HAS_GATHER:
         raise RuntimeError(f"last_query_scores_fast needs tl.gather (Triton >= 3.3), this is Triton {triton.__version__}")
     if not isinstance(num_last, int) or not 1 <= num_last <= Lq:
         raise ValueError(f"last_query_scores_fast: num_last must be in [1, q_len={Lq}], got {num_last!r}")
     q, k = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k))
     n, device = num_last, q.device
+    kv = _device_ints(tuple(kv_heads), device)
     interpret = _interpreting() or device.type == "cpu"
     n_rows = _pow2(n)
     rows = min(n_rows, 64)
@@ -432,7 +444,7 @@ def last_query_scores_fast(q: torch.Tensor, k: torch.Tensor, num_last: int, caus
     maxes = _alloc(B * Hq, splits, n_rows, dtype=torch.float32, device=device)
     sums = _alloc(B * Hq, splits, n_rows, dtype=torch.float32, device=device)
     _row_lse_kernel[(B * Hq, splits, n_rows // rows)](
-        q, k, maxes, sums, *strides, Hq, Hq // Hkv, Lq - n, n, Lk, keys_per_split, qk_scale,
+        q, k, kv, maxes, sums, *strides, Hq, Lq - n, n, Lk, keys_per_split, qk_scale,
         BLOCK_N=block_n, **common, num_warps=4, num_stages=1 if interpret else 3)
     m = maxes.amax(1, keepdim=True)
     m_safe = torch.where(m == float("-inf"), torch.zeros((), device=device), m)
@@ -445,7 +457,7 @@ def last_query_scores_fast(q: torch.Tensor, k: torch.Tensor, num_last: int, caus
     vertical = _alloc(B, Hq, Lk, dtype=torch.float32, device=device)
     slash = _alloc(B, Hq, n_off, dtype=torch.float32, device=device)
     _vertical_slash_sums_kernel[(B * Hq, triton.cdiv(n_off, block_o))](
-        q, k, lse, vertical, slash, *strides, Hq, Hq // Hkv, Lq - n, n, Lk, n_off, min_offset, qk_scale,
+        q, k, kv, lse, vertical, slash, *strides, Hq, Lq - n, n, Lk, n_off, min_offset, qk_scale,
         BLOCK_O=block_o, **common, num_warps=4 if interpret else 8, num_stages=1)
     return vertical, slash, min_offset
 

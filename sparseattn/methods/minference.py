@@ -36,7 +36,7 @@ from typing import Any, Mapping
 import torch
 
 from ..index import BlockIndex, VerticalSlashIndex, cdiv, diagonal_block_range
-from ..reference.minference import (a_shape_select, adaptive_sizes, minference_select,
+from ..reference.minference import (a_shape_select, adaptive_sizes, last_query_scores, minference_select,
                                    per_head_sizes, selection_sizes)
 from ..reference.xattention import check_qk
 from ..validation import check_block_size, check_choice, check_positive_int, check_qkv, check_unit_interval
@@ -152,6 +152,34 @@ def _vertical_and_slash(q, k, vertical_size, slash_size, config: MInferenceConfi
     return minference_select(q, k, vertical_size=vertical_size, slash_size=slash_size,
                              adaptive_budget=config.adaptive_budget, last_q=config.last_q,
                              block_size=config.block_size, causal=causal)
+
+
+def _vertical_and_slash_heads(q, k, heads, vertical_sizes, slash_sizes, config: MInferenceConfig, causal: bool,
+                              backend: str | None = None) -> VerticalSlashIndex:
+    """The vertical-slash index of query heads ``heads`` only (``len(heads)`` heads): the estimation
+    reads those heads' last ``last_q`` rows (a copy of ``[B, len(heads), last_q, D]``) against their
+    KV heads (no copy of k), so its cost follows the vertical-slash heads, not the KV groups they span."""
+    B, Hq, Lq, D = q.shape
+    Lk, G, bs = k.shape[2], Hq // k.shape[1], config.block_size
+    backend = MIXED_BACKEND if backend is None else backend
+    kv = [h // G for h in heads]
+    idx = _device_ints(tuple(heads), q.device)
+    if not causal:  # the fp32 reference (as for whole-head vertical-slash selections)
+        kv_idx = _device_ints(tuple(kv), q.device)
+        return minference_select(q.index_select(1, idx), k.index_select(1, kv_idx), vertical_size=vertical_sizes,
+                                 slash_size=slash_sizes, last_q=config.last_q, block_size=bs, causal=False)
+    from ..kernels.minference_index import HAS_GATHER, _backend, last_query_scores_fast, vertical_slash_index_fast
+
+    backend = _backend(backend, q.device)
+    n = min(config.last_q, Lq)
+    q_last = q[:, :, Lq - n:].index_select(1, idx)  # [B, len(heads), n, D]
+    if backend == "triton" and HAS_GATHER:
+        vertical, slash, _ = last_query_scores_fast(q_last, k, n, causal=True, kv_heads=kv)
+    else:  # the reference's fp32 estimation (CPU: the KV heads copied)
+        vertical, slash, _ = last_query_scores(q_last, k.index_select(1, _device_ints(tuple(kv), q.device)), n,
+                                               causal=True)
+    return vertical_slash_index_fast(vertical, slash, vertical_sizes=vertical_sizes, slash_sizes=slash_sizes,
+                                     q_len=Lq, k_len=Lk, block_size=bs, backend=backend)
 
 
 def block_sparse_select_fast(q: torch.Tensor, k: torch.Tensor, *, top_k, block_size: int = 64, causal: bool = True,
@@ -345,9 +373,9 @@ def _as_ranges(index: BlockIndex, width: int) -> torch.Tensor:
     return torch.nn.functional.pad(starts, (0, width - starts.shape[-1]), value=-1)
 
 
-# The block-sparse backend of per-head mixes ("auto": the Triton top-k on CUDA; tests set "triton" to
-# run its into-the-ranges path in the interpreter).
-MIXED_BLOCK_BACKEND = "auto"
+# The backend of per-head mixes' block-sparse and vertical-slash heads ("auto": Triton on CUDA; tests
+# set "triton" to run those paths in the interpreter).
+MIXED_BACKEND = "auto"
 
 
 def _select_head_patterns(q, k, config: MInferenceConfig, causal: bool):
@@ -367,9 +395,9 @@ def _select_head_patterns(q, k, config: MInferenceConfig, causal: bool):
         _, sink, window = patterns[0]
         return a_shape_select(Lq, Lk, B, Hq, sink=sink, window=window, block_size=bs, device=q.device)
 
-    # Vertical-slash for every head (heads of other patterns get the smallest sizes, 30 and 100
-    # after forcing: cheap), then the block patterns overwrite their heads: A-shape from its small
-    # static index, block-sparse written into the ranges by its selection (no index in between).
+    # An index of ranges (-1) and columns (none) for every head, then each kind fills its heads: the
+    # vertical-slash heads' own index copied in, A-shape's small static index as block-aligned
+    # ranges, block-sparse rows written into the ranges by its top-k kernel (no index in between).
     parts: list[tuple[list[int], BlockIndex]] = []
     sparse_heads = [h for h, (p, _, _) in enumerate(patterns) if p == "block_sparse"]
     sparse_top = [patterns[h][1] for h in sparse_heads]
@@ -379,49 +407,34 @@ def _select_head_patterns(q, k, config: MInferenceConfig, causal: bool):
         heads = [h for h, e in enumerate(patterns) if e == ("a_shape", sink, window)]
         parts.append((heads, a_shape_select(Lq, Lk, B, len(heads), sink=sink, window=window, block_size=bs,
                                             device=q.device)))
-    G = Hq // k.shape[1]
     vs_heads = [h for h, (p, _, _) in enumerate(patterns) if p == "vertical_and_slash"]
-    g0, g1 = (vs_heads[0] // G, vs_heads[-1] // G + 1) if vs_heads else (0, 0)
-    if vs_heads and (g0, g1) != (0, k.shape[1]):
-        # Vertical-slash heads within a few KV groups: estimate on those groups only (views of q and
-        # k, no copy), the span's other heads at the smallest sizes; the block patterns overwrite them.
-        sizes = [(v, s) if p == "vertical_and_slash" else (1, 1) for p, v, s in patterns[g0 * G:g1 * G]]
-        vs = _vertical_and_slash(q[:, g0 * G:g1 * G], k[:, g0:g1], [v for v, _ in sizes], [s for _, s in sizes],
-                                 config, causal)
-        nq = -(-Lq // bs)
+    nq = -(-Lq // bs)
+    if vs_heads:
+        # The estimation and index of the vertical-slash heads alone, copied into the table's index.
+        vs = _vertical_and_slash_heads(q, k, vs_heads, [patterns[h][1] for h in vs_heads],
+                                       [patterns[h][2] for h in vs_heads], config, causal)
         width = max([vs.range_starts.shape[-1]] + [i.indices.shape[-1] for _, i in parts] + widths)
-        starts = torch.full((B, Hq, nq, width), -1, dtype=torch.int32, device=q.device)
-        starts[:, g0 * G:g1 * G, :, :vs.range_starts.shape[-1]] = vs.range_starts
-        counts = torch.zeros(B, Hq, nq, dtype=torch.int32, device=q.device)
-        counts[:, g0 * G:g1 * G] = vs.range_counts
-        columns = torch.full((B, Hq, nq, vs.columns.shape[-1]), -1, dtype=torch.int32, device=q.device)
-        columns[:, g0 * G:g1 * G] = vs.columns
-        column_counts = torch.zeros(B, Hq, nq, dtype=torch.int32, device=q.device)
-        column_counts[:, g0 * G:g1 * G] = vs.column_counts
-    elif vs_heads:
-        sizes = [(v, s) if p == "vertical_and_slash" else (1, 1) for p, v, s in patterns]
-        vs = _vertical_and_slash(q, k, [v for v, _ in sizes], [s for _, s in sizes], config, causal)
-        width = max([vs.range_starts.shape[-1]] + [i.indices.shape[-1] for _, i in parts] + widths)
-        starts = vs.range_starts  # the selection's own tensors: written in place below
-        if width > starts.shape[-1]:
-            starts = torch.nn.functional.pad(starts, (0, width - starts.shape[-1]), value=-1)
-        counts, columns, column_counts = vs.range_counts, vs.columns, vs.column_counts
+        width_c = vs.columns.shape[-1]
     else:
-        nq = -(-Lq // bs)
         width = max([i.indices.shape[-1] for _, i in parts] + widths)
-        starts = torch.full((B, Hq, nq, width), -1, dtype=torch.int32, device=q.device)
-        counts = torch.zeros(B, Hq, nq, dtype=torch.int32, device=q.device)
-        columns = torch.full((B, Hq, nq, 1), -1, dtype=torch.int32, device=q.device)
-        column_counts = torch.zeros(B, Hq, nq, dtype=torch.int32, device=q.device)
+        width_c = 1
+    starts = torch.full((B, Hq, nq, width), -1, dtype=torch.int32, device=q.device)
+    counts = torch.zeros(B, Hq, nq, dtype=torch.int32, device=q.device)
+    columns = torch.full((B, Hq, nq, width_c), -1, dtype=torch.int32, device=q.device)
+    column_counts = torch.zeros(B, Hq, nq, dtype=torch.int32, device=q.device)
+    if vs_heads:
+        idx = _device_ints(tuple(vs_heads), q.device)
+        starts.narrow(-1, 0, vs.range_starts.shape[-1]).index_copy_(1, idx, vs.range_starts)
+        counts.index_copy_(1, idx, vs.range_counts)
+        columns.index_copy_(1, idx, vs.columns)
+        column_counts.index_copy_(1, idx, vs.column_counts)
+        vs = None
     for heads, index in parts:
         idx = _device_ints(tuple(heads), q.device)
         starts.index_copy_(1, idx, _as_ranges(index, width))
         counts.index_copy_(1, idx, index.counts)
     if sparse_heads:
-        _block_sparse_rows(q, k, sparse_top, sparse_heads, bs, causal, MIXED_BLOCK_BACKEND, into=(starts, counts))
-    block_heads = _device_ints(tuple(sorted(sparse_heads + [h for heads, _ in parts for h in heads])), q.device)
-    columns.index_fill_(1, block_heads, -1)
-    column_counts.index_fill_(1, block_heads, 0)
+        _block_sparse_rows(q, k, sparse_top, sparse_heads, bs, causal, MIXED_BACKEND, into=(starts, counts))
     return VerticalSlashIndex(starts, counts, columns, column_counts, bs, bs, Lq, Lk)
 
 
@@ -678,12 +691,13 @@ def Minference_prefill(query_states, key_states, value_states, vertical_size=100
 def index_bytes(config: MInferenceConfig, batch: int, q_heads: int, q_len: int, k_len: int, *,
                 head_dim: int = 128, kv_heads: int | None = None) -> int:
     """Bytes ``select_blocks`` holds: the index, from the widths its builders allocate; with
-    vertical-slash heads, the estimation's fp32 score rows (vertical and slash scores and their working
-    copies, ``[B, H, Lk]`` each); with block-sparse heads, ``block_sparse_select_fast``'s fp32 pooled
-    q and k (``head_dim`` wide; ``kv_heads`` defaults to ``q_heads``), one chunk of scores and the
-    chunk's heads of the pools. That is its Triton path (CUDA); the torch path, which CPU tensors
-    and rows over ``MAX_TOP_K_BLOCKS`` blocks take, also holds per-query-head pools and the top-k
-    candidates of a chunk: counted when the rows are that long."""
+    vertical-slash heads, the estimation's fp32 score rows of those heads (vertical and slash scores
+    and their working copies, ``[B, H, Lk]`` each) and, in a mix, their own index; with block-sparse
+    heads, ``block_sparse_select_fast``'s fp32 pooled q and k (``head_dim`` wide; ``kv_heads``
+    defaults to ``q_heads``), one chunk of scores and the chunk's heads of the pools. That is its
+    Triton path (CUDA); the torch path, which CPU tensors and rows over ``MAX_TOP_K_BLOCKS`` blocks
+    take, also holds per-query-head pools and the top-k candidates of a chunk: counted when the
+    rows are that long."""
     bs = config.block_size
     nq, nk = cdiv(q_len, bs), cdiv(k_len, bs)
     kv_heads = q_heads if kv_heads is None else kv_heads
@@ -698,14 +712,16 @@ def index_bytes(config: MInferenceConfig, batch: int, q_heads: int, q_len: int, 
         else:
             patterns = (("vertical_and_slash", config.vertical_size, config.slash_size),)
         patterns = patterns * q_heads
-    width_r = width_c = 1
+    width_r = width_c = width_vs = 1
     estimation = scratch = 0
     sparse = sum(p == "block_sparse" for p, _, _ in patterns)
+    vs_heads = sum(p == "vertical_and_slash" for p, _, _ in patterns)
     for pattern, a, b in set(patterns):
         if pattern == "vertical_and_slash":
             nv, ns = selection_sizes(a, b, k_len, k_len)
-            width_r, width_c = max(width_r, min(2 * ns, nk)), max(width_c, nv)
-            estimation = 16 * batch * q_heads * k_len
+            width_vs, width_c = max(width_vs, min(2 * ns, nk)), max(width_c, nv)
+            width_r = max(width_r, width_vs)
+            estimation = 16 * batch * vs_heads * k_len
         elif pattern == "a_shape":
             width_r = max(width_r, min(nk, cdiv(a, bs) + cdiv(b, bs) + 2))
         else:
@@ -721,6 +737,8 @@ def index_bytes(config: MInferenceConfig, batch: int, q_heads: int, q_len: int, 
                 rows = min(batch * q_heads * nq, max(1, BLOCK_SPARSE_CHUNK_ELEMENTS // nk))
                 pools = 4 * batch * head_dim * (2 * q_heads * nq + q_heads * nk)
                 scratch = max(scratch, pools + 4 * rows * nk + 40 * rows * min(nk, a + 3))
+    if 0 < vs_heads < q_heads:  # a mix: the vertical-slash heads' own index, before it is copied in
+        estimation += 4 * batch * vs_heads * nq * (width_vs + width_c + 2)
     return 4 * batch * q_heads * nq * (width_r + width_c + 2) + estimation + scratch
 
 
