@@ -255,7 +255,8 @@ def _minference_rows(q, k, v, qc, kc, base, dense_out, dense_ms, targets, log) -
         r = run_method(q, k, v, "minference", cfg, dense_out, dense_ms)
         r.update(recall=pick(re_.T, choice).mean().item(), recall_min_head=pick(re_.T, choice).min().item(),
                  calibration_recall=pick(rc.T, choice).mean().item(), cost=pick(ce.T, choice).mean().item(),
-                 patterns={p: sum(str(x) == p for x in patterns) for p in sorted({str(x) for x in patterns})})
+                 patterns={p: sum(str(x) == p for x in patterns) for p in sorted({str(x) for x in patterns})},
+                 table=patterns)
         rows.append({**base, "method": "minference", "config": label, **r})
         log(f"  minference {label}: {r['e2e_ms']:.2f} ms ({r['speedup']:.2f}x), density {100 * r['density']:.1f}%, "
             f"recall {r['recall']:.3f} (calibration {r['calibration_recall']:.3f}), err {r['rel_err']:.3f}; "

@@ -15,6 +15,8 @@ TAIL=8 step gputests 300 python3 -m pytest -q -m gpu tests/test_minference.py te
 TAIL=30 step top-k 120 python3 benchmarks/bench_block_top_k.py --out "$OUT/block-top-k-$RUN.json"
 TAIL=40 step select-profile 240 python3 benchmarks/profile_minference_select.py \
   --out "$OUT/minference-select-profile-$RUN.json"
+# Run 21d: a memory-bounded call's selection, host and GPU, packed and uniform chunks.
+TAIL=45 step call-profile 300 python3 benchmarks/profile_minference_call.py --out "$OUT/minference-call-profile-$RUN.json"
 # MInference at equal fidelity (held-out calibration, extended candidates), seeds L, 1, 2, 128K.
 TAIL=30 step minf-extended 560 python3 benchmarks/bench_calibrated_methods.py --length 131072 --seeds L,1,2 \
   --methods minference --candidates extended --out "$OUT/calibrated-minference-extended-$RUN.json"

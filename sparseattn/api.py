@@ -215,11 +215,16 @@ def _needs_grad(*tensors) -> bool:
     return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
 
+# False: uniform chunks of ``kv_heads_per_chunk`` KV heads even where a method's heads differ (an A/B
+# switch for benchmarks/profile_minference_call.py).
+PACK_CHUNKS = True
+
+
 def _chunk_bounds(spec, cfg, q, k, v, per_chunk: int) -> list[tuple[int, int]]:
     Hkv = k.shape[1]
     if spec.chunk_bounds is not None:
         return spec.chunk_bounds(cfg, Hkv, per_chunk)
-    if spec.head_slice is not None:  # heads may differ: chunks packed by their own bytes
+    if spec.head_slice is not None and PACK_CHUNKS:  # heads may differ: chunks packed by their own bytes
         return packed_chunk_bounds(spec, cfg, q, k, v)
     return [(g0, min(Hkv, g0 + per_chunk)) for g0 in range(0, Hkv, per_chunk)]
 
