@@ -429,9 +429,9 @@ def _select_head_patterns(q, k, config: MInferenceConfig, causal: bool):
         columns.index_copy_(1, idx, vs.columns)
         column_counts.index_copy_(1, idx, vs.column_counts)
         vs = None
-    for heads, index in parts:
+    for heads, index in parts:  # only the part's own width: the rest of each row is already -1
         idx = _device_ints(tuple(heads), q.device)
-        starts.index_copy_(1, idx, _as_ranges(index, width))
+        starts.narrow(-1, 0, index.indices.shape[-1]).index_copy_(1, idx, _as_ranges(index, index.indices.shape[-1]))
         counts.index_copy_(1, idx, index.counts)
     if sparse_heads:
         _block_sparse_rows(q, k, sparse_top, sparse_heads, bs, causal, MIXED_BACKEND, into=(starts, counts))
