@@ -231,6 +231,9 @@ def _chunk_bounds(spec, cfg, q, k, v, per_chunk: int) -> list[tuple[int, int]]:
 
 def _chunk_selections(q, k, spec, cfg, bounds, causal: bool):
     """``(g0, g1, index)`` per chunk of KV heads ``[g0, g1)``: the selection of its query heads."""
+    if spec.select_chunks is not None:
+        yield from spec.select_chunks(q, k, cfg, bounds, causal=causal)
+        return
     G = q.shape[1] // k.shape[1]
     for g0, g1 in bounds:
         h0, h1 = g0 * G, g1 * G

@@ -414,7 +414,7 @@ def test_head_patterns_mix_patterns_per_head(patterns, block_backend, monkeypatc
     # "triton": the block-sparse heads' rows are written into the ranges by the top-k kernel.
     import sparseattn.methods.minference as minference
 
-    monkeypatch.setattr(minference, "MIXED_BACKEND", block_backend)
+    monkeypatch.setattr(minference, "SELECT_BACKEND", block_backend)
     q, k, v = make_qkv(2, 6, 3, 200, 250, 32, seed=9)
     cfg = MInferenceConfig(head_patterns=patterns, block_size=32, last_q=32)
     if patterns is HEAD_PATTERNS:
@@ -430,6 +430,34 @@ def test_head_patterns_mix_patterns_per_head(patterns, block_backend, monkeypatc
     assert ((out - want).norm() / want.norm()).item() < 1e-5
     api = Minference_prefill(q, k, v, head_patterns=patterns, last_q=32)
     assert api.shape == q.shape and torch.isfinite(api).all()
+
+
+@pytest.mark.parametrize("select_backend", ["torch", "triton"])
+def test_chunked_vertical_slash_call_estimates_once(select_backend, monkeypatch):
+    """A memory-bounded call (one KV head per chunk) estimates and builds the tables of all heads
+    once, then fills each chunk's index: the chunks' indices are the whole selection's, head for head."""
+    import sparseattn.kernels.minference_index as kernels
+    import sparseattn.methods.minference as minference
+    from sparseattn import api
+    from sparseattn.api import selection_chunks
+
+    monkeypatch.setattr(minference, "SELECT_BACKEND", select_backend)
+    q, k, v = make_qkv(2, 6, 3, 200, 200, 32, seed=12)
+    options = dict(vertical_size=16, slash_size=40, last_q=16, block_size=32)
+    whole_index = select_blocks(q, k, MInferenceConfig(**options))
+    whole = sparse_attention(q, k, v, method="minference", **options)
+    calls = []
+    tables = kernels._tables
+    monkeypatch.setattr(kernels, "_tables", lambda *a, **kw: calls.append(1) or tables(*a, **kw))
+    monkeypatch.setattr(api, "INDEX_BUDGET_FLOOR", 0)
+    monkeypatch.setattr(api, "INDEX_BUDGET", 1e-9)  # one KV head (2 query heads) per chunk
+    chunks = list(selection_chunks(q, k, v, "minference", **options))
+    assert [(g0, g1) for g0, g1, _ in chunks] == [(0, 1), (1, 2), (2, 3)] and len(calls) == 1
+    for g0, g1, index in chunks:
+        for name in INDEX_FIELDS:
+            assert torch.equal(getattr(index, name), getattr(whole_index, name)[:, 2 * g0:2 * g1]), (g0, name)
+    chunked = sparse_attention(q, k, v, method="minference", **options)
+    assert len(calls) == 2 and torch.equal(chunked, whole)
 
 
 def test_head_patterns_single_kind_and_validation():

@@ -70,6 +70,7 @@ falls back to the reference's (torch) sums.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import os
@@ -89,7 +90,8 @@ from ..reference.minference import (
 )
 from ..reference.xattention import check_qk
 
-__all__ = ["block_top_k_", "last_query_scores_fast", "minference_select_fast", "vertical_slash_index_fast"]
+__all__ = ["VerticalSlashTables", "block_top_k_", "fill_vertical_slash_index", "last_query_scores_fast",
+           "minference_select_fast", "minference_tables_fast", "vertical_slash_index_fast", "vertical_slash_tables"]
 
 LOG2E = 1.4426950408889634
 _BIG_OFFSET = 1 << 40  # sorts after every real offset; gaps to it start a new (empty) cluster
@@ -589,6 +591,72 @@ def _backend(backend: str, device: torch.device) -> str:
     return backend
 
 
+@dataclasses.dataclass
+class VerticalSlashTables:
+    """What a vertical-slash index is built from, for every head: the kept keys, the cluster tables
+    and each query block's closed-form parameters (``[B, H, ...]``, small next to the index).
+    ``fill_vertical_slash_index`` writes the index of any range of heads from them."""
+
+    params: torch.Tensor  # [B, H, nq, 8] int32
+    tiles: torch.Tensor  # [B, H, 2 max ns] int32
+    cluster_map: torch.Tensor  # [B, H, Lk] int32
+    keys: torch.Tensor  # [B, H, max nv] int32, ascending, _BIG_KEY padded
+    width_r: int
+    q_len: int
+    k_len: int
+    block_size: int
+
+
+def vertical_slash_tables(vertical: torch.Tensor, slash: torch.Tensor, *, vertical_sizes, slash_sizes,
+                          q_len: int, k_len: int, block_size: int, overwrite: bool = False) -> VerticalSlashTables:
+    """Top-k keys and offsets and the cluster tables of ``vertical_slash_index_fast`` (its arguments).
+    ``overwrite``: force the first keys and offsets in the given score tensors (no copies of them)."""
+    B, H, Lk = vertical.shape
+    if Lk != k_len or tuple(slash.shape) != (B, H, Lk):
+        raise ValueError(f"vertical {tuple(vertical.shape)} and slash {tuple(slash.shape)} must be [B, H, k_len={k_len}]"
+                         " (causal offsets 0..k_len-1)")
+    bs = block_size
+    v_sizes = per_head_sizes("vertical_size", vertical_sizes, H)
+    s_sizes = per_head_sizes("slash_size", slash_sizes, H)
+    sizes = [selection_sizes(v, s, Lk, Lk) for v, s in zip(v_sizes, s_sizes)]
+    nv = [a for a, _ in sizes]
+    ns = [b for _, b in sizes]
+    if not overwrite:
+        vertical, slash = vertical.clone(), slash.clone()
+    vertical[..., :FORCED_VERTICALS] = float("inf")
+    slash[..., :FORCED_SLASHES] = float("inf")
+    keys = _top_sorted(vertical, nv, _BIG_KEY).to(torch.int32).contiguous()  # [B, H, max nv]
+    offsets = _top_sorted(slash, ns, _BIG_OFFSET).contiguous()  # [B, H, max ns]
+    vertical = slash = None
+    cid, o_min, n_before, n_tiles, tiles, cluster_map = _cluster_tables(offsets, bs, Lk)
+    params = _block_params(offsets, cid, o_min, n_before, n_tiles, q_len, Lk, bs)
+    return VerticalSlashTables(params, tiles, cluster_map, keys, min(2 * max(ns), cdiv(Lk, bs)), q_len, Lk, bs)
+
+
+def fill_vertical_slash_index(tables: VerticalSlashTables, heads: slice = slice(None), *,
+                              backend: str = "auto") -> VerticalSlashIndex:
+    """The ``VerticalSlashIndex`` of heads ``heads`` (a slice) from ``tables``: one Triton launch
+    (``backend="triton"``), or the torch equivalent."""
+    t = tables
+    params, tiles, cluster_map, keys = (x[:, heads].contiguous() for x in (t.params, t.tiles, t.cluster_map, t.keys))
+    B, H, nq, _ = params.shape
+    bs, width_r, width_c, device = t.block_size, t.width_r, keys.shape[-1], params.device
+    if _backend(backend, device) == "torch":
+        return VerticalSlashIndex(*_fill_index_torch(params, tiles, cluster_map, keys, width_r, bs), bs, bs,
+                                  t.q_len, t.k_len)
+    range_starts = _alloc(B, H, nq, width_r, dtype=torch.int32, device=device)
+    range_counts = _alloc(B, H, nq, dtype=torch.int32, device=device)
+    columns = _alloc(B, H, nq, width_c, dtype=torch.int32, device=device)
+    column_counts = _alloc(B, H, nq, dtype=torch.int32, device=device)
+    small = _interpreting() or device.type == "cpu"
+    _fill_index_kernel[(B * H, nq)](
+        params, tiles, cluster_map, keys, range_starts, range_counts, columns, column_counts,
+        nq, width_r, width_c, tiles.shape[-1], t.k_len,
+        BS=bs, BLOCK_R=min(256 if not small else 32, _pow2(width_r)), BLOCK_C=min(256 if not small else 32, _pow2(width_c)),
+        num_warps=4)
+    return VerticalSlashIndex(range_starts, range_counts, columns, column_counts, bs, bs, t.q_len, t.k_len)
+
+
 def vertical_slash_index_fast(vertical: torch.Tensor, slash: torch.Tensor, *, vertical_sizes, slash_sizes,
                               q_len: int, k_len: int, block_size: int, backend: str = "auto") -> VerticalSlashIndex:
     """Causal index from estimation scores; equal to ``reference.vertical_slash_index_from_scores``.
@@ -605,40 +673,9 @@ def vertical_slash_index_fast(vertical: torch.Tensor, slash: torch.Tensor, *, ve
     Returns:
         ``VerticalSlashIndex``: ranges width ``min(2 max ns, nk)``, columns width ``max nv``.
     """
-    B, H, Lk = vertical.shape
-    if Lk != k_len or tuple(slash.shape) != (B, H, Lk):
-        raise ValueError(f"vertical {tuple(vertical.shape)} and slash {tuple(slash.shape)} must be [B, H, k_len={k_len}]"
-                         " (causal offsets 0..k_len-1)")
-    bs, device = block_size, vertical.device
-    v_sizes = per_head_sizes("vertical_size", vertical_sizes, H)
-    s_sizes = per_head_sizes("slash_size", slash_sizes, H)
-    sizes = [selection_sizes(v, s, Lk, Lk) for v, s in zip(v_sizes, s_sizes)]
-    nv = [a for a, _ in sizes]
-    ns = [b for _, b in sizes]
-    vertical, slash = vertical.clone(), slash.clone()
-    vertical[..., :FORCED_VERTICALS] = float("inf")
-    slash[..., :FORCED_SLASHES] = float("inf")
-    keys = _top_sorted(vertical, nv, _BIG_KEY).to(torch.int32).contiguous()  # [B, H, max nv]
-    offsets = _top_sorted(slash, ns, _BIG_OFFSET).contiguous()  # [B, H, max ns]
-
-    cid, o_min, n_before, n_tiles, tiles, cluster_map = _cluster_tables(offsets, bs, Lk)
-    params = _block_params(offsets, cid, o_min, n_before, n_tiles, q_len, Lk, bs)
-
-    nq, nk = cdiv(q_len, bs), cdiv(Lk, bs)
-    width_r, width_c = min(2 * max(ns), nk), keys.shape[-1]
-    if _backend(backend, device) == "torch":
-        return VerticalSlashIndex(*_fill_index_torch(params, tiles, cluster_map, keys, width_r, bs), bs, bs, q_len, Lk)
-    range_starts = _alloc(B, H, nq, width_r, dtype=torch.int32, device=device)
-    range_counts = _alloc(B, H, nq, dtype=torch.int32, device=device)
-    columns = _alloc(B, H, nq, width_c, dtype=torch.int32, device=device)
-    column_counts = _alloc(B, H, nq, dtype=torch.int32, device=device)
-    small = _interpreting() or device.type == "cpu"
-    _fill_index_kernel[(B * H, nq)](
-        params, tiles, cluster_map, keys, range_starts, range_counts, columns, column_counts,
-        nq, width_r, width_c, tiles.shape[-1], Lk,
-        BS=bs, BLOCK_R=min(256 if not small else 32, _pow2(width_r)), BLOCK_C=min(256 if not small else 32, _pow2(width_c)),
-        num_warps=4)
-    return VerticalSlashIndex(range_starts, range_counts, columns, column_counts, bs, bs, q_len, Lk)
+    tables = vertical_slash_tables(vertical, slash, vertical_sizes=vertical_sizes, slash_sizes=slash_sizes,
+                                   q_len=q_len, k_len=k_len, block_size=block_size)
+    return fill_vertical_slash_index(tables, backend=backend)
 
 
 def minference_select_fast(q: torch.Tensor, k: torch.Tensor, *, vertical_size=1000, slash_size=6096,
@@ -677,9 +714,25 @@ def minference_select_fast(q: torch.Tensor, k: torch.Tensor, *, vertical_size=10
     if adaptive_budget is not None:
         vertical_size, slash_size = adaptive_sizes(adaptive_budget, Lk)
     backend = _backend(backend, q.device)
-    if backend == "triton" and HAS_GATHER:
-        vertical, slash, _ = last_query_scores_fast(q, k, min(last_q, Lq), causal=True)
-    else:
-        vertical, slash, _ = last_query_scores(q, k, min(last_q, Lq), causal=True)  # fp32 torch (exact)
-    return vertical_slash_index_fast(vertical, slash, vertical_sizes=vertical_size, slash_sizes=slash_size,
-                                     q_len=Lq, k_len=Lk, block_size=block_size, backend=backend)
+    tables = _tables(q, k, vertical_size, slash_size, last_q, block_size, backend)
+    return fill_vertical_slash_index(tables, backend=backend)
+
+
+def minference_tables_fast(q: torch.Tensor, k: torch.Tensor, *, vertical_size=1000, slash_size=6096,
+                           adaptive_budget: float | None = None, last_q: int = 64, block_size: int = 64,
+                           backend: str = "auto") -> VerticalSlashTables:
+    """``minference_select_fast`` up to the index: the estimation, top-k and cluster tables of every
+    head (the ~240 small launches of a selection), from which ``fill_vertical_slash_index`` writes
+    any range of heads' index in one launch (a memory-bounded call fills one chunk of heads at a time)."""
+    B, Hq, Hkv, Lq, Lk, D = check_qk(q, k, "minference_tables_fast")
+    if adaptive_budget is not None:
+        vertical_size, slash_size = adaptive_sizes(adaptive_budget, Lk)
+    return _tables(q, k, vertical_size, slash_size, last_q, block_size, _backend(backend, q.device))
+
+
+def _tables(q, k, vertical_size, slash_size, last_q: int, block_size: int, backend: str) -> VerticalSlashTables:
+    Lq, Lk = q.shape[2], k.shape[2]
+    scores = last_query_scores_fast if backend == "triton" and HAS_GATHER else last_query_scores  # fp32 torch (exact)
+    # The scores are ours: forced in place, and freed once their top-k is taken.
+    return vertical_slash_tables(*scores(q, k, min(last_q, Lq), causal=True)[:2], vertical_sizes=vertical_size,
+                                 slash_sizes=slash_size, q_len=Lq, k_len=Lk, block_size=block_size, overwrite=True)

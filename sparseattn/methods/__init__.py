@@ -44,6 +44,9 @@ class MethodSpec:
     default: the same config). ``chunk_bounds(config, kv_heads, per_chunk)`` lists the KV-head
     ranges ``[(g0, g1), ...]`` of a chunked call, each at most ``per_chunk`` heads (default: equal
     consecutive ranges); a method whose heads run on different paths can keep each chunk uniform.
+    ``select_chunks(q, k, config, bounds, *, causal)`` yields ``(g0, g1, index)`` for each KV-head
+    range of ``bounds`` (default: ``select`` on each chunk's heads and ``head_slice`` config); a
+    method can share work between the chunks of one call (MInference estimates once).
     """
 
     name: str
@@ -53,6 +56,7 @@ class MethodSpec:
     index_bytes: Callable[..., int] | None = None
     head_slice: Callable[..., Any] | None = None
     chunk_bounds: Callable[..., list] | None = None
+    select_chunks: Callable[..., Any] | None = None
 
 
 METHODS: dict[str, MethodSpec] = {}
@@ -61,7 +65,8 @@ METHODS: dict[str, MethodSpec] = {}
 def register_method(name: str, select: Callable[..., Any], config_cls: type | None = None, *,
                     description: str = "", overwrite: bool = False, index_bytes: Callable[..., int] | None = None,
                     head_slice: Callable[..., Any] | None = None,
-                    chunk_bounds: Callable[..., list] | None = None) -> MethodSpec:
+                    chunk_bounds: Callable[..., list] | None = None,
+                    select_chunks: Callable[..., Any] | None = None) -> MethodSpec:
     """Register ``select`` under ``name``.
 
     Args:
@@ -73,8 +78,8 @@ def register_method(name: str, select: Callable[..., Any], config_cls: type | No
             ``sparse_attention`` are its fields.
         description: one line for ``sparseattn`` listings.
         overwrite: replace an existing method of that name (otherwise that is an error).
-        index_bytes, head_slice, chunk_bounds: optional, see :class:`MethodSpec` (memory-bounded
-            head chunks).
+        index_bytes, head_slice, chunk_bounds, select_chunks: optional, see :class:`MethodSpec`
+            (memory-bounded head chunks).
     """
     if not isinstance(name, str) or not name.isidentifier():
         raise ValueError(f"method name must be an identifier string, got {name!r}")
@@ -82,10 +87,12 @@ def register_method(name: str, select: Callable[..., Any], config_cls: type | No
         raise TypeError(f"select for method {name!r} must be callable, got {type(select).__name__}")
     if name in METHODS and not overwrite:
         raise ValueError(f"method {name!r} is already registered; pass overwrite=True to replace it")
-    for hook_name, hook in (("index_bytes", index_bytes), ("head_slice", head_slice), ("chunk_bounds", chunk_bounds)):
+    hooks = (("index_bytes", index_bytes), ("head_slice", head_slice), ("chunk_bounds", chunk_bounds),
+             ("select_chunks", select_chunks))
+    for hook_name, hook in hooks:
         if hook is not None and not callable(hook):
             raise TypeError(f"{hook_name} for method {name!r} must be callable, got {type(hook).__name__}")
-    spec = MethodSpec(name, select, config_cls, description, index_bytes, head_slice, chunk_bounds)
+    spec = MethodSpec(name, select, config_cls, description, index_bytes, head_slice, chunk_bounds, select_chunks)
     METHODS[name] = spec
     return spec
 

@@ -161,7 +161,7 @@ def _vertical_and_slash_heads(q, k, heads, vertical_sizes, slash_sizes, config: 
     KV heads (no copy of k), so its cost follows the vertical-slash heads, not the KV groups they span."""
     B, Hq, Lq, D = q.shape
     Lk, G, bs = k.shape[2], Hq // k.shape[1], config.block_size
-    backend = MIXED_BACKEND if backend is None else backend
+    backend = SELECT_BACKEND if backend is None else backend
     kv = [h // G for h in heads]
     idx = _device_ints(tuple(heads), q.device)
     if not causal:  # the fp32 reference (as for whole-head vertical-slash selections)
@@ -373,9 +373,9 @@ def _as_ranges(index: BlockIndex, width: int) -> torch.Tensor:
     return torch.nn.functional.pad(starts, (0, width - starts.shape[-1]), value=-1)
 
 
-# The backend of per-head mixes' block-sparse and vertical-slash heads ("auto": Triton on CUDA; tests
-# set "triton" to run those paths in the interpreter).
-MIXED_BACKEND = "auto"
+# The backend of per-head mixes' block-sparse and vertical-slash heads and of chunked vertical-slash
+# calls ("auto": Triton on CUDA; tests set "triton" to run those paths in the interpreter).
+SELECT_BACKEND = "auto"
 
 
 def _select_head_patterns(q, k, config: MInferenceConfig, causal: bool):
@@ -434,7 +434,7 @@ def _select_head_patterns(q, k, config: MInferenceConfig, causal: bool):
         starts.narrow(-1, 0, index.indices.shape[-1]).index_copy_(1, idx, _as_ranges(index, index.indices.shape[-1]))
         counts.index_copy_(1, idx, index.counts)
     if sparse_heads:
-        _block_sparse_rows(q, k, sparse_top, sparse_heads, bs, causal, MIXED_BACKEND, into=(starts, counts))
+        _block_sparse_rows(q, k, sparse_top, sparse_heads, bs, causal, SELECT_BACKEND, into=(starts, counts))
     return VerticalSlashIndex(starts, counts, columns, column_counts, bs, bs, Lq, Lk)
 
 
@@ -757,5 +757,29 @@ def head_slice(config: MInferenceConfig, start: int, stop: int, group: int) -> M
     return config
 
 
+def select_chunks(q: torch.Tensor, k: torch.Tensor, config: MInferenceConfig, bounds, *, causal: bool = True):
+    """``(g0, g1, index)`` per chunk of KV heads of a memory-bounded call (``sparse_attention``).
+
+    A vertical-and-slash config (one pattern for every head, causal) estimates, takes the top-k and
+    builds the cluster tables of all heads once (``minference_tables_fast``: small next to the
+    index), then writes each chunk's index in one launch; a selection's ~240 small launches are paid
+    once per call instead of once per chunk. Other configs select chunk by chunk."""
+    G = q.shape[1] // k.shape[1]
+    if not config.head_patterns and config.pattern == "vertical_and_slash" and causal:
+        from ..kernels.minference_index import _backend, fill_vertical_slash_index, minference_tables_fast
+
+        backend = _backend(SELECT_BACKEND, q.device)
+        tables = minference_tables_fast(q, k, vertical_size=config.vertical_size, slash_size=config.slash_size,
+                                        adaptive_budget=config.adaptive_budget, last_q=config.last_q,
+                                        block_size=config.block_size, backend=backend)
+        for g0, g1 in bounds:
+            yield g0, g1, fill_vertical_slash_index(tables, slice(g0 * G, g1 * G), backend=backend)
+        return
+    for g0, g1 in bounds:
+        yield g0, g1, select_blocks(q[:, g0 * G:g1 * G], k[:, g0:g1], head_slice(config, g0 * G, g1 * G, G),
+                                    causal=causal)
+
+
 register_method("minference", select_blocks, MInferenceConfig, index_bytes=index_bytes, head_slice=head_slice,
+                select_chunks=select_chunks,
                 description="vertical-slash / A-shape / block-sparse head patterns (Jiang et al. 2024)")
