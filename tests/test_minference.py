@@ -432,10 +432,12 @@ def test_head_patterns_mix_patterns_per_head(patterns, block_backend, monkeypatc
     assert api.shape == q.shape and torch.isfinite(api).all()
 
 
+@pytest.mark.parametrize("per_head", [False, True, "mix"], ids=["one-config", "head-patterns", "mix"])
 @pytest.mark.parametrize("select_backend", ["torch", "triton"])
-def test_chunked_vertical_slash_call_estimates_once(select_backend, monkeypatch):
+def test_chunked_vertical_slash_call_estimates_once(select_backend, per_head, monkeypatch):
     """A memory-bounded call (one KV head per chunk) estimates and builds the tables of all heads
-    once, then fills each chunk's index: the chunks' indices are the whole selection's, head for head."""
+    once, then fills each chunk's index: the chunks' indices are the whole selection's, head for head
+    (also for a per-head table of vertical-slash heads of different sizes)."""
     import sparseattn.kernels.minference_index as kernels
     import sparseattn.methods.minference as minference
     from sparseattn import api
@@ -444,18 +446,27 @@ def test_chunked_vertical_slash_call_estimates_once(select_backend, monkeypatch)
     monkeypatch.setattr(minference, "SELECT_BACKEND", select_backend)
     q, k, v = make_qkv(2, 6, 3, 200, 200, 32, seed=12)
     options = dict(vertical_size=16, slash_size=40, last_q=16, block_size=32)
+    if per_head:
+        options = dict(last_q=16, block_size=32, head_patterns=[["vertical_and_slash", 8 * (h + 1), 20 + 10 * h]
+                                                                for h in range(6)])
+    if per_head == "mix":  # vertical-slash heads in KV heads 0 and 2, block patterns elsewhere
+        options["head_patterns"][1] = ["block_sparse", 2, 0]
+        options["head_patterns"][2:4] = [["a_shape", 32, 64], ["block_sparse", 1, 0]]
     whole_index = select_blocks(q, k, MInferenceConfig(**options))
     whole = sparse_attention(q, k, v, method="minference", **options)
     calls = []
-    tables = kernels._tables
-    monkeypatch.setattr(kernels, "_tables", lambda *a, **kw: calls.append(1) or tables(*a, **kw))
+    tables = kernels.vertical_slash_tables
+    monkeypatch.setattr(kernels, "vertical_slash_tables", lambda *a, **kw: calls.append(1) or tables(*a, **kw))
     monkeypatch.setattr(api, "INDEX_BUDGET_FLOOR", 0)
     monkeypatch.setattr(api, "INDEX_BUDGET", 1e-9)  # one KV head (2 query heads) per chunk
     chunks = list(selection_chunks(q, k, v, "minference", **options))
     assert [(g0, g1) for g0, g1, _ in chunks] == [(0, 1), (1, 2), (2, 3)] and len(calls) == 1
+    whole_mask = whole_index.to_element_mask()
     for g0, g1, index in chunks:
-        for name in INDEX_FIELDS:
-            assert torch.equal(getattr(index, name), getattr(whole_index, name)[:, 2 * g0:2 * g1]), (g0, name)
+        assert torch.equal(index.to_element_mask(), whole_mask[:, 2 * g0:2 * g1]), g0
+        if per_head != "mix":  # entry for entry (a mix's chunks may be narrower, or block indices)
+            for name in INDEX_FIELDS:
+                assert torch.equal(getattr(index, name), getattr(whole_index, name)[:, 2 * g0:2 * g1]), (g0, name)
     chunked = sparse_attention(q, k, v, method="minference", **options)
     assert len(calls) == 2 and torch.equal(chunked, whole)
 

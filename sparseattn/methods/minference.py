@@ -159,8 +159,7 @@ def _vertical_and_slash_heads(q, k, heads, vertical_sizes, slash_sizes, config: 
     """The vertical-slash index of query heads ``heads`` only (``len(heads)`` heads): the estimation
     reads those heads' last ``last_q`` rows (a copy of ``[B, len(heads), last_q, D]``) against their
     KV heads (no copy of k), so its cost follows the vertical-slash heads, not the KV groups they span."""
-    B, Hq, Lq, D = q.shape
-    Lk, G, bs = k.shape[2], Hq // k.shape[1], config.block_size
+    G, bs = q.shape[1] // k.shape[1], config.block_size
     backend = SELECT_BACKEND if backend is None else backend
     kv = [h // G for h in heads]
     idx = _device_ints(tuple(heads), q.device)
@@ -168,18 +167,29 @@ def _vertical_and_slash_heads(q, k, heads, vertical_sizes, slash_sizes, config: 
         kv_idx = _device_ints(tuple(kv), q.device)
         return minference_select(q.index_select(1, idx), k.index_select(1, kv_idx), vertical_size=vertical_sizes,
                                  slash_size=slash_sizes, last_q=config.last_q, block_size=bs, causal=False)
-    from ..kernels.minference_index import HAS_GATHER, _backend, last_query_scores_fast, vertical_slash_index_fast
+    from ..kernels.minference_index import _backend, fill_vertical_slash_index
 
     backend = _backend(backend, q.device)
+    tables = _vertical_and_slash_tables(q, k, heads, vertical_sizes, slash_sizes, config, backend)
+    return fill_vertical_slash_index(tables, backend=backend)
+
+
+def _vertical_and_slash_tables(q, k, heads, vertical_sizes, slash_sizes, config: MInferenceConfig, backend: str):
+    """``_vertical_and_slash_heads`` (causal) up to the index: the tables of heads ``heads``."""
+    from ..kernels.minference_index import HAS_GATHER, last_query_scores_fast, vertical_slash_tables
+
+    B, Hq, Lq, D = q.shape
+    Lk, G = k.shape[2], Hq // k.shape[1]
+    kv = [h // G for h in heads]
     n = min(config.last_q, Lq)
-    q_last = q[:, :, Lq - n:].index_select(1, idx)  # [B, len(heads), n, D]
+    q_last = q[:, :, Lq - n:].index_select(1, _device_ints(tuple(heads), q.device))  # [B, len(heads), n, D]
     if backend == "triton" and HAS_GATHER:
         vertical, slash, _ = last_query_scores_fast(q_last, k, n, causal=True, kv_heads=kv)
     else:  # the reference's fp32 estimation (CPU: the KV heads copied)
         vertical, slash, _ = last_query_scores(q_last, k.index_select(1, _device_ints(tuple(kv), q.device)), n,
                                                causal=True)
-    return vertical_slash_index_fast(vertical, slash, vertical_sizes=vertical_sizes, slash_sizes=slash_sizes,
-                                     q_len=Lq, k_len=Lk, block_size=bs, backend=backend)
+    return vertical_slash_tables(vertical, slash, vertical_sizes=vertical_sizes, slash_sizes=slash_sizes,
+                                 q_len=Lq, k_len=Lk, block_size=config.block_size, overwrite=True)
 
 
 def block_sparse_select_fast(q: torch.Tensor, k: torch.Tensor, *, top_k, block_size: int = 64, causal: bool = True,
@@ -378,9 +388,11 @@ def _as_ranges(index: BlockIndex, width: int) -> torch.Tensor:
 SELECT_BACKEND = "auto"
 
 
-def _select_head_patterns(q, k, config: MInferenceConfig, causal: bool):
+def _select_head_patterns(q, k, config: MInferenceConfig, causal: bool,
+                          vs_index: VerticalSlashIndex | None = None):
     """One index for heads of different patterns: a ``VerticalSlashIndex`` whose block-pattern heads have
-    block-aligned ranges and no columns (no per-head Python loop: one call per pattern kind)."""
+    block-aligned ranges and no columns (no per-head Python loop: one call per pattern kind).
+    ``vs_index``: the vertical-slash heads' index, already built (``select_chunks``)."""
     B, Hq, Lq, _ = q.shape
     Lk, bs = k.shape[2], config.block_size
     patterns = config.head_patterns
@@ -388,6 +400,8 @@ def _select_head_patterns(q, k, config: MInferenceConfig, causal: bool):
         raise ValueError(f"head_patterns has {len(patterns)} entries, but the query has {Hq} heads")
     kinds = {p for p, _, _ in patterns}
     if kinds == {"vertical_and_slash"}:
+        if vs_index is not None:
+            return vs_index
         return _vertical_and_slash(q, k, [v for _, v, _ in patterns], [s for _, _, s in patterns], config, causal)
     if kinds == {"block_sparse"}:
         return _block_sparse(q, k, [v for _, v, _ in patterns], config, causal)
@@ -411,8 +425,8 @@ def _select_head_patterns(q, k, config: MInferenceConfig, causal: bool):
     nq = -(-Lq // bs)
     if vs_heads:
         # The estimation and index of the vertical-slash heads alone, copied into the table's index.
-        vs = _vertical_and_slash_heads(q, k, vs_heads, [patterns[h][1] for h in vs_heads],
-                                       [patterns[h][2] for h in vs_heads], config, causal)
+        vs = vs_index if vs_index is not None else _vertical_and_slash_heads(
+            q, k, vs_heads, [patterns[h][1] for h in vs_heads], [patterns[h][2] for h in vs_heads], config, causal)
         width = max([vs.range_starts.shape[-1]] + [i.indices.shape[-1] for _, i in parts] + widths)
         width_c = vs.columns.shape[-1]
     else:
@@ -760,20 +774,42 @@ def head_slice(config: MInferenceConfig, start: int, stop: int, group: int) -> M
 def select_chunks(q: torch.Tensor, k: torch.Tensor, config: MInferenceConfig, bounds, *, causal: bool = True):
     """``(g0, g1, index)`` per chunk of KV heads of a memory-bounded call (``sparse_attention``).
 
-    A vertical-and-slash config (one pattern for every head, causal) estimates, takes the top-k and
+    A vertical-and-slash config (every head vertical-and-slash, causal) estimates, takes the top-k and
     builds the cluster tables of all heads once (``minference_tables_fast``: small next to the
     index), then writes each chunk's index in one launch; a selection's ~240 small launches are paid
-    once per call instead of once per chunk. Other configs select chunk by chunk."""
+    once per call instead of once per chunk. A per-head mix does the same for its vertical-slash
+    heads and selects its block-pattern heads chunk by chunk. Non-causal calls select chunk by chunk."""
     G = q.shape[1] // k.shape[1]
-    if not config.head_patterns and config.pattern == "vertical_and_slash" and causal:
+    patterns = config.head_patterns
+    if causal and (all(p == "vertical_and_slash" for p, _, _ in patterns) if patterns
+                   else config.pattern == "vertical_and_slash"):
         from ..kernels.minference_index import _backend, fill_vertical_slash_index, minference_tables_fast
 
         backend = _backend(SELECT_BACKEND, q.device)
-        tables = minference_tables_fast(q, k, vertical_size=config.vertical_size, slash_size=config.slash_size,
-                                        adaptive_budget=config.adaptive_budget, last_q=config.last_q,
-                                        block_size=config.block_size, backend=backend)
+        sizes = ([v for _, v, _ in patterns], [s for _, _, s in patterns]) if patterns else (
+            config.vertical_size, config.slash_size)
+        tables = minference_tables_fast(q, k, vertical_size=sizes[0], slash_size=sizes[1],
+                                        adaptive_budget=None if patterns else config.adaptive_budget,
+                                        last_q=config.last_q, block_size=config.block_size, backend=backend)
         for g0, g1 in bounds:
             yield g0, g1, fill_vertical_slash_index(tables, slice(g0 * G, g1 * G), backend=backend)
+        return
+    vs_heads = [h for h, (p, _, _) in enumerate(patterns) if p == "vertical_and_slash"]
+    if causal and vs_heads:
+        # A mix: its vertical-slash heads' tables once, each chunk's rows of them filled per chunk.
+        from ..kernels.minference_index import _backend, fill_vertical_slash_index
+
+        backend = _backend(SELECT_BACKEND, q.device)
+        tables = _vertical_and_slash_tables(q, k, vs_heads, [patterns[h][1] for h in vs_heads],
+                                            [patterns[h][2] for h in vs_heads], config, backend)
+        for g0, g1 in bounds:
+            h0, h1 = g0 * G, g1 * G
+            rows = [i for i, h in enumerate(vs_heads) if h0 <= h < h1]  # consecutive
+            vs_index = None
+            if rows:
+                vs_index = fill_vertical_slash_index(tables, slice(rows[0], rows[-1] + 1), backend=backend)
+            yield g0, g1, _select_head_patterns(q[:, h0:h1], k[:, g0:g1], head_slice(config, h0, h1, G), causal,
+                                                vs_index=vs_index)
         return
     for g0, g1 in bounds:
         yield g0, g1, select_blocks(q[:, g0 * G:g1 * G], k[:, g0:g1], head_slice(config, g0 * G, g1 * G, G),
