@@ -601,7 +601,8 @@ class VerticalSlashTables:
     tiles: torch.Tensor  # [B, H, 2 max ns] int32
     cluster_map: torch.Tensor  # [B, H, Lk] int32
     keys: torch.Tensor  # [B, H, max nv] int32, ascending, _BIG_KEY padded
-    width_r: int
+    nv: list[int]  # verticals and slashes per head (forced and clamped): a range of heads' index
+    ns: list[int]  # is as wide as its own largest sizes need, as if selected alone
     q_len: int
     k_len: int
     block_size: int
@@ -630,7 +631,7 @@ def vertical_slash_tables(vertical: torch.Tensor, slash: torch.Tensor, *, vertic
     vertical = slash = None
     cid, o_min, n_before, n_tiles, tiles, cluster_map = _cluster_tables(offsets, bs, Lk)
     params = _block_params(offsets, cid, o_min, n_before, n_tiles, q_len, Lk, bs)
-    return VerticalSlashTables(params, tiles, cluster_map, keys, min(2 * max(ns), cdiv(Lk, bs)), q_len, Lk, bs)
+    return VerticalSlashTables(params, tiles, cluster_map, keys, nv, ns, q_len, Lk, bs)
 
 
 def fill_vertical_slash_index(tables: VerticalSlashTables, heads: slice = slice(None), *,
@@ -638,9 +639,13 @@ def fill_vertical_slash_index(tables: VerticalSlashTables, heads: slice = slice(
     """The ``VerticalSlashIndex`` of heads ``heads`` (a slice) from ``tables``: one Triton launch
     (``backend="triton"``), or the torch equivalent."""
     t = tables
-    params, tiles, cluster_map, keys = (x[:, heads].contiguous() for x in (t.params, t.tiles, t.cluster_map, t.keys))
+    chosen = range(len(t.nv))[heads]
+    width_r = min(2 * max(t.ns[h] for h in chosen), cdiv(t.k_len, t.block_size))
+    width_c = max(t.nv[h] for h in chosen)
+    params, tiles, cluster_map = (x[:, heads].contiguous() for x in (t.params, t.tiles, t.cluster_map))
+    keys = t.keys[:, heads, :width_c].contiguous()
     B, H, nq, _ = params.shape
-    bs, width_r, width_c, device = t.block_size, t.width_r, keys.shape[-1], params.device
+    bs, device = t.block_size, params.device
     if _backend(backend, device) == "torch":
         return VerticalSlashIndex(*_fill_index_torch(params, tiles, cluster_map, keys, width_r, bs), bs, bs,
                                   t.q_len, t.k_len)

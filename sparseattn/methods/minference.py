@@ -778,7 +778,10 @@ def select_chunks(q: torch.Tensor, k: torch.Tensor, config: MInferenceConfig, bo
     builds the cluster tables of all heads once (``minference_tables_fast``: small next to the
     index), then writes each chunk's index in one launch; a selection's ~240 small launches are paid
     once per call instead of once per chunk. A per-head mix does the same for its vertical-slash
-    heads and selects its block-pattern heads chunk by chunk. Non-causal calls select chunk by chunk."""
+    heads and selects its block-pattern heads chunk by chunk. Non-causal calls select chunk by chunk.
+    Each chunk's index is as wide as its own heads need (as if selected alone: ``index_bytes`` of its
+    config); the call also holds its vertical-slash heads' tables, chiefly a ``[B, H, Lk]`` int32
+    cluster map (0.5 MiB a head at 128K)."""
     G = q.shape[1] // k.shape[1]
     patterns = config.head_patterns
     if causal and (all(p == "vertical_and_slash" for p, _, _ in patterns) if patterns
@@ -808,8 +811,11 @@ def select_chunks(q: torch.Tensor, k: torch.Tensor, config: MInferenceConfig, bo
             vs_index = None
             if rows:
                 vs_index = fill_vertical_slash_index(tables, slice(rows[0], rows[-1] + 1), backend=backend)
-            yield g0, g1, _select_head_patterns(q[:, h0:h1], k[:, g0:g1], head_slice(config, h0, h1, G), causal,
-                                                vs_index=vs_index)
+            index = _select_head_patterns(q[:, h0:h1], k[:, g0:g1], head_slice(config, h0, h1, G), causal,
+                                          vs_index=vs_index)
+            vs_index = None  # copied into the chunk's index: not held while it is attended
+            yield g0, g1, index
+            index = None  # released by the caller: not held through the next chunk's selection
         return
     for g0, g1 in bounds:
         yield g0, g1, select_blocks(q[:, g0 * G:g1 * G], k[:, g0:g1], head_slice(config, g0 * G, g1 * G, G),
