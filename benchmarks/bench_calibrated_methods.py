@@ -224,13 +224,17 @@ def _xattention_rows(q, k, v, qc, kc, L, base, dense_out, dense_ms, targets, log
                  calibration_recall=pick(cal["coverage"], choice).mean().item(),
                  thresholds=taus)
         rows.append({**base, "method": "xattention", "config": label, **r})
-        log(f"  xattention {label}: {r['e2e_ms']:.2f} ms ({r['speedup']:.2f}x), density {100 * r['density']:.1f}%, "
-            f"recall {r['recall']:.3f} (calibration {r['calibration_recall']:.3f}), err {r['rel_err']:.3f}; "
-            f"select {r['select_ms']:.2f} (as run {r['select_run_ms']:.2f}, {100 * r['select_run_share']:.1f}%) + "
-            f"attend {r['attend_ms']:.2f} ms")
+        log(_row_line("xattention", label, r))
     cal = ev = None
     torch.cuda.empty_cache()
     return rows
+
+
+def _row_line(method: str, label: str, r: dict) -> str:
+    return (f"  {method} {label}: {r['e2e_ms']:.2f} ms ({r['speedup']:.2f}x), density {100 * r['density']:.1f}%, "
+            f"recall {r['recall']:.3f} (calibration {r['calibration_recall']:.3f}), err {r['rel_err']:.3f}; "
+            f"select {r['select_ms']:.2f} (as run {r['select_run_ms']:.2f}, {100 * r['select_run_share']:.1f}%) + "
+            f"attend {r['attend_ms']:.2f} ms")
 
 
 def _minference_rows(q, k, v, qc, kc, base, dense_out, dense_ms, targets, log) -> list[dict]:
@@ -258,10 +262,7 @@ def _minference_rows(q, k, v, qc, kc, base, dense_out, dense_ms, targets, log) -
                  patterns={p: sum(str(x) == p for x in patterns) for p in sorted({str(x) for x in patterns})},
                  table=patterns)
         rows.append({**base, "method": "minference", "config": label, **r})
-        log(f"  minference {label}: {r['e2e_ms']:.2f} ms ({r['speedup']:.2f}x), density {100 * r['density']:.1f}%, "
-            f"recall {r['recall']:.3f} (calibration {r['calibration_recall']:.3f}), err {r['rel_err']:.3f}; "
-            f"select {r['select_ms']:.2f} (as run {r['select_run_ms']:.2f}, {100 * r['select_run_share']:.1f}%) + "
-            f"attend {r['attend_ms']:.2f} ms")
+        log(_row_line("minference", label, r))
     return rows
 
 
