@@ -183,12 +183,14 @@ def _vertical_and_slash_tables(q, k, heads, vertical_sizes, slash_sizes, config:
     kv = [h // G for h in heads]
     n = min(config.last_q, Lq)
     q_last = q[:, :, Lq - n:].index_select(1, _device_ints(tuple(heads), q.device))  # [B, len(heads), n, D]
-    if backend == "triton" and HAS_GATHER:
-        vertical, slash, _ = last_query_scores_fast(q_last, k, n, causal=True, kv_heads=kv)
-    else:  # the reference's fp32 estimation (CPU: the KV heads copied)
-        vertical, slash, _ = last_query_scores(q_last, k.index_select(1, _device_ints(tuple(kv), q.device)), n,
-                                               causal=True)
-    return vertical_slash_tables(vertical, slash, vertical_sizes=vertical_sizes, slash_sizes=slash_sizes,
+    def scores():
+        if backend == "triton" and HAS_GATHER:
+            return last_query_scores_fast(q_last, k, n, causal=True, kv_heads=kv)[:2]
+        # the reference's fp32 estimation (CPU: the KV heads copied)
+        return last_query_scores(q_last, k.index_select(1, _device_ints(tuple(kv), q.device)), n, causal=True)[:2]
+
+    # The scores are ours: forced in place, and freed once their top-k is taken (no name holds them).
+    return vertical_slash_tables(*scores(), vertical_sizes=vertical_sizes, slash_sizes=slash_sizes,
                                  q_len=Lq, k_len=Lk, block_size=config.block_size, overwrite=True)
 
 
