@@ -180,6 +180,46 @@ def test_index_from_scores_matches_reference_sweep(backend, cases):
     assert all(n >= 5 for n in seen.values()), seen
 
 
+def test_cluster_tables_kernels_match_torch_builders():
+    """``_cluster_tables_triton`` (two launches) writes the same tile list, kappa map and query-block
+    parameters as the torch builders, entry for entry, on offsets spaced around the merge thresholds
+    (outputs poisoned: an entry the kernels skip fails)."""
+    from sparseattn.kernels.minference_index import (_block_params, _cluster_tables, _cluster_tables_triton,
+                                                     _top_sorted)
+
+    g = torch.Generator().manual_seed(7)
+    for case in range(24):
+        B, H, bs = 1 + case % 2, 1 + case % 3, [16, 32, 64][case % 3]
+        k_len = int(torch.randint(1, 900, (1,), generator=g))
+        q_len = int(torch.randint(1, k_len + 1, (1,), generator=g))
+        ns = selection_sizes(10, int(torch.randint(1, 300, (1,), generator=g)), k_len, k_len)[1]
+        _, slash = structured_scores(B, H, k_len, bs, seed=case)
+        slash[..., :100] = float("inf")
+        offsets = _top_sorted(slash.to(DEVICE), [ns] * H, 1 << 40).contiguous()
+        cid, o_min, n_before, n_tiles, tiles, cluster_map = _cluster_tables(offsets, bs, k_len)
+        params = _block_params(offsets, cid, o_min, n_before, n_tiles, q_len, k_len, bs)
+        got = _cluster_tables_triton(offsets, bs, q_len, k_len)
+        for name, want, have in zip(("tiles", "cluster_map", "params"), (tiles, cluster_map, params), got):
+            assert torch.equal(have, want), (case, name)
+
+
+def test_index_past_the_scan_kernels_limit_takes_the_torch_builders(monkeypatch):
+    """More slashes a head than ``MAX_SCAN_OFFSETS``: the Triton backend builds its cluster tables
+    with the torch ops, and the index is still the reference's."""
+    from sparseattn.kernels import minference_index
+
+    monkeypatch.setattr(minference_index, "MAX_SCAN_OFFSETS", 8)
+    calls = []
+    torch_tables = minference_index._cluster_tables
+    monkeypatch.setattr(minference_index, "_cluster_tables", lambda *a: calls.append(1) or torch_tables(*a))
+    vertical, slash = structured_scores(1, 2, 300, 16, seed=5)
+    kwargs = dict(vertical_sizes=20, slash_sizes=30, q_len=200, k_len=300, block_size=16)
+    fast = vertical_slash_index_fast(vertical.to(DEVICE), slash.to(DEVICE), backend="triton", **kwargs)
+    assert calls == [1]
+    assert_same_index(fast, vertical_slash_index_from_scores(vertical, slash, 0, vertical_size=20, slash_size=30,
+                                                             q_len=200, k_len=300, block_size=16))
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("clip", [-1, 0, 1, 15], ids=lambda d: f"top=p1-15+{d}")
 @pytest.mark.parametrize("gap", [-1, 0, 1], ids=lambda d: f"u=2bs{d:+d}")
@@ -746,6 +786,26 @@ def test_gpu_select_equals_reference(L):
     want = torch.nn.functional.scaled_dot_product_attention(
         q[:, :, first:].float(), repeat_kv(k, 4).float(), repeat_kv(v, 4).float(), attn_mask=tail.to_element_mask())
     assert ((out[:, :, first:].float() - want).norm() / want.norm()).item() < 2e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("ns", [1100, 6196, 16384])
+def test_gpu_cluster_tables_kernels_match_torch_builders(ns):
+    """The two cluster-table kernels at 128K + 77 (up to ``MAX_SCAN_OFFSETS`` slashes a head, the
+    register-heavy scan compiled for the GPU) against the torch builders, entry for entry."""
+    from sparseattn.kernels.minference_index import (_block_params, _cluster_tables, _cluster_tables_triton,
+                                                     _top_sorted)
+
+    L, bs = 131072 + 77, 64
+    _, slash = structured_scores(1, 4, L, bs, seed=ns)
+    slash = slash.to(DEVICE)
+    slash[..., :100] = float("inf")
+    offsets = _top_sorted(slash, [ns, ns // 2, ns, 7], 1 << 40).contiguous()
+    cid, o_min, n_before, n_tiles, tiles, cluster_map = _cluster_tables(offsets, bs, L)
+    params = _block_params(offsets, cid, o_min, n_before, n_tiles, L - 1000, L, bs)
+    got = _cluster_tables_triton(offsets, bs, L - 1000, L)
+    for name, want, have in zip(("tiles", "cluster_map", "params"), (tiles, cluster_map, params), got):
+        assert torch.equal(have, want), name
 
 
 @pytest.mark.gpu

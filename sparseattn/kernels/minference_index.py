@@ -95,6 +95,7 @@ __all__ = ["VerticalSlashTables", "block_top_k_", "fill_vertical_slash_index", "
 
 LOG2E = 1.4426950408889634
 _BIG_OFFSET = 1 << 40  # sorts after every real offset; gaps to it start a new (empty) cluster
+BIG_OFFSET: tl.constexpr = tl.constexpr(_BIG_OFFSET)  # the same, inside kernels
 _BIG_KEY = 1 << 30  # padding of the sorted vertical keys (int32), after every real key
 # tl.gather (the diagonal sums) exists from Triton 3.3; older Tritons estimate in torch instead.
 HAS_GATHER = hasattr(tl, "gather")
@@ -275,6 +276,130 @@ def _fill_index_kernel(
         c = c0 + tl.arange(0, BLOCK_C)
         tl.store(c_out + c, tl.full([BLOCK_C], -1, tl.int32), mask=(c >= kept) & (c < num_cols))
     tl.store(ColumnCounts + row, kept)
+
+
+@triton.jit
+def _max_op(a, b):
+    return tl.maximum(a, b)
+
+
+@triton.jit
+def _min_op(a, b):
+    return tl.minimum(a, b)
+
+
+@triton.jit
+def _cluster_scan_kernel(
+    Offsets, Elem, Tiles, ns, k_len,
+    BS: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """``_cluster_tables``' per-element part for one (batch x head) row of ascending offsets, held in
+    registers: cluster ids and bounds by scans, each element's run bounds in ``kappa``, and the tile
+    list written directly (a cluster of ``m`` offsets spans at most ``2 m`` tiles: its ``j``-th
+    offset writes the cluster's tiles ``2 j`` and ``2 j + 1``)."""
+    pid = tl.program_id(0).to(tl.int64)
+    i = tl.arange(0, BLOCK)
+    ok = i < ns
+    row = Offsets + pid * ns
+    # int32 from here (fewer registers): the padding becomes PAD, still 2 bs or more past every real offset.
+    PAD: tl.constexpr = 1 << 30
+    off = tl.minimum(tl.load(row + i, mask=ok, other=BIG_OFFSET), PAD).to(tl.int32)
+    prev = tl.minimum(tl.load(row + i - 1, mask=ok & (i > 0), other=0), PAD).to(tl.int32)
+    nxt = tl.minimum(tl.load(row + i + 1, mask=i + 1 < ns, other=BIG_OFFSET), PAD).to(tl.int32)
+    real = off < PAD
+    new = (i == 0) | (off - prev >= 2 * BS)  # a gap of 2 bs or more starts a cluster
+    is_end = (i + 1 >= ns) | (nxt - off >= 2 * BS)
+    cid = tl.cumsum(new.to(tl.int32), 0) - 1
+    o_min = tl.associative_scan(tl.where(new, off, -1), 0, _max_op)
+    first = tl.associative_scan(tl.where(new, i, -1), 0, _max_op)  # the cluster's first element
+    o_max = tl.associative_scan(tl.where(is_end & ok, off, 2147483647), 0, _min_op, reverse=True)
+    n_tiles = tl.where(real, (o_max - o_min + BS - 1) // BS + 1, 0)
+    at_end = tl.where(is_end & ok, n_tiles, 0)
+    n_before = tl.cumsum(at_end, 0) - at_end  # tiles of the clusters before this one
+    total = tl.sum(at_end, 0)
+    lo = tl.where(real, tl.minimum(tl.maximum(o_max - (n_tiles - 1) * BS, 0), k_len), k_len)
+    hi = tl.where(real, tl.minimum(o_max + BS, k_len), k_len)
+    out = Elem + pid * 6 * ns
+    tl.store(out + i, cid, mask=ok)
+    tl.store(out + ns + i, o_min, mask=ok)
+    tl.store(out + 2 * ns + i, n_before, mask=ok)
+    tl.store(out + 3 * ns + i, n_tiles, mask=ok)
+    tl.store(out + 4 * ns + i, lo, mask=ok)  # ascending: runs are disjoint and ordered as the clusters
+    tl.store(out + 5 * ns + i, hi, mask=ok)
+    t_out = Tiles + pid * 2 * ns
+    for t in tl.static_range(2):
+        r = 2 * (i - first) + t  # the tile's rank in its cluster
+        tau = o_max - (n_tiles - 1 - r) * BS
+        tl.store(t_out + n_before + r, tau, mask=ok & real & (r < n_tiles))
+        p = 2 * i + t  # positions past every cluster's tiles are zero
+        tl.store(t_out + p, tl.zeros([BLOCK], tl.int32), mask=(p >= total) & (p < 2 * ns))
+
+
+@triton.jit
+def _count_le(Row, n, x, STEPS: tl.constexpr):
+    """Per lane, the number of entries ``<= x`` of the ascending ``Row[0:n]`` (``n < 2**STEPS``):
+    ``searchsorted(right=True)`` by bisection, one gathered load a step."""
+    pos = tl.zeros(x.shape, tl.int32)
+    for s in tl.static_range(STEPS - 1, -1, -1):
+        cand = pos + (1 << s)
+        v = tl.load(Row + cand - 1, mask=cand <= n)
+        pos = tl.where((cand <= n) & (v <= x), cand, pos)
+    return pos
+
+
+@triton.jit
+def _at(Table, count):
+    """``Table[count - 1]``: an element table at the largest element of a prefix (``count >= 1``)."""
+    return tl.load(Table + tl.maximum(count - 1, 0))
+
+
+@triton.jit
+def _cluster_lookup_kernel(
+    Offsets, Elem, ClusterMap, Params, ns, q_len, k_len, nq, map_blocks,
+    BS: tl.constexpr, BLOCK: tl.constexpr, STEPS: tl.constexpr,
+):
+    """The position-indexed tables of one (batch x head) row, ``BLOCK`` positions a program, by
+    bisection over the element tables: first the ``kappa -> 1 + cluster id`` map (``map_blocks``
+    programs), then each query block's closed-form parameters (``_block_params``)."""
+    pid = tl.program_id(0).to(tl.int64)
+    blk = tl.program_id(1)
+    row = Offsets + pid * ns
+    elem = Elem + pid * 6 * ns
+    cid, o_min, n_before, n_tiles = elem, elem + ns, elem + 2 * ns, elem + 3 * ns
+    if blk < map_blocks:
+        kappa = blk * BLOCK + tl.arange(0, BLOCK)
+        c = _count_le(elem + 4 * ns, ns, kappa, STEPS)  # the last run starting at or before kappa
+        inside = (c > 0) & (kappa < _at(elem + 5 * ns, c))
+        label = tl.where(inside, _at(cid, c) + 1, 0)
+        tl.store(ClusterMap + pid * k_len + kappa, label, mask=kappa < k_len)
+    else:
+        qb = (blk - map_blocks) * BLOCK + tl.arange(0, BLOCK)
+        p1 = (k_len - q_len) + tl.minimum((qb + 1) * BS, q_len) - 1
+        i0 = _count_le(row, ns, p1.to(tl.int64), STEPS)  # offsets <= p1 are valid
+        i1 = _count_le(row, ns, (p1 - BS + 1).to(tl.int64), STEPS)  # offsets <= p1 - bs + 1 are not clipped
+        has = i0 > 0
+        clipped = i1 < i0  # the edge cluster starts at key 0
+        a_top = p1 - _at(row, i0).to(tl.int32) - BS + 1
+        u = p1 - _at(row, i1).to(tl.int32) - BS + 1
+        merged = (i1 > 0) & (u < 2 * BS)
+        a_e = tl.where(clipped, 0, a_top)
+        o_low = tl.where(clipped, _at(o_min, i1), _at(o_min, i0))
+        n_e = tl.where(clipped & ~merged, 1, (p1 - o_low - a_e) // BS + 1)
+        cid1 = _at(cid, i1)
+        below = tl.where(i1 > 0, cid1 + 1, 0)
+        below_tiles = tl.where(i1 > 0, _at(n_before, i1) + _at(n_tiles, i1), 0)
+        c_star = tl.where(clipped, tl.where(merged, cid1, below), _at(cid, i0))
+        n_int = tl.where(clipped, tl.where(merged, _at(n_before, i1), below_tiles), _at(n_before, i0))
+        out = Params + (pid * nq + qb) * 8
+        ok = qb < nq
+        tl.store(out, tl.where(has, n_e + n_int, 0), mask=ok)
+        tl.store(out + 1, n_e, mask=ok)
+        tl.store(out + 2, a_e, mask=ok)
+        tl.store(out + 3, n_int, mask=ok)
+        tl.store(out + 4, p1, mask=ok)
+        tl.store(out + 5, tl.where(has, p1 - a_e - n_e * BS + 1, 0), mask=ok)
+        tl.store(out + 6, tl.where(has, p1 - a_e, -1), mask=ok)
+        tl.store(out + 7, tl.where(has, c_star, 0), mask=ok)
 
 
 @triton.jit
@@ -560,6 +685,34 @@ def _block_params(offsets, cid, o_min, n_before, n_tiles, q_len: int, k_len: int
     return params.to(torch.int32).contiguous()
 
 
+# Slash offsets per head that ``_cluster_scan_kernel`` holds in registers; more take the torch builders.
+MAX_SCAN_OFFSETS = 1 << 14
+
+
+def _cluster_tables_triton(offsets: torch.Tensor, bs: int, q_len: int, k_len: int):
+    """``_cluster_tables`` + ``_block_params`` in two launches: ``(tiles, cluster_map, params)``.
+
+    The torch builders are ~80 small launches, which left a 128K selection host-bound (NOTES run 21d).
+    Here one program per head scans its offsets (element tables and tile list), then one program per
+    ``BLOCK`` positions bisects them for the ``kappa`` map and the query blocks' parameters.
+    """
+    B, H, ns = offsets.shape
+    nq, device = cdiv(q_len, bs), offsets.device
+    elem = torch.empty(B, H, 6, ns, dtype=torch.int32, device=device)  # cid, o_min, n_before, n_tiles, lo, hi
+    tiles = _alloc(B, H, 2 * ns, dtype=torch.int32, device=device)
+    cluster_map = _alloc(B, H, k_len, dtype=torch.int32, device=device)
+    params = _alloc(B, H, nq, 8, dtype=torch.int32, device=device)
+    block = _pow2(ns)
+    _cluster_scan_kernel[(B * H,)](offsets, elem, tiles, ns, k_len, BS=bs, BLOCK=block,
+                                   num_warps=min(16, max(4, block // 512)))
+    lookup = 1024
+    map_blocks = cdiv(k_len, lookup)
+    _cluster_lookup_kernel[(B * H, map_blocks + cdiv(nq, lookup))](
+        offsets, elem, cluster_map, params, ns, q_len, k_len, nq, map_blocks,
+        BS=bs, BLOCK=lookup, STEPS=ns.bit_length(), num_warps=4)
+    return tiles, cluster_map, params
+
+
 def _fill_index_torch(params, tiles, cluster_map, keys, width_r: int, bs: int):
     """``_fill_index_kernel`` in torch (CPU path): `[B, H, nq, width]` gathers, fine for short inputs."""
     count, n_e, a_e, n_int, p1, kappa_lo, kappa_hi, c_star = (t.long()[..., None] for t in params.unbind(-1))
@@ -609,9 +762,12 @@ class VerticalSlashTables:
 
 
 def vertical_slash_tables(vertical: torch.Tensor, slash: torch.Tensor, *, vertical_sizes, slash_sizes,
-                          q_len: int, k_len: int, block_size: int, overwrite: bool = False) -> VerticalSlashTables:
+                          q_len: int, k_len: int, block_size: int, overwrite: bool = False,
+                          backend: str = "auto") -> VerticalSlashTables:
     """Top-k keys and offsets and the cluster tables of ``vertical_slash_index_fast`` (its arguments).
-    ``overwrite``: force the first keys and offsets in the given score tensors (no copies of them)."""
+    ``overwrite``: force the first keys and offsets in the given score tensors (no copies of them).
+    ``backend``: ``"triton"`` builds the cluster tables in two launches (``_cluster_tables_triton``,
+    up to ``MAX_SCAN_OFFSETS`` slashes a head), ``"torch"`` with torch ops; ``"auto"`` by device."""
     B, H, Lk = vertical.shape
     if Lk != k_len or tuple(slash.shape) != (B, H, Lk):
         raise ValueError(f"vertical {tuple(vertical.shape)} and slash {tuple(slash.shape)} must be [B, H, k_len={k_len}]"
@@ -629,8 +785,11 @@ def vertical_slash_tables(vertical: torch.Tensor, slash: torch.Tensor, *, vertic
     keys = _top_sorted(vertical, nv, _BIG_KEY).to(torch.int32).contiguous()  # [B, H, max nv]
     offsets = _top_sorted(slash, ns, _BIG_OFFSET).contiguous()  # [B, H, max ns]
     vertical = slash = None
-    cid, o_min, n_before, n_tiles, tiles, cluster_map = _cluster_tables(offsets, bs, Lk)
-    params = _block_params(offsets, cid, o_min, n_before, n_tiles, q_len, Lk, bs)
+    if _backend(backend, offsets.device) == "triton" and offsets.shape[-1] <= MAX_SCAN_OFFSETS:
+        tiles, cluster_map, params = _cluster_tables_triton(offsets, bs, q_len, Lk)
+    else:
+        cid, o_min, n_before, n_tiles, tiles, cluster_map = _cluster_tables(offsets, bs, Lk)
+        params = _block_params(offsets, cid, o_min, n_before, n_tiles, q_len, Lk, bs)
     return VerticalSlashTables(params, tiles, cluster_map, keys, nv, ns, q_len, Lk, bs)
 
 
@@ -679,7 +838,7 @@ def vertical_slash_index_fast(vertical: torch.Tensor, slash: torch.Tensor, *, ve
         ``VerticalSlashIndex``: ranges width ``min(2 max ns, nk)``, columns width ``max nv``.
     """
     tables = vertical_slash_tables(vertical, slash, vertical_sizes=vertical_sizes, slash_sizes=slash_sizes,
-                                   q_len=q_len, k_len=k_len, block_size=block_size)
+                                   q_len=q_len, k_len=k_len, block_size=block_size, backend=backend)
     return fill_vertical_slash_index(tables, backend=backend)
 
 
@@ -740,4 +899,5 @@ def _tables(q, k, vertical_size, slash_size, last_q: int, block_size: int, backe
     scores = last_query_scores_fast if backend == "triton" and HAS_GATHER else last_query_scores  # fp32 torch (exact)
     # The scores are ours: forced in place, and freed once their top-k is taken.
     return vertical_slash_tables(*scores(q, k, min(last_q, Lq), causal=True)[:2], vertical_sizes=vertical_size,
-                                 slash_sizes=slash_size, q_len=Lq, k_len=Lk, block_size=block_size, overwrite=True)
+                                 slash_sizes=slash_size, q_len=Lq, k_len=Lk, block_size=block_size, overwrite=True,
+                         backend=backend)

@@ -191,7 +191,7 @@ def _vertical_and_slash_tables(q, k, heads, vertical_sizes, slash_sizes, config:
 
     # The scores are ours: forced in place, and freed once their top-k is taken (no name holds them).
     return vertical_slash_tables(*scores(), vertical_sizes=vertical_sizes, slash_sizes=slash_sizes,
-                                 q_len=Lq, k_len=Lk, block_size=config.block_size, overwrite=True)
+                                 q_len=Lq, k_len=Lk, block_size=config.block_size, overwrite=True, backend=backend)
 
 
 def block_sparse_select_fast(q: torch.Tensor, k: torch.Tensor, *, top_k, block_size: int = 64, causal: bool = True,
@@ -385,6 +385,15 @@ def _as_ranges(index: BlockIndex, width: int) -> torch.Tensor:
     return torch.nn.functional.pad(starts, (0, width - starts.shape[-1]), value=-1)
 
 
+@functools.lru_cache(maxsize=32)
+def _a_shape_ranges(q_len: int, k_len: int, sink: int, window: int, bs: int, device: torch.device):
+    """A-shape's rows as block-aligned ranges, ``[nq, width]`` starts and ``[nq]`` counts, built once per
+    shape: the pattern is static, and building it is ~30 small launches that every chunk of every
+    call would repeat (a few KiB on the device at 128K)."""
+    index = a_shape_select(q_len, k_len, 1, 1, sink=sink, window=window, block_size=bs, device=device)
+    return _as_ranges(index, index.indices.shape[-1])[0, 0], index.counts[0, 0]
+
+
 # The backend of per-head mixes' block-sparse and vertical-slash heads and of chunked vertical-slash
 # calls ("auto": Triton on CUDA; tests set "triton" to run those paths in the interpreter).
 SELECT_BACKEND = "auto"
@@ -414,25 +423,24 @@ def _select_head_patterns(q, k, config: MInferenceConfig, causal: bool,
     # An index of ranges (-1) and columns (none) for every head, then each kind fills its heads: the
     # vertical-slash heads' own index copied in, A-shape's small static index as block-aligned
     # ranges, block-sparse rows written into the ranges by its top-k kernel (no index in between).
-    parts: list[tuple[list[int], BlockIndex]] = []
+    parts: list[tuple[list[int], torch.Tensor, torch.Tensor]] = []
     sparse_heads = [h for h, (p, _, _) in enumerate(patterns) if p == "block_sparse"]
     sparse_top = [patterns[h][1] for h in sparse_heads]
     widths = [block_sparse_width(sparse_top, -(-Lk // bs))] if sparse_heads else []
     shapes = sorted({(v, s) for p, v, s in patterns if p == "a_shape"})
-    for sink, window in shapes:  # one call per distinct (sink, window), not per head
+    for sink, window in shapes:  # one static row set per distinct (sink, window), not per head
         heads = [h for h, e in enumerate(patterns) if e == ("a_shape", sink, window)]
-        parts.append((heads, a_shape_select(Lq, Lk, B, len(heads), sink=sink, window=window, block_size=bs,
-                                            device=q.device)))
+        parts.append((heads, *_a_shape_ranges(Lq, Lk, sink, window, bs, q.device)))
     vs_heads = [h for h, (p, _, _) in enumerate(patterns) if p == "vertical_and_slash"]
     nq = -(-Lq // bs)
     if vs_heads:
         # The estimation and index of the vertical-slash heads alone, copied into the table's index.
         vs = vs_index if vs_index is not None else _vertical_and_slash_heads(
             q, k, vs_heads, [patterns[h][1] for h in vs_heads], [patterns[h][2] for h in vs_heads], config, causal)
-        width = max([vs.range_starts.shape[-1]] + [i.indices.shape[-1] for _, i in parts] + widths)
+        width = max([vs.range_starts.shape[-1]] + [r.shape[-1] for _, r, _ in parts] + widths)
         width_c = vs.columns.shape[-1]
     else:
-        width = max([i.indices.shape[-1] for _, i in parts] + widths)
+        width = max([r.shape[-1] for _, r, _ in parts] + widths)
         width_c = 1
     starts = torch.full((B, Hq, nq, width), -1, dtype=torch.int32, device=q.device)
     counts = torch.zeros(B, Hq, nq, dtype=torch.int32, device=q.device)
@@ -445,10 +453,10 @@ def _select_head_patterns(q, k, config: MInferenceConfig, causal: bool,
         columns.index_copy_(1, idx, vs.columns)
         column_counts.index_copy_(1, idx, vs.column_counts)
         vs = None
-    for heads, index in parts:  # only the part's own width: the rest of each row is already -1
+    for heads, ranges, n in parts:  # only the part's own width: the rest of each row is already -1
         idx = _device_ints(tuple(heads), q.device)
-        starts.narrow(-1, 0, index.indices.shape[-1]).index_copy_(1, idx, _as_ranges(index, index.indices.shape[-1]))
-        counts.index_copy_(1, idx, index.counts)
+        starts.narrow(-1, 0, ranges.shape[-1]).index_copy_(1, idx, ranges.expand(B, len(heads), -1, -1))
+        counts.index_copy_(1, idx, n.expand(B, len(heads), -1))
     if sparse_heads:
         _block_sparse_rows(q, k, sparse_top, sparse_heads, bs, causal, SELECT_BACKEND, into=(starts, counts))
     return VerticalSlashIndex(starts, counts, columns, column_counts, bs, bs, Lq, Lk)
