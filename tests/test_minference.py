@@ -277,6 +277,32 @@ def test_index_per_head_sizes_match_reference_heads(backend):
             assert torch.equal(got, want), (h, name)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fill_into_writes_only_the_given_heads(backend):
+    """``fill_vertical_slash_index(into=)``: two heads' rows land in output heads 3 and 0 of a wider
+    index, equal to their own index; every other entry keeps its value (here 7)."""
+    from sparseattn.kernels.minference_index import fill_vertical_slash_index, vertical_slash_tables
+
+    vertical, slash = structured_scores(2, 3, 400, 32, seed=9)
+    tables = vertical_slash_tables(vertical.to(DEVICE), slash.to(DEVICE), vertical_sizes=[30, 50, 20],
+                                   slash_sizes=[90, 40, 200], q_len=333, k_len=400, block_size=32, backend=backend)
+    alone = fill_vertical_slash_index(tables, slice(1, 3), backend=backend)
+    nq, width_r, width_c = 11, alone.range_starts.shape[-1] + 5, alone.columns.shape[-1] + 3
+    out = VerticalSlashIndex(*(torch.full(shape, 7, dtype=torch.int32, device=DEVICE) for shape in (
+        (2, 5, nq, width_r), (2, 5, nq), (2, 5, nq, width_c), (2, 5, nq))), 32, 32, 333, 400)
+    assert fill_vertical_slash_index(tables, slice(1, 3), backend=backend, into=(out, [3, 0])) is out
+    for name in INDEX_FIELDS:
+        got, want = getattr(out, name), getattr(alone, name)
+        for src, dst in ((0, 3), (1, 0)):
+            row = got[:, dst]
+            assert torch.equal(row[..., :want.shape[-1]] if row.dim() == 3 else row, want[:, src]), (name, dst)
+            if row.dim() == 3:
+                assert (row[..., want.shape[-1]:] == 7).all()
+        assert (got[:, [1, 2, 4]] == 7).all()
+    with pytest.raises(ValueError, match="output heads"):
+        fill_vertical_slash_index(tables, slice(1, 3), backend=backend, into=(out, [3]))
+
+
 # ---- end-to-end selection -------------------------------------------------------------------------
 
 SELECT_SHAPES = [  # B, Hq, Hkv, Lq, Lk, D, bs, vertical_size, slash_size, last_q
@@ -398,6 +424,34 @@ def test_block_sparse_triton_matches_reference(causal, ties, monkeypatch):
         fast = block_sparse_select_fast(q, k, top_k=top_k, block_size=16, causal=causal, backend="triton")
         ref = block_sparse_select(q, k, top_k=top_k, block_size=16, causal=causal)
         assert_same_rows(fast, ref)
+
+
+@pytest.mark.parametrize("radix", [True, False], ids=["radix", "bisect"])
+def test_block_top_k_kernel_on_adversarial_rows(radix):
+    """Both cut searches of ``block_top_k_`` on rows of few distinct values (long tie runs at the cut),
+    negative scores, signed zeros (equal in the reference's sort) and huge magnitudes, for top 0, 1,
+    a cut inside a tie run, and more than a row holds: the rows of a stable descending sort."""
+    from sparseattn.kernels.minference_index import block_top_k_
+
+    g = torch.Generator().manual_seed(31)
+    nq = nk = 40
+    values = torch.tensor([-3e38, -2.0, -1.0, -0.0, 0.0, 0.5, 1.0, 3e38])
+    scores = values[torch.randint(0, len(values), (1, 2, nq, nk), generator=g)]
+    scores[0, 1, :, ::3] = -0.0  # head 1: signed zeros everywhere in the row
+    scores[0, 1, :, 1::3] = 0.0
+    for top in (0, 1, 7, 200):
+        tops = torch.tensor([top, top + 3])
+        indices = torch.full((1, 2, nq, nk), -5, dtype=torch.int32)
+        counts = torch.full((1, 2, nq), -5, dtype=torch.int32)
+        block_top_k_(scores, tops, indices, counts, head0=0, row0=0, q_len=nq * 16, k_len=nk * 16, block_size=16,
+                     causal=True, head_dim=1, out_heads=torch.arange(2), radix=radix)
+        for h in range(2):
+            for r in range(nq):
+                row = scores[0, h, r, :r + 1] + 0.0  # causal: blocks 0..r; +0.0 makes -0.0 equal to 0.0
+                order = torch.sort(row, descending=True, stable=True).indices[:int(tops[h])]
+                want = sorted(set(order.tolist()) | {0, r})
+                assert counts[0, h, r].item() == len(want), (top, h, r)
+                assert indices[0, h, r].tolist() == want + [-1] * (nk - len(want)), (top, h, r)
 
 
 def test_block_sparse_triton_head_chunks_per_head_top_k(monkeypatch):

@@ -227,13 +227,18 @@ def _vertical_slash_sums_kernel(
 
 @triton.jit
 def _fill_index_kernel(
-    Params, Tiles, ClusterMap, Keys, RangeStarts, RangeCounts, Columns, ColumnCounts,
-    nq, width_r, num_cols, tiles_width, k_len,
+    Params, Tiles, ClusterMap, Keys, OutHead, RangeStarts, RangeCounts, Columns, ColumnCounts,
+    num_heads, nq, width_r, num_cols, tiles_width, k_len,
+    r_b, r_h, r_q, c_b, c_h, c_q, n_b, n_h,
     BS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    """Ranges and columns of one (batch x head, query block): edge run, interior tiles, free verticals."""
+    """Ranges and columns of one (batch x head, query block): edge run, interior tiles, free verticals,
+    written in output head ``OutHead[head]`` (strides ``r_*`` ranges, ``c_*`` columns, ``n_*`` counts)."""
     pid_bh = tl.program_id(0).to(tl.int64)
-    row = pid_bh * nq + tl.program_id(1)
+    qb = tl.program_id(1)
+    row = pid_bh * nq + qb
+    out_h = tl.load(OutHead + pid_bh % num_heads)
+    b = pid_bh // num_heads
     prm = Params + row * 8
     count = tl.load(prm)
     n_e = tl.load(prm + 1)
@@ -245,7 +250,7 @@ def _fill_index_kernel(
     c_star = tl.load(prm + 7)
 
     # Ranges: the edge run first (lowest keys), then interior tiles by descending kappa.
-    r_out = RangeStarts + row * width_r
+    r_out = RangeStarts + b * r_b + out_h * r_h + qb * r_q
     t_in = Tiles + pid_bh * tiles_width
     for r0 in range(0, width_r, BLOCK_R):
         r = r0 + tl.arange(0, BLOCK_R)
@@ -253,10 +258,11 @@ def _fill_index_kernel(
         tau = tl.load(t_in + (n_int - 1 - (r - n_e)), mask=interior, other=0)
         start = tl.where(r < n_e, a_e + r * BS, tl.where(interior, p1 - tau - BS + 1, -1))
         tl.store(r_out + r, start, mask=r < width_r)
-    tl.store(RangeCounts + row, count)
+    n_out = b * n_b + out_h * n_h + qb
+    tl.store(RangeCounts + n_out, count)
 
     # Columns: verticals at or before the block's last row, outside the edge run and interior runs.
-    c_out = Columns + row * num_cols
+    c_out = Columns + b * c_b + out_h * c_h + qb * c_q
     k_in = Keys + pid_bh * num_cols
     m_in = ClusterMap + pid_bh * k_len
     kept = tl.sum(tl.zeros([BLOCK_C], dtype=tl.int32), 0)  # an int32 scalar tensor (loop-carried)
@@ -275,7 +281,7 @@ def _fill_index_kernel(
     for c0 in range(0, num_cols, BLOCK_C):
         c = c0 + tl.arange(0, BLOCK_C)
         tl.store(c_out + c, tl.full([BLOCK_C], -1, tl.int32), mask=(c >= kept) & (c < num_cols))
-    tl.store(ColumnCounts + row, kept)
+    tl.store(ColumnCounts + n_out, kept)
 
 
 @triton.jit
@@ -403,18 +409,63 @@ def _cluster_lookup_kernel(
 
 
 @triton.jit
+def _bisect_cut(key, allowed, k):
+    """The ``k``-th largest of ``key[allowed]`` (``1 <= k <=`` their count), by bisecting the int32
+    key space: up to 32 counting passes, stopping at a threshold that counts exactly ``k`` (nothing
+    ties across it, so it selects the same keys as the k-th largest itself)."""
+    lo = tl.min(tl.where(allowed, key, 2147483647), 0).to(tl.int64)  # #(key >= lo) >= k
+    hi = tl.max(key, 0).to(tl.int64)
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        n_ge = tl.sum((key >= mid.to(tl.int32)).to(tl.int32), 0)
+        if n_ge == k:
+            lo = mid
+            hi = mid
+        elif n_ge > k:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo.to(tl.int32)
+
+
+@triton.jit
+def _radix_cut(key, allowed, k):
+    """The ``k``-th largest of ``key[allowed]`` (``1 <= k <=`` their count), exactly, by radix select:
+    8 passes of one 16-bin histogram each over the next 4 bits (most significant first) of the keys
+    that share the bits chosen so far. A pass keeps the highest digit whose keys, with every key of
+    a higher digit, number at least the ``need`` still to take. 8 dependent steps instead of
+    bisection's ~30."""
+    u = (key ^ -2147483648).to(tl.uint32, bitcast=True)  # order-preserving as unsigned
+    bins = tl.arange(0, 16)
+    need = k
+    prefix = tl.zeros([16], tl.uint32).max(0)  # a uint32 scalar 0, loop-carried
+    for p in tl.static_range(8):
+        shift = 28 - 4 * p
+        match = allowed
+        if p > 0:
+            match = match & ((u >> (shift + 4)) == (prefix >> (shift + 4)))
+        hist = tl.histogram(((u >> shift) & 15).to(tl.int32), 16, mask=match)
+        at_least = tl.sum(hist, 0) - tl.cumsum(hist, 0) + hist  # keys with digit >= d
+        d = tl.max(tl.where(at_least >= need, bins, -1), 0)
+        need -= tl.sum(tl.where(bins > d, hist, 0), 0)
+        prefix = prefix | (d.to(tl.uint32) << shift)
+    return (prefix ^ 0x80000000).to(tl.int32, bitcast=True)
+
+
+@triton.jit
 def _block_top_k_kernel(
     Scores, Top, OutHead, Indices, Counts,
     n_rows, nk, width, q_len, k_len, sqrt_d, s_b, s_h, s_r, i_b, i_h, i_r, c_b, c_h, head0, row0,
-    BS: tl.constexpr, UNIT: tl.constexpr, IS_CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr,
+    BS: tl.constexpr, UNIT: tl.constexpr, IS_CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr, RADIX: tl.constexpr,
 ):
     """One query block's key blocks: its ``top`` highest-scoring allowed blocks (ties: lower block
     first), key block 0 and its diagonal blocks, ascending, times ``UNIT`` (1: block numbers; the
     block size: range starts), ``-1`` padded to ``width``, in output head ``OutHead[head]``.
 
-    The top-k is a selection, not a sort: bisect the ``top``-th largest score over the scores'
-    order-preserving int32 keys (at most 32 passes over the row, held in registers), then take the
-    ties at the cut lowest block first with a prefix sum, as the reference's stable sort does.
+    The top-k is a selection, not a sort: the ``top``-th largest score over the scores'
+    order-preserving int32 keys, held in registers (``RADIX``: ``_radix_cut``, else ``_bisect_cut``),
+    then the ties at that cut taken lowest block first with a prefix sum, as the reference's stable
+    sort does.
     """
     pid_hr = tl.program_id(0)
     pid_b = tl.program_id(1).to(tl.int64)
@@ -431,27 +482,18 @@ def _block_top_k_kernel(
         allowed = allowed & (cols <= last)
     x = tl.load(Scores + pid_b * s_b + h.to(tl.int64) * s_h + r.to(tl.int64) * s_r + cols, mask=allowed, other=0.0)
     x = tl.math.div_rn(x, sqrt_d)  # the reference's "/ sqrt(D)", correctly rounded
+    x = tl.where(x == 0.0, 0.0, x)  # -0.0 ties with +0.0 in the reference's sort: one key for both
     bits = x.to(tl.int32, bitcast=True)
     key = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)  # monotone in x (x not NaN)
     key = tl.where(allowed, key, -2147483648)  # below every real key (-inf maps above it)
     n_allowed = tl.sum(allowed.to(tl.int32), 0)
     k = tl.minimum(tl.load(Top + head0 + h), n_allowed)
-    # Largest T with #(key >= T) >= k, in [lo, hi]: #(key >= lo) = n_allowed >= k. A T' with
-    # #(key >= T') == k exactly selects the same blocks (nothing ties across it): stop there.
-    lo = tl.min(tl.where(allowed, key, 2147483647), 0).to(tl.int64)
-    hi = tl.where(k > 0, tl.max(key, 0).to(tl.int64), lo)  # top 0: nothing to search
-    while lo < hi:
-        mid = (lo + hi + 1) // 2
-        n_ge = tl.sum((key >= mid.to(tl.int32)).to(tl.int32), 0)
-        if n_ge == k:
-            lo = mid
-            hi = mid
-        elif n_ge > k:
-            lo = mid
-        else:
-            hi = mid - 1
+    if RADIX:
+        cut = _radix_cut(key, allowed, tl.maximum(k, 1))
+    else:
+        cut = _bisect_cut(key, allowed, tl.maximum(k, 1))
     # top 0: a cut above every key (the largest, +inf, is 0x7F800000) keeps none.
-    cut = tl.where(k > 0, lo, 2147483647).to(tl.int32)
+    cut = tl.where(k > 0, cut, 2147483647)
     above = allowed & (key > cut)
     tied = allowed & (key == cut)
     need = k - tl.sum(above.to(tl.int32), 0)
@@ -484,11 +526,14 @@ def _pow2(x: int, low: int = 16) -> int:
 MAX_TOP_K_BLOCKS = 1 << 15
 # Warps per row program by row width (power of two), where measured (benchmarks/bench_block_top_k.py).
 BLOCK_TOP_K_WARPS: dict[int, int] = {}
+# How the kernel finds a row's cut: radix select (True) or bisection (False); the same blocks either way.
+BLOCK_TOP_K_RADIX = True
 
 
 def block_top_k_(scores: torch.Tensor, top: torch.Tensor, indices: torch.Tensor, counts: torch.Tensor, *,
                  head0: int, row0: int, q_len: int, k_len: int, block_size: int, causal: bool, head_dim: int,
-                 out_heads: torch.Tensor, as_ranges: bool = False, num_warps: int | None = None) -> None:
+                 out_heads: torch.Tensor, as_ranges: bool = False, num_warps: int | None = None,
+                 radix: bool | None = None) -> None:
     """Writes MInference's block_sparse rows from pooled block scores into ``indices`` / ``counts``.
 
     Args:
@@ -502,6 +547,7 @@ def block_top_k_(scores: torch.Tensor, top: torch.Tensor, indices: torch.Tensor,
         as_ranges: write range starts (``block * block_size``) instead of block numbers: the rows of
             a ``VerticalSlashIndex`` (``range_starts``, ``range_counts``).
         num_warps: warps per row program (default: ``BLOCK_TOP_K_WARPS``, else by row width).
+        radix: find each row's cut by radix select or by bisection (default ``BLOCK_TOP_K_RADIX``).
         q_len, k_len, block_size, causal, head_dim: the attention's shape (the queries are the last ``q_len``).
 
     Equal to ``reference.minference.block_sparse_select`` on the same scores, ties included (lower
@@ -516,7 +562,8 @@ def block_top_k_(scores: torch.Tensor, top: torch.Tensor, indices: torch.Tensor,
     _block_top_k_kernel[(Hc * R, B)](
         scores, top, out_heads, indices, counts, R, nk, indices.shape[-1], q_len, k_len, math.sqrt(head_dim),
         *scores.stride()[:3], *indices.stride()[:3], *counts.stride()[:2], head0, row0,
-        BS=block_size, UNIT=block_size if as_ranges else 1, IS_CAUSAL=causal, BLOCK_N=block_n, num_warps=num_warps)
+        BS=block_size, UNIT=block_size if as_ranges else 1, IS_CAUSAL=causal, BLOCK_N=block_n,
+        RADIX=BLOCK_TOP_K_RADIX if radix is None else bool(radix), num_warps=num_warps)
 
 
 def last_query_scores_fast(q: torch.Tensor, k: torch.Tensor, num_last: int, causal: bool = True,
@@ -547,7 +594,8 @@ def last_query_scores_fast(q: torch.Tensor, k: torch.Tensor, num_last: int, caus
             raise ValueError(f"last_query_scores_fast: kv_heads needs one KV head in [0, {k.shape[1]}) per query "
                              f"head ({Hq}), got {list(kv_heads)}")
     if not HAS_GATHER:
-        raise RuntimeError(f"last_query_scores_fast needs tl.gather (Triton >= 3.3), this is Triton {triton.__version__}")
+        raise RuntimeError("last_query_scores_fast needs tl.gather (Triton >= 3.3), "
+                           f"this is Triton {triton.__version__}")
     if not isinstance(num_last, int) or not 1 <= num_last <= Lq:
         raise ValueError(f"last_query_scores_fast: num_last must be in [1, q_len={Lq}], got {num_last!r}")
     q, k = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k))
@@ -770,8 +818,8 @@ def vertical_slash_tables(vertical: torch.Tensor, slash: torch.Tensor, *, vertic
     up to ``MAX_SCAN_OFFSETS`` slashes a head), ``"torch"`` with torch ops; ``"auto"`` by device."""
     B, H, Lk = vertical.shape
     if Lk != k_len or tuple(slash.shape) != (B, H, Lk):
-        raise ValueError(f"vertical {tuple(vertical.shape)} and slash {tuple(slash.shape)} must be [B, H, k_len={k_len}]"
-                         " (causal offsets 0..k_len-1)")
+        raise ValueError(f"vertical {tuple(vertical.shape)} and slash {tuple(slash.shape)} must be "
+                         f"[B, H, k_len={k_len}] (causal offsets 0..k_len-1)")
     bs = block_size
     v_sizes = per_head_sizes("vertical_size", vertical_sizes, H)
     s_sizes = per_head_sizes("slash_size", slash_sizes, H)
@@ -793,32 +841,61 @@ def vertical_slash_tables(vertical: torch.Tensor, slash: torch.Tensor, *, vertic
     return VerticalSlashTables(params, tiles, cluster_map, keys, nv, ns, q_len, Lk, bs)
 
 
-def fill_vertical_slash_index(tables: VerticalSlashTables, heads: slice = slice(None), *,
-                              backend: str = "auto") -> VerticalSlashIndex:
+def fill_widths(tables: VerticalSlashTables, heads: slice = slice(None)) -> tuple[int, int]:
+    """``(ranges, columns)``: the row widths of heads ``heads``' index, as if they were selected alone."""
+    chosen = range(len(tables.nv))[heads]
+    return (min(2 * max(tables.ns[h] for h in chosen), cdiv(tables.k_len, tables.block_size)),
+            max(tables.nv[h] for h in chosen))
+
+
+def fill_vertical_slash_index(tables: VerticalSlashTables, heads: slice = slice(None), *, backend: str = "auto",
+                              into: tuple[VerticalSlashIndex, list[int]] | None = None) -> VerticalSlashIndex:
     """The ``VerticalSlashIndex`` of heads ``heads`` (a slice) from ``tables``: one Triton launch
-    (``backend="triton"``), or the torch equivalent."""
+    (``backend="triton"``), or the torch equivalent.
+
+    ``into``: ``(index, out_heads)``: write the rows into query heads ``out_heads`` of an existing
+    index (a per-head mix's), whose rows are at least ``fill_widths`` wide (its entries past them
+    are left as they are), and return it: no index of these heads alone, and no copy of one."""
     t = tables
-    chosen = range(len(t.nv))[heads]
-    width_r = min(2 * max(t.ns[h] for h in chosen), cdiv(t.k_len, t.block_size))
-    width_c = max(t.nv[h] for h in chosen)
+    width_r, width_c = fill_widths(t, heads)
     params, tiles, cluster_map = (x[:, heads].contiguous() for x in (t.params, t.tiles, t.cluster_map))
     keys = t.keys[:, heads, :width_c].contiguous()
     B, H, nq, _ = params.shape
     bs, device = t.block_size, params.device
+    if into is not None and (len(into[1]) != H or into[0].range_starts.shape[-1] < width_r
+                             or into[0].columns.shape[-1] < width_c):
+        raise ValueError(f"fill_vertical_slash_index: into needs {H} output heads and rows of at least "
+                         f"{width_r} ranges / {width_c} columns")
     if _backend(backend, device) == "torch":
-        return VerticalSlashIndex(*_fill_index_torch(params, tiles, cluster_map, keys, width_r, bs), bs, bs,
-                                  t.q_len, t.k_len)
-    range_starts = _alloc(B, H, nq, width_r, dtype=torch.int32, device=device)
-    range_counts = _alloc(B, H, nq, dtype=torch.int32, device=device)
-    columns = _alloc(B, H, nq, width_c, dtype=torch.int32, device=device)
-    column_counts = _alloc(B, H, nq, dtype=torch.int32, device=device)
-    small = _interpreting() or device.type == "cpu"
+        index = VerticalSlashIndex(*_fill_index_torch(params, tiles, cluster_map, keys, width_r, bs), bs, bs,
+                                   t.q_len, t.k_len)
+        if into is None:
+            return index
+        out, out_heads = into
+        idx = _device_ints(tuple(out_heads), device)
+        out.range_starts.narrow(-1, 0, width_r).index_copy_(1, idx, index.range_starts)
+        out.columns.narrow(-1, 0, width_c).index_copy_(1, idx, index.columns)
+        for name in ("range_counts", "column_counts"):
+            getattr(out, name).index_copy_(1, idx, getattr(index, name))
+        return out
+    if into is None:
+        out = VerticalSlashIndex(_alloc(B, H, nq, width_r, dtype=torch.int32, device=device),
+                                 _alloc(B, H, nq, dtype=torch.int32, device=device),
+                                 _alloc(B, H, nq, width_c, dtype=torch.int32, device=device),
+                                 _alloc(B, H, nq, dtype=torch.int32, device=device), bs, bs, t.q_len, t.k_len)
+        out_heads = _device_ints(tuple(range(H)), device)
+    else:
+        out, out_heads = into[0], _device_ints(tuple(into[1]), device)
+    if out.range_counts.stride() != out.column_counts.stride() or out.range_counts.stride(-1) != 1 \
+            or out.range_starts.stride(-1) != 1 or out.columns.stride(-1) != 1:
+        raise ValueError("fill_vertical_slash_index: the index needs contiguous rows and counts of equal strides")
+    tile = 32 if _interpreting() or device.type == "cpu" else 256
     _fill_index_kernel[(B * H, nq)](
-        params, tiles, cluster_map, keys, range_starts, range_counts, columns, column_counts,
-        nq, width_r, width_c, tiles.shape[-1], t.k_len,
-        BS=bs, BLOCK_R=min(256 if not small else 32, _pow2(width_r)), BLOCK_C=min(256 if not small else 32, _pow2(width_c)),
-        num_warps=4)
-    return VerticalSlashIndex(range_starts, range_counts, columns, column_counts, bs, bs, t.q_len, t.k_len)
+        params, tiles, cluster_map, keys, out_heads, out.range_starts, out.range_counts, out.columns,
+        out.column_counts, H, nq, width_r, width_c, tiles.shape[-1], t.k_len,
+        *out.range_starts.stride()[:3], *out.columns.stride()[:3], *out.range_counts.stride()[:2],
+        BS=bs, BLOCK_R=min(tile, _pow2(width_r)), BLOCK_C=min(tile, _pow2(width_c)), num_warps=4)
+    return out
 
 
 def vertical_slash_index_fast(vertical: torch.Tensor, slash: torch.Tensor, *, vertical_sizes, slash_sizes,

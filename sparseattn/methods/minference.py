@@ -154,28 +154,21 @@ def _vertical_and_slash(q, k, vertical_size, slash_size, config: MInferenceConfi
                              block_size=config.block_size, causal=causal)
 
 
-def _vertical_and_slash_heads(q, k, heads, vertical_sizes, slash_sizes, config: MInferenceConfig, causal: bool,
-                              backend: str | None = None) -> VerticalSlashIndex:
-    """The vertical-slash index of query heads ``heads`` only (``len(heads)`` heads): the estimation
-    reads those heads' last ``last_q`` rows (a copy of ``[B, len(heads), last_q, D]``) against their
-    KV heads (no copy of k), so its cost follows the vertical-slash heads, not the KV groups they span."""
-    G, bs = q.shape[1] // k.shape[1], config.block_size
-    backend = SELECT_BACKEND if backend is None else backend
-    kv = [h // G for h in heads]
-    idx = _device_ints(tuple(heads), q.device)
-    if not causal:  # the fp32 reference (as for whole-head vertical-slash selections)
-        kv_idx = _device_ints(tuple(kv), q.device)
-        return minference_select(q.index_select(1, idx), k.index_select(1, kv_idx), vertical_size=vertical_sizes,
-                                 slash_size=slash_sizes, last_q=config.last_q, block_size=bs, causal=False)
-    from ..kernels.minference_index import _backend, fill_vertical_slash_index
-
-    backend = _backend(backend, q.device)
-    tables = _vertical_and_slash_tables(q, k, heads, vertical_sizes, slash_sizes, config, backend)
-    return fill_vertical_slash_index(tables, backend=backend)
+def _vertical_and_slash_reference(q, k, heads, vertical_sizes, slash_sizes, config: MInferenceConfig,
+                                  causal: bool) -> VerticalSlashIndex:
+    """The fp32 reference's vertical-slash index of query heads ``heads`` only (a mix's non-causal
+    vertical-slash heads; causal ones take ``_vertical_and_slash_tables``)."""
+    G, device = q.shape[1] // k.shape[1], q.device
+    idx, kv_idx = _device_ints(tuple(heads), device), _device_ints(tuple(h // G for h in heads), device)
+    return minference_select(q.index_select(1, idx), k.index_select(1, kv_idx), vertical_size=vertical_sizes,
+                             slash_size=slash_sizes, last_q=config.last_q, block_size=config.block_size, causal=causal)
 
 
 def _vertical_and_slash_tables(q, k, heads, vertical_sizes, slash_sizes, config: MInferenceConfig, backend: str):
-    """``_vertical_and_slash_heads`` (causal) up to the index: the tables of heads ``heads``."""
+    """The vertical-slash tables of query heads ``heads`` only (causal; ``fill_vertical_slash_index``
+    writes their index): the estimation reads those heads' last ``last_q`` rows (a copy of
+    ``[B, len(heads), last_q, D]``) against their KV heads (no copy of k), so its cost follows the
+    vertical-slash heads, not the KV groups they span."""
     from ..kernels.minference_index import HAS_GATHER, last_query_scores_fast, vertical_slash_tables
 
     B, Hq, Lq, D = q.shape
@@ -394,16 +387,23 @@ def _a_shape_ranges(q_len: int, k_len: int, sink: int, window: int, bs: int, dev
     return _as_ranges(index, index.indices.shape[-1])[0, 0], index.counts[0, 0]
 
 
+def _select_backend(device: torch.device) -> str:
+    """``SELECT_BACKEND`` resolved for ``device`` (``"triton"`` or ``"torch"``)."""
+    from ..kernels.minference_index import _backend
+
+    return _backend(SELECT_BACKEND, device)
+
+
 # The backend of per-head mixes' block-sparse and vertical-slash heads and of chunked vertical-slash
 # calls ("auto": Triton on CUDA; tests set "triton" to run those paths in the interpreter).
 SELECT_BACKEND = "auto"
 
 
-def _select_head_patterns(q, k, config: MInferenceConfig, causal: bool,
-                          vs_index: VerticalSlashIndex | None = None):
+def _select_head_patterns(q, k, config: MInferenceConfig, causal: bool, vs_tables=None):
     """One index for heads of different patterns: a ``VerticalSlashIndex`` whose block-pattern heads have
     block-aligned ranges and no columns (no per-head Python loop: one call per pattern kind).
-    ``vs_index``: the vertical-slash heads' index, already built (``select_chunks``)."""
+    ``vs_tables``: ``(VerticalSlashTables, rows)``, the vertical-slash heads' tables, already built
+    (``select_chunks``: ``rows`` slices this chunk's heads out of the call's)."""
     B, Hq, Lq, _ = q.shape
     Lk, bs = k.shape[2], config.block_size
     patterns = config.head_patterns
@@ -411,8 +411,10 @@ def _select_head_patterns(q, k, config: MInferenceConfig, causal: bool,
         raise ValueError(f"head_patterns has {len(patterns)} entries, but the query has {Hq} heads")
     kinds = {p for p, _, _ in patterns}
     if kinds == {"vertical_and_slash"}:
-        if vs_index is not None:
-            return vs_index
+        if vs_tables is not None:
+            from ..kernels.minference_index import fill_vertical_slash_index
+
+            return fill_vertical_slash_index(*vs_tables, backend=_select_backend(q.device))
         return _vertical_and_slash(q, k, [v for _, v, _ in patterns], [s for _, _, s in patterns], config, causal)
     if kinds == {"block_sparse"}:
         return _block_sparse(q, k, [v for _, v, _ in patterns], config, causal)
@@ -421,7 +423,7 @@ def _select_head_patterns(q, k, config: MInferenceConfig, causal: bool,
         return a_shape_select(Lq, Lk, B, Hq, sink=sink, window=window, block_size=bs, device=q.device)
 
     # An index of ranges (-1) and columns (none) for every head, then each kind fills its heads: the
-    # vertical-slash heads' own index copied in, A-shape's small static index as block-aligned
+    # vertical-slash heads' rows written by the fill kernel, A-shape's static rows as block-aligned
     # ranges, block-sparse rows written into the ranges by its top-k kernel (no index in between).
     parts: list[tuple[list[int], torch.Tensor, torch.Tensor]] = []
     sparse_heads = [h for h, (p, _, _) in enumerate(patterns) if p == "block_sparse"]
@@ -433,22 +435,33 @@ def _select_head_patterns(q, k, config: MInferenceConfig, causal: bool,
         parts.append((heads, *_a_shape_ranges(Lq, Lk, sink, window, bs, q.device)))
     vs_heads = [h for h, (p, _, _) in enumerate(patterns) if p == "vertical_and_slash"]
     nq = -(-Lq // bs)
+    vs = None
+    width_r, width_c = 0, 1
     if vs_heads:
-        # The estimation and index of the vertical-slash heads alone, copied into the table's index.
-        vs = vs_index if vs_index is not None else _vertical_and_slash_heads(
-            q, k, vs_heads, [patterns[h][1] for h in vs_heads], [patterns[h][2] for h in vs_heads], config, causal)
-        width = max([vs.range_starts.shape[-1]] + [r.shape[-1] for _, r, _ in parts] + widths)
-        width_c = vs.columns.shape[-1]
-    else:
-        width = max([r.shape[-1] for _, r, _ in parts] + widths)
-        width_c = 1
+        # The vertical-slash heads are estimated alone. Causal: their tables, filled straight into
+        # the table's index below; non-causal: the reference's index of those heads, copied in.
+        v_sizes, s_sizes = [patterns[h][1] for h in vs_heads], [patterns[h][2] for h in vs_heads]
+        if vs_tables is None and causal:
+            vs_tables = (_vertical_and_slash_tables(q, k, vs_heads, v_sizes, s_sizes, config,
+                                                    _select_backend(q.device)), slice(None))
+        if vs_tables is not None:
+            from ..kernels.minference_index import fill_vertical_slash_index, fill_widths
+
+            width_r, width_c = fill_widths(*vs_tables)
+        else:
+            vs = _vertical_and_slash_reference(q, k, vs_heads, v_sizes, s_sizes, config, causal)
+            width_r, width_c = vs.range_starts.shape[-1], vs.columns.shape[-1]
+    width = max([width_r] + [r.shape[-1] for _, r, _ in parts] + widths)
     starts = torch.full((B, Hq, nq, width), -1, dtype=torch.int32, device=q.device)
     counts = torch.zeros(B, Hq, nq, dtype=torch.int32, device=q.device)
     columns = torch.full((B, Hq, nq, width_c), -1, dtype=torch.int32, device=q.device)
     column_counts = torch.zeros(B, Hq, nq, dtype=torch.int32, device=q.device)
-    if vs_heads:
+    if vs_tables is not None:
+        fill_vertical_slash_index(*vs_tables, backend=_select_backend(q.device), into=(
+            VerticalSlashIndex(starts, counts, columns, column_counts, bs, bs, Lq, Lk), vs_heads))
+    elif vs is not None:
         idx = _device_ints(tuple(vs_heads), q.device)
-        starts.narrow(-1, 0, vs.range_starts.shape[-1]).index_copy_(1, idx, vs.range_starts)
+        starts.narrow(-1, 0, width_r).index_copy_(1, idx, vs.range_starts)
         counts.index_copy_(1, idx, vs.range_counts)
         columns.index_copy_(1, idx, vs.columns)
         column_counts.index_copy_(1, idx, vs.column_counts)
@@ -716,12 +729,14 @@ def index_bytes(config: MInferenceConfig, batch: int, q_heads: int, q_len: int, 
                 head_dim: int = 128, kv_heads: int | None = None) -> int:
     """Bytes ``select_blocks`` holds: the index, from the widths its builders allocate; with
     vertical-slash heads, the estimation's fp32 score rows of those heads (vertical and slash scores
-    and their working copies, ``[B, H, Lk]`` each) and, in a mix, their own index; with block-sparse
-    heads, ``block_sparse_select_fast``'s fp32 pooled q and k (``head_dim`` wide; ``kv_heads``
-    defaults to ``q_heads``), one chunk of scores and the chunk's heads of the pools. That is its
-    Triton path (CUDA); the torch path, which CPU tensors and rows over ``MAX_TOP_K_BLOCKS`` blocks
-    take, also holds per-query-head pools and the top-k candidates of a chunk: counted when the
-    rows are that long."""
+    and their working copies, ``[B, H, Lk]`` each; a mix's vertical-slash rows are written straight
+    into its index); with block-sparse heads, ``block_sparse_select_fast``'s fp32 pooled q and k
+    (``head_dim`` wide; ``kv_heads`` defaults to ``q_heads``), one chunk of scores and the chunk's
+    heads of the pools. That is its Triton path (CUDA, causal). The torch path, which CPU tensors
+    and rows over ``MAX_TOP_K_BLOCKS`` blocks take, also holds per-query-head pools and the top-k
+    candidates of a chunk: counted when the rows are that long. Not counted: the torch index builder
+    (CPU) and a mix's non-causal vertical-slash heads (the reference's selection), which build their
+    own index before it is copied in."""
     bs = config.block_size
     nq, nk = cdiv(q_len, bs), cdiv(k_len, bs)
     kv_heads = q_heads if kv_heads is None else kv_heads
@@ -761,8 +776,6 @@ def index_bytes(config: MInferenceConfig, batch: int, q_heads: int, q_len: int, 
                 rows = min(batch * q_heads * nq, max(1, BLOCK_SPARSE_CHUNK_ELEMENTS // nk))
                 pools = 4 * batch * head_dim * (2 * q_heads * nq + q_heads * nk)
                 scratch = max(scratch, pools + 4 * rows * nk + 40 * rows * min(nk, a + 3))
-    if 0 < vs_heads < q_heads:  # a mix: the vertical-slash heads' own index, before it is copied in
-        estimation += 4 * batch * vs_heads * nq * (width_vs + width_c + 2)
     return 4 * batch * q_heads * nq * (width_r + width_c + 2) + estimation + scratch
 
 
@@ -796,9 +809,9 @@ def select_chunks(q: torch.Tensor, k: torch.Tensor, config: MInferenceConfig, bo
     patterns = config.head_patterns
     if causal and (all(p == "vertical_and_slash" for p, _, _ in patterns) if patterns
                    else config.pattern == "vertical_and_slash"):
-        from ..kernels.minference_index import _backend, fill_vertical_slash_index, minference_tables_fast
+        from ..kernels.minference_index import fill_vertical_slash_index, minference_tables_fast
 
-        backend = _backend(SELECT_BACKEND, q.device)
+        backend = _select_backend(q.device)
         sizes = ([v for _, v, _ in patterns], [s for _, _, s in patterns]) if patterns else (
             config.vertical_size, config.slash_size)
         tables = minference_tables_fast(q, k, vertical_size=sizes[0], slash_size=sizes[1],
@@ -810,20 +823,13 @@ def select_chunks(q: torch.Tensor, k: torch.Tensor, config: MInferenceConfig, bo
     vs_heads = [h for h, (p, _, _) in enumerate(patterns) if p == "vertical_and_slash"]
     if causal and vs_heads:
         # A mix: its vertical-slash heads' tables once, each chunk's rows of them filled per chunk.
-        from ..kernels.minference_index import _backend, fill_vertical_slash_index
-
-        backend = _backend(SELECT_BACKEND, q.device)
         tables = _vertical_and_slash_tables(q, k, vs_heads, [patterns[h][1] for h in vs_heads],
-                                            [patterns[h][2] for h in vs_heads], config, backend)
+                                            [patterns[h][2] for h in vs_heads], config, _select_backend(q.device))
         for g0, g1 in bounds:
             h0, h1 = g0 * G, g1 * G
             rows = [i for i, h in enumerate(vs_heads) if h0 <= h < h1]  # consecutive
-            vs_index = None
-            if rows:
-                vs_index = fill_vertical_slash_index(tables, slice(rows[0], rows[-1] + 1), backend=backend)
             index = _select_head_patterns(q[:, h0:h1], k[:, g0:g1], head_slice(config, h0, h1, G), causal,
-                                          vs_index=vs_index)
-            vs_index = None  # copied into the chunk's index: not held while it is attended
+                                          vs_tables=(tables, slice(rows[0], rows[-1] + 1)) if rows else None)
             yield g0, g1, index
             index = None  # released by the caller: not held through the next chunk's selection
         return
