@@ -1,6 +1,5 @@
 """The block-sparse top-k kernel alone (``kernels.minference_index.block_top_k_``): warps per row
-program against row width and top-k, on pooled scores of the LLM-like input at 128K, with each
-row's cut found by radix select and by bisection (the same blocks; run 22b).
+program against row width and top-k, on pooled scores of the LLM-like input at 128K.
 
 One chunk as ``block_sparse_select_fast`` launches it: one head's rows (64-blocks: 2048 x 2048
 scores; 128-blocks: 1024 x 1024, four heads). Timed with CUDA events after warm-up; the row's
@@ -45,23 +44,16 @@ def main(argv=None) -> int:
             tops = torch.full((heads,), top, dtype=torch.int64, device=q.device)
             indices = torch.empty(1, heads, nq, min(top + 3, nk), dtype=torch.int32, device=q.device)
             counts = torch.empty(1, heads, nq, dtype=torch.int32, device=q.device)
-            found = {}
-            for radix in (True, False):
-                for warps in (int(w) for w in args.warps.split(",")):
-                    def run():
-                        block_top_k_(scores, tops, indices, counts, head0=0, row0=0, q_len=L, k_len=L,
-                                     block_size=bs, causal=True, head_dim=128, out_heads=out_heads, num_warps=warps,
-                                     radix=radix)
-                    ms = time_ms(run)["ms"]
-                    found.setdefault(radix, (indices.clone(), counts.clone()))
-                    row = {"block_size": bs, "heads": heads, "rows": heads * nq, "nk": nk, "top": top,
-                           "radix": radix, "warps": warps, "us": 1000 * ms, "us_per_row": 1000 * ms / (heads * nq)}
-                    record["rows"].append(row)
-                    print(f"bs {bs:4d} nk {nk:5d} rows {heads * nq:5d} top {top:4d} {'radix ' if radix else 'bisect'} "
-                          f"warps {warps}: {row['us']:8.1f} us ({row['us_per_row'] * 1000:.1f} ns/row)", flush=True)
-            same = all(torch.equal(a, b) for a, b in zip(found[True], found[False]))
-            record["rows"][-1]["radix_equals_bisect"] = same
-            print(f"  radix and bisection select the same blocks: {same}", flush=True)
+            for warps in (int(w) for w in args.warps.split(",")):
+                def run():
+                    block_top_k_(scores, tops, indices, counts, head0=0, row0=0, q_len=L, k_len=L, block_size=bs,
+                                 causal=True, head_dim=128, out_heads=out_heads, num_warps=warps)
+                ms = time_ms(run)["ms"]
+                row = {"block_size": bs, "heads": heads, "rows": heads * nq, "nk": nk, "top": top, "warps": warps,
+                       "us": 1000 * ms, "us_per_row": 1000 * ms / (heads * nq)}
+                record["rows"].append(row)
+                print(f"bs {bs:4d} nk {nk:5d} rows {heads * nq:5d} top {top:4d} warps {warps}: "
+                      f"{row['us']:8.1f} us ({row['us_per_row'] * 1000:.1f} ns/row)", flush=True)
     with open(args.out, "w") as f:
         json.dump(record, f, indent=1)
     return 0

@@ -429,43 +429,19 @@ def _bisect_cut(key, allowed, k):
 
 
 @triton.jit
-def _radix_cut(key, allowed, k):
-    """The ``k``-th largest of ``key[allowed]`` (``1 <= k <=`` their count), exactly, by radix select:
-    8 passes of one 16-bin histogram each over the next 4 bits (most significant first) of the keys
-    that share the bits chosen so far. A pass keeps the highest digit whose keys, with every key of
-    a higher digit, number at least the ``need`` still to take. 8 dependent steps instead of
-    bisection's ~30."""
-    u = (key ^ -2147483648).to(tl.uint32, bitcast=True)  # order-preserving as unsigned
-    bins = tl.arange(0, 16)
-    need = k
-    prefix = tl.zeros([16], tl.uint32).max(0)  # a uint32 scalar 0, loop-carried
-    for p in tl.static_range(8):
-        shift = 28 - 4 * p
-        match = allowed
-        if p > 0:
-            match = match & ((u >> (shift + 4)) == (prefix >> (shift + 4)))
-        hist = tl.histogram(((u >> shift) & 15).to(tl.int32), 16, mask=match)
-        at_least = tl.sum(hist, 0) - tl.cumsum(hist, 0) + hist  # keys with digit >= d
-        d = tl.max(tl.where(at_least >= need, bins, -1), 0)
-        need -= tl.sum(tl.where(bins > d, hist, 0), 0)
-        prefix = prefix | (d.to(tl.uint32) << shift)
-    return (prefix ^ 0x80000000).to(tl.int32, bitcast=True)
-
-
-@triton.jit
 def _block_top_k_kernel(
     Scores, Top, OutHead, Indices, Counts,
     n_rows, nk, width, q_len, k_len, sqrt_d, s_b, s_h, s_r, i_b, i_h, i_r, c_b, c_h, head0, row0,
-    BS: tl.constexpr, UNIT: tl.constexpr, IS_CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr, RADIX: tl.constexpr,
+    BS: tl.constexpr, UNIT: tl.constexpr, IS_CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """One query block's key blocks: its ``top`` highest-scoring allowed blocks (ties: lower block
     first), key block 0 and its diagonal blocks, ascending, times ``UNIT`` (1: block numbers; the
     block size: range starts), ``-1`` padded to ``width``, in output head ``OutHead[head]``.
 
     The top-k is a selection, not a sort: the ``top``-th largest score over the scores'
-    order-preserving int32 keys, held in registers (``RADIX``: ``_radix_cut``, else ``_bisect_cut``),
-    then the ties at that cut taken lowest block first with a prefix sum, as the reference's stable
-    sort does.
+    order-preserving int32 keys, held in registers (``_bisect_cut``), then the ties at that cut taken
+    lowest block first with a prefix sum, as the reference's stable sort does. (A radix select, 8
+    passes of a 16-bin histogram, was 1.3-1.9x slower on the H100: NOTES run 22b.)
     """
     pid_hr = tl.program_id(0)
     pid_b = tl.program_id(1).to(tl.int64)
@@ -488,10 +464,7 @@ def _block_top_k_kernel(
     key = tl.where(allowed, key, -2147483648)  # below every real key (-inf maps above it)
     n_allowed = tl.sum(allowed.to(tl.int32), 0)
     k = tl.minimum(tl.load(Top + head0 + h), n_allowed)
-    if RADIX:
-        cut = _radix_cut(key, allowed, tl.maximum(k, 1))
-    else:
-        cut = _bisect_cut(key, allowed, tl.maximum(k, 1))
+    cut = _bisect_cut(key, allowed, tl.maximum(k, 1))
     # top 0: a cut above every key (the largest, +inf, is 0x7F800000) keeps none.
     cut = tl.where(k > 0, cut, 2147483647)
     above = allowed & (key > cut)
@@ -526,14 +499,11 @@ def _pow2(x: int, low: int = 16) -> int:
 MAX_TOP_K_BLOCKS = 1 << 15
 # Warps per row program by row width (power of two), where measured (benchmarks/bench_block_top_k.py).
 BLOCK_TOP_K_WARPS: dict[int, int] = {}
-# How the kernel finds a row's cut: radix select (True) or bisection (False); the same blocks either way.
-BLOCK_TOP_K_RADIX = True
 
 
 def block_top_k_(scores: torch.Tensor, top: torch.Tensor, indices: torch.Tensor, counts: torch.Tensor, *,
                  head0: int, row0: int, q_len: int, k_len: int, block_size: int, causal: bool, head_dim: int,
-                 out_heads: torch.Tensor, as_ranges: bool = False, num_warps: int | None = None,
-                 radix: bool | None = None) -> None:
+                 out_heads: torch.Tensor, as_ranges: bool = False, num_warps: int | None = None) -> None:
     """Writes MInference's block_sparse rows from pooled block scores into ``indices`` / ``counts``.
 
     Args:
@@ -547,7 +517,6 @@ def block_top_k_(scores: torch.Tensor, top: torch.Tensor, indices: torch.Tensor,
         as_ranges: write range starts (``block * block_size``) instead of block numbers: the rows of
             a ``VerticalSlashIndex`` (``range_starts``, ``range_counts``).
         num_warps: warps per row program (default: ``BLOCK_TOP_K_WARPS``, else by row width).
-        radix: find each row's cut by radix select or by bisection (default ``BLOCK_TOP_K_RADIX``).
         q_len, k_len, block_size, causal, head_dim: the attention's shape (the queries are the last ``q_len``).
 
     Equal to ``reference.minference.block_sparse_select`` on the same scores, ties included (lower
@@ -563,7 +532,7 @@ def block_top_k_(scores: torch.Tensor, top: torch.Tensor, indices: torch.Tensor,
         scores, top, out_heads, indices, counts, R, nk, indices.shape[-1], q_len, k_len, math.sqrt(head_dim),
         *scores.stride()[:3], *indices.stride()[:3], *counts.stride()[:2], head0, row0,
         BS=block_size, UNIT=block_size if as_ranges else 1, IS_CAUSAL=causal, BLOCK_N=block_n,
-        RADIX=BLOCK_TOP_K_RADIX if radix is None else bool(radix), num_warps=num_warps)
+        num_warps=num_warps)
 
 
 def last_query_scores_fast(q: torch.Tensor, k: torch.Tensor, num_last: int, causal: bool = True,
