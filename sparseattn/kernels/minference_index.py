@@ -409,34 +409,22 @@ def _cluster_lookup_kernel(
 
 
 @triton.jit
-def _search_cut(key, allowed, k, WAYS: tl.constexpr):
-    """The ``k``-th largest of ``key[allowed]`` (``1 <= k <=`` their count; at most 65535 keys), by a
-    ``WAYS``-ary search of the int32 key space: each pass counts the keys at or above ``WAYS - 1``
-    thresholds in one reduction (the counts packed in 16-bit fields of an int64), so the interval
-    shrinks ``WAYS``-fold per pass (2: bisection, up to 32 passes; 5: up to 14). A threshold that
-    counts exactly ``k`` ends the search: nothing ties across it, so it selects the same keys as the
-    k-th largest itself."""
+def _bisect_cut(key, allowed, k):
+    """The ``k``-th largest of ``key[allowed]`` (``1 <= k <=`` their count), by bisecting the int32
+    key space: up to 32 counting passes, stopping at a threshold that counts exactly ``k`` (nothing
+    ties across it, so it selects the same keys as the k-th largest itself)."""
     lo = tl.min(tl.where(allowed, key, 2147483647), 0).to(tl.int64)  # #(key >= lo) >= k
-    hi = tl.max(key, 0).to(tl.int64)  # the answer lies in [lo, hi]
+    hi = tl.max(key, 0).to(tl.int64)
     while lo < hi:
-        step = tl.maximum((hi - lo + 1) // WAYS, 1)
-        packed = tl.zeros_like(key).to(tl.int64)
-        for j in tl.static_range(1, WAYS):
-            t = tl.minimum(lo + j * step, hi).to(tl.int32)
-            packed += (key >= t).to(tl.int64) << (16 * (j - 1))
-        counts = tl.sum(packed, 0)
-        new_lo, new_hi, at_lo = lo, hi, k + 1  # at_lo: the count at new_lo, when it is a threshold
-        for j in tl.static_range(WAYS - 1, 0, -1):  # highest threshold first
-            t = tl.minimum(lo + j * step, hi)
-            c = (counts >> (16 * (j - 1))) & 0xFFFF
-            new_hi = tl.where(c < k, t - 1, new_hi)  # ends at the lowest threshold below k
-        for j in tl.static_range(1, WAYS):
-            t = tl.minimum(lo + j * step, hi)
-            c = (counts >> (16 * (j - 1))) & 0xFFFF
-            at_lo = tl.where(c >= k, c, at_lo)  # starts at the highest threshold at or above k
-            new_lo = tl.where(c >= k, t, new_lo)
-        lo = new_lo
-        hi = tl.where(at_lo == k, new_lo, new_hi)
+        mid = (lo + hi + 1) // 2
+        n_ge = tl.sum((key >= mid.to(tl.int32)).to(tl.int32), 0)
+        if n_ge == k:
+            lo = mid
+            hi = mid
+        elif n_ge > k:
+            lo = mid
+        else:
+            hi = mid - 1
     return lo.to(tl.int32)
 
 
@@ -444,16 +432,18 @@ def _search_cut(key, allowed, k, WAYS: tl.constexpr):
 def _block_top_k_kernel(
     Scores, Top, OutHead, Indices, Counts,
     n_rows, nk, width, q_len, k_len, sqrt_d, s_b, s_h, s_r, i_b, i_h, i_r, c_b, c_h, head0, row0,
-    BS: tl.constexpr, UNIT: tl.constexpr, IS_CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr, WAYS: tl.constexpr,
+    BS: tl.constexpr, UNIT: tl.constexpr, IS_CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """One query block's key blocks: its ``top`` highest-scoring allowed blocks (ties: lower block
     first), key block 0 and its diagonal blocks, ascending, times ``UNIT`` (1: block numbers; the
     block size: range starts), ``-1`` padded to ``width``, in output head ``OutHead[head]``.
 
     The top-k is a selection, not a sort: the ``top``-th largest score over the scores'
-    order-preserving int32 keys, held in registers (``_search_cut``), then the ties at that cut taken
-    lowest block first with a prefix sum, as the reference's stable sort does. (A radix select, 8
-    passes of a 16-bin histogram, was 1.3-1.9x slower on the H100: NOTES run 22b.)
+    order-preserving int32 keys, held in registers (``_bisect_cut``), then the ties at that cut taken
+    lowest block first with a prefix sum, as the reference's stable sort does. Two alternatives
+    measured no faster on the H100: a radix select (8 passes of a 16-bin histogram; 1.3-1.9x
+    slower, NOTES run 22b) and a 5-way search (4 thresholds a pass in one packed reduction; within
+    noise of bisection, run 22d).
     """
     pid_hr = tl.program_id(0)
     pid_b = tl.program_id(1).to(tl.int64)
@@ -476,7 +466,7 @@ def _block_top_k_kernel(
     key = tl.where(allowed, key, -2147483648)  # below every real key (-inf maps above it)
     n_allowed = tl.sum(allowed.to(tl.int32), 0)
     k = tl.minimum(tl.load(Top + head0 + h), n_allowed)
-    cut = _search_cut(key, allowed, tl.maximum(k, 1), WAYS)
+    cut = _bisect_cut(key, allowed, tl.maximum(k, 1))
     # top 0: a cut above every key (the largest, +inf, is 0x7F800000) keeps none.
     cut = tl.where(k > 0, cut, 2147483647)
     above = allowed & (key > cut)
@@ -511,14 +501,11 @@ def _pow2(x: int, low: int = 16) -> int:
 MAX_TOP_K_BLOCKS = 1 << 15
 # Warps per row program by row width (power of two), where measured (benchmarks/bench_block_top_k.py).
 BLOCK_TOP_K_WARPS: dict[int, int] = {}
-# Thresholds a pass of the cut search tests, plus one (2: bisection); the same blocks for any value.
-BLOCK_TOP_K_WAYS = 2
 
 
 def block_top_k_(scores: torch.Tensor, top: torch.Tensor, indices: torch.Tensor, counts: torch.Tensor, *,
                  head0: int, row0: int, q_len: int, k_len: int, block_size: int, causal: bool, head_dim: int,
-                 out_heads: torch.Tensor, as_ranges: bool = False, num_warps: int | None = None,
-                 ways: int | None = None) -> None:
+                 out_heads: torch.Tensor, as_ranges: bool = False, num_warps: int | None = None) -> None:
     """Writes MInference's block_sparse rows from pooled block scores into ``indices`` / ``counts``.
 
     Args:
@@ -532,7 +519,6 @@ def block_top_k_(scores: torch.Tensor, top: torch.Tensor, indices: torch.Tensor,
         as_ranges: write range starts (``block * block_size``) instead of block numbers: the rows of
             a ``VerticalSlashIndex`` (``range_starts``, ``range_counts``).
         num_warps: warps per row program (default: ``BLOCK_TOP_K_WARPS``, else by row width).
-        ways: the cut search's fan-out per pass, 2 to 5 (default ``BLOCK_TOP_K_WAYS``).
         q_len, k_len, block_size, causal, head_dim: the attention's shape (the queries are the last ``q_len``).
 
     Equal to ``reference.minference.block_sparse_select`` on the same scores, ties included (lower
@@ -541,9 +527,6 @@ def block_top_k_(scores: torch.Tensor, top: torch.Tensor, indices: torch.Tensor,
     B, Hc, R, nk = scores.shape
     if scores.stride(-1) != 1 or nk > MAX_TOP_K_BLOCKS:
         raise ValueError(f"block_top_k_: scores need a contiguous last dim of at most {MAX_TOP_K_BLOCKS} blocks")
-    ways = BLOCK_TOP_K_WAYS if ways is None else ways
-    if not 2 <= ways <= 5:  # 16-bit counts of ways - 1 thresholds share one int64
-        raise ValueError(f"block_top_k_: ways must be in 2..5, got {ways}")
     block_n = _pow2(nk)
     if num_warps is None:
         num_warps = BLOCK_TOP_K_WARPS.get(block_n, 4 if block_n <= 2048 else (8 if block_n <= 8192 else 16))
@@ -551,7 +534,7 @@ def block_top_k_(scores: torch.Tensor, top: torch.Tensor, indices: torch.Tensor,
         scores, top, out_heads, indices, counts, R, nk, indices.shape[-1], q_len, k_len, math.sqrt(head_dim),
         *scores.stride()[:3], *indices.stride()[:3], *counts.stride()[:2], head0, row0,
         BS=block_size, UNIT=block_size if as_ranges else 1, IS_CAUSAL=causal, BLOCK_N=block_n,
-        WAYS=ways, num_warps=num_warps)
+        num_warps=num_warps)
 
 
 def last_query_scores_fast(q: torch.Tensor, k: torch.Tensor, num_last: int, causal: bool = True,
