@@ -14,6 +14,7 @@ source "$(dirname "$0")/gpu_steps.sh"
 TAIL=8 step gputests 300 python3 -m pytest -q -m gpu tests/test_minference.py tests/test_head_chunks.py \
   -k "not embedded_model" -rA
 TAIL=30 step top-k 150 python3 benchmarks/bench_block_top_k.py --warps 2,4,8 --out "$OUT/block-top-k-$RUN.json"
+TAIL=12 step top-k-probe 150 python3 benchmarks/probe_block_top_k.py --out "$OUT/probe-block-top-k-$RUN.json"
 TAIL=40 step select-profile 240 python3 benchmarks/profile_minference_select.py \
   --out "$OUT/minference-select-profile-$RUN.json"
 TAIL=45 step call-profile 300 python3 benchmarks/profile_minference_call.py --out "$OUT/minference-call-profile-$RUN.json"
