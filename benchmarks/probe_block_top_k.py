@@ -6,8 +6,9 @@ Variants (source edits of the kernel, imported from a temporary module):
   no-search   the cut is the row's minimum (no bisection; the rest unchanged);
   search-only the bisection, then only the cut is stored (no prefix sums, no row written);
   load-only   the row loaded and keyed, its maximum stored.
-Separate device calls disagreed by up to 20% on the full kernel (NOTES runs 21b, 22b, 22d), so only
-differences within this one run are read.
+Each variant is timed two ways: ``time_ms`` (CUDA events around the launch: a ~50 us launch
+includes the host's launch overhead) and the kernel's own duration from torch.profiler (run 22f
+found the first one host-bound).
 
     python benchmarks/probe_block_top_k.py --out /tmp/out/probe-block-top-k.json
 """
@@ -84,8 +85,14 @@ def main(argv=None) -> int:
                                 math.sqrt(128), *scores.stride()[:3], *indices.stride()[:3], *counts.stride()[:2],
                                 0, 0, BS=bs, UNIT=1, IS_CAUSAL=True, BLOCK_N=M._pow2(nk), num_warps=warps)
             us = 1000 * time_ms(run)["ms"]
-            record["rows"].append({"variant": name, "warps": warps, "us": us})
-            print(f"{name:12s} warps {warps}: {us:7.1f} us", flush=True)
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+                for _ in range(20):
+                    run()
+                torch.cuda.synchronize()
+            gpu = [e for e in prof.key_averages() if "_block_top_k_kernel" in e.key]
+            kernel_us = gpu[0].self_device_time_total / gpu[0].count if gpu else float("nan")
+            record["rows"].append({"variant": name, "warps": warps, "us": us, "kernel_us": kernel_us})
+            print(f"{name:12s} warps {warps}: {us:7.1f} us (events), {kernel_us:7.1f} us (kernel)", flush=True)
     with open(args.out, "w") as f:
         json.dump(record, f, indent=1)
     return 0
