@@ -184,11 +184,11 @@ def test_index_bytes_hooks_are_given_the_head_dim_and_kv_heads_if_they_take_them
         spec = dataclasses.replace(get_method("minference"), index_bytes=hook)
         assert api.kv_heads_per_chunk(spec, MInferenceConfig(), q, k, v) == 4
     assert seen == {"head_dim": 96, "both": {"head_dim": 96, "kv_heads": 4}, "old": True}
-    # Block-sparse heads pool q and k in fp32, head_dim wide (q for 32 heads, k for 8), and hold one
-    # head's pools per chunk (a 128K head's 2048 x 2048 scores fill the chunk): the bound grows with D.
+    # Block-sparse heads pool q and k in fp32, head_dim wide (q for 32 heads, k for 8), and hold the
+    # pools of a chunk's four heads (four 128K heads' 2048 x 2048 scores fill it): the bound grows with D.
     cfg = MInferenceConfig(pattern="block_sparse", top_k=64)
     small, large = (minference.index_bytes(cfg, 1, 32, 131072, 131072, head_dim=d, kv_heads=8) for d in (64, 256))
-    assert large - small == 4 * 192 * (32 * 2048 + 8 * 2048 + 2048 + 2048)
+    assert large - small == 4 * 192 * (32 * 2048 + 8 * 2048 + 4 * (2048 + 2048))
 
 
 def test_budget_at_128k_on_meta_tensors():
@@ -205,8 +205,8 @@ def test_budget_at_128k_on_meta_tensors():
     assert per_chunk("xattention", block_size=64) == 2  # 512 MiB on 64-blocks
     assert per_chunk("minference") == 1  # the seed's sizes: ~760 MiB
     assert per_chunk("minference", vertical_size=512, slash_size=512) == 2  # 3 held 175 MiB on the H100
-    assert per_chunk("minference", pattern="block_sparse", top_k=64) == 8  # 76 MiB: pools + one head's scores
-    assert per_chunk("minference", pattern="block_sparse", top_k=256) == 8  # 124 MiB: a wider index
+    assert per_chunk("minference", pattern="block_sparse", top_k=64) == 8  # 146 MiB: pools + four heads' scores
+    assert per_chunk("minference", pattern="block_sparse", top_k=256) == 6  # 194 MiB: a wider index
     assert per_chunk("streaming") == 8  # no index_bytes hook: never chunked
     # A searched table with two wide vertical-slash heads (1024/1024: 2048 ranges a row) in KV head 3:
     # uniform chunks of one KV head (8 calls); packed by their own bytes, 3 calls, the wide head alone.

@@ -283,9 +283,11 @@ def _block_sparse_rows(q, k, top, heads, bs, causal, backend, into=None) -> Bloc
     return BlockIndex(indices, counts, bs, bs, Lq, Lk)
 
 
-# Pooled scores per chunk of block_sparse_select_fast (16 MiB of fp32): its scratch stays a small
-# part of the memory budget (``index_bytes``) at 128K.
-BLOCK_SPARSE_CHUNK_ELEMENTS = 1 << 22
+# Pooled scores per chunk of block_sparse_select_fast (64 MiB of fp32: four heads at 128K on 64-blocks,
+# counted by ``index_bytes``). Each chunk is one bmm and one top-k launch, ~100 us of host time on the
+# H100 machine against ~80 us of GPU work a head (NOTES.md run 22g): one head a chunk (16 MiB, before
+# run 22h) left tables of many block-sparse heads bound by the host.
+BLOCK_SPARSE_CHUNK_ELEMENTS = 1 << 24
 
 
 def _head_rows(x: torch.Tensor, heads: list[int]) -> torch.Tensor:
