@@ -468,6 +468,26 @@ def test_block_sparse_triton_head_chunks_per_head_top_k(monkeypatch):
             assert_same_rows(BlockIndex(fast.indices[:, i:i + 1], fast.counts[:, i:i + 1], 16, 16, 128, 128), ref)
 
 
+def test_one_kv_head_calls_take_the_small_score_chunk(monkeypatch):
+    """A call of one KV head (the API's smallest chunk) scores at most ``BLOCK_SPARSE_GROUP_CHUNK_ELEMENTS``
+    at a time, others ``BLOCK_SPARSE_CHUNK_ELEMENTS``; ``index_bytes`` counts the same scratch."""
+    import sparseattn.methods.minference as minference
+
+    monkeypatch.setattr(minference, "BLOCK_SPARSE_CHUNK_ELEMENTS", 256)
+    monkeypatch.setattr(minference, "BLOCK_SPARSE_GROUP_CHUNK_ELEMENTS", 64)
+    seen, triton_path = [], minference._block_sparse_triton
+    monkeypatch.setattr(minference, "_block_sparse_triton",
+                        lambda *a, **kw: seen.append(kw["chunk_elements"]) or triton_path(*a, **kw))
+    for kv_heads, chunk in ((1, 64), (2, 256)):
+        q, k, _ = make_qkv(1, 4, kv_heads, 128, 128, 16, seed=23)
+        fast = block_sparse_select_fast(q, k, top_k=2, block_size=16, backend="triton")
+        assert seen[-1] == chunk
+        assert_same_rows(fast, block_sparse_select(q, k, top_k=2, block_size=16))
+    cfg = minference.MInferenceConfig(pattern="block_sparse", top_k=2, block_size=16)
+    one, two = (minference.index_bytes(cfg, 1, 4, 128, 128, head_dim=16, kv_heads=g) for g in (1, 2))
+    assert two - one == 4 * ((256 - 64) + 16 * (2 - 1) * 8 + 16 * (4 - 1) * (8 + 8))
+
+
 def test_block_sparse_backend_choice(monkeypatch):
     import sparseattn.kernels.minference_index as kernels
 

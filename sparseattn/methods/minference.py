@@ -191,8 +191,9 @@ def block_sparse_select_fast(q: torch.Tensor, k: torch.Tensor, *, top_k, block_s
                              heads: list[int] | None = None, backend: str = "auto") -> BlockIndex:
     """MInference's block_sparse pattern without a full sort; equal to ``reference.block_sparse_select``.
 
-    The pooled block scores are computed a chunk of heads at a time (``torch.matmul``, at most
-    ``BLOCK_SPARSE_CHUNK_ELEMENTS`` fp32); each chunk's rows are then selected by the Triton kernel
+    The pooled block scores are computed a chunk of heads at a time (``torch.bmm``, at most
+    ``BLOCK_SPARSE_CHUNK_ELEMENTS`` fp32, ``BLOCK_SPARSE_GROUP_CHUNK_ELEMENTS`` when ``k`` has one KV
+    head); each chunk's rows are then selected by the Triton kernel
     behind ``kernels.minference_index.block_top_k_`` (a bisected cut, no sort), or, with the torch
     backend, by a stable sort of each row and a sort of the few candidates.
 
@@ -243,7 +244,7 @@ def _block_sparse_rows(q, k, top, heads, bs, causal, backend, into=None) -> Bloc
     heads = [h - lo for h in heads]
     if _top_k_backend(backend, device, nk) == "triton":
         return _block_sparse_triton(q_pool, k_pool, heads, top, Lq, Lk, bs, causal, G, lo % G,
-                                    into=into and (*into, out_heads))
+                                    into=into and (*into, out_heads), chunk_elements=_score_chunk_elements(Hkv))
     if heads != list(range(hi - lo)):
         q_pool = q_pool.index_select(1, _device_ints(tuple(heads), device))
     kv = _device_ints(tuple((h + lo % G) // G for h in heads), device)
@@ -258,7 +259,7 @@ def _block_sparse_rows(q, k, top, heads, bs, causal, backend, into=None) -> Bloc
     indices = torch.empty(B, H, nq, width, dtype=torch.int32, device=device)
     counts = torch.empty(B, H, nq, dtype=torch.int32, device=device)
     cols = torch.arange(nk, device=device)
-    blocks_per_chunk = max(1, BLOCK_SPARSE_CHUNK_ELEMENTS // (B * H * nk))
+    blocks_per_chunk = max(1, _score_chunk_elements(Hkv) // (B * H * nk))
     for qb0 in range(0, nq, blocks_per_chunk):
         qb1 = min(nq, qb0 + blocks_per_chunk)
         scores = torch.matmul(q_pool[:, :, qb0:qb1], k_pool_t).div_(math.sqrt(D))  # [B, H, c, nk]
@@ -288,6 +289,16 @@ def _block_sparse_rows(q, k, top, heads, bs, causal, backend, into=None) -> Bloc
 # H100 machine against ~80 us of GPU work a head (NOTES.md run 22g): one head a chunk (16 MiB, before
 # run 22h) left tables of many block-sparse heads bound by the host.
 BLOCK_SPARSE_CHUNK_ELEMENTS = 1 << 24
+# ... and in a call of one KV head (16 MiB: one head at 128K). The API cuts a call down to one KV
+# group when a group's index alone nears the budget (a wide vertical-slash head beside block-sparse
+# ones): there the scratch stays small (run 22h: 189 MiB with 64 MiB of scores, budget 154).
+BLOCK_SPARSE_GROUP_CHUNK_ELEMENTS = 1 << 22
+
+
+def _score_chunk_elements(kv_heads: int) -> int:
+    """Pooled scores per chunk of a block-sparse selection in a call of ``kv_heads`` KV heads."""
+    return BLOCK_SPARSE_CHUNK_ELEMENTS if kv_heads > 1 else min(BLOCK_SPARSE_CHUNK_ELEMENTS,
+                                                                BLOCK_SPARSE_GROUP_CHUNK_ELEMENTS)
 
 
 def _head_rows(x: torch.Tensor, heads: list[int]) -> torch.Tensor:
@@ -317,12 +328,14 @@ def _top_k_backend(backend: str, device: torch.device, nk: int) -> str:
     return chosen
 
 
-def _block_sparse_triton(q_pool, k_pool, heads, top, Lq, Lk, bs, causal, G, shift, into=None) -> BlockIndex | None:
+def _block_sparse_triton(q_pool, k_pool, heads, top, Lq, Lk, bs, causal, G, shift, into=None,
+                         chunk_elements: int = BLOCK_SPARSE_CHUNK_ELEMENTS) -> BlockIndex | None:
     """``block_sparse_select_fast``'s Triton path: scores a chunk of whole heads at a time (rows of one
     head where a head alone exceeds the chunk), each chunk's rows selected by one kernel launch.
     ``heads`` index ``q_pool``; query head ``h`` reads KV head ``(h + shift) // G`` of ``k_pool``.
     ``into``: ``(range_starts, range_counts, output heads)``, written as ranges (returns None).
-    Holds the pools, one chunk of scores and the chunk's heads of the pools (``index_bytes``)."""
+    Holds the pools, one chunk of ``chunk_elements`` scores and the chunk's heads of the pools
+    (``index_bytes``)."""
     from ..kernels.minference_index import _alloc, block_top_k_
 
     B, _, nq, D = q_pool.shape
@@ -335,8 +348,8 @@ def _block_sparse_triton(q_pool, k_pool, heads, top, Lq, Lk, bs, causal, G, shif
     else:
         indices, counts, out_heads = into[0], into[1], _device_ints(tuple(into[2]), device)
     top_t = _device_ints(tuple(top), device)
-    rows = nq if B * nq * nk <= BLOCK_SPARSE_CHUNK_ELEMENTS else max(1, BLOCK_SPARSE_CHUNK_ELEMENTS // (B * nk))
-    per = max(1, BLOCK_SPARSE_CHUNK_ELEMENTS // (B * nq * nk)) if rows == nq else 1
+    rows = nq if B * nq * nk <= chunk_elements else max(1, chunk_elements // (B * nk))
+    per = max(1, chunk_elements // (B * nq * nk)) if rows == nq else 1
     buf = torch.empty(B * min(per, H) * rows * nk, dtype=torch.float32, device=device)
     for h0 in range(0, H, per):
         chunk = heads[h0:h0 + per]
@@ -772,13 +785,14 @@ def index_bytes(config: MInferenceConfig, batch: int, q_heads: int, q_len: int, 
             width_r = max(width_r, min(nk, a + 3))
             if nk <= _max_top_k_blocks():
                 # Triton path: the pools, a chunk of scores (whole heads, or rows of one) and its heads' pools.
-                heads = min(sparse, max(1, BLOCK_SPARSE_CHUNK_ELEMENTS // (batch * nq * nk)))
-                chunk = min(BLOCK_SPARSE_CHUNK_ELEMENTS, batch * sparse * nq * nk)
+                elements = _score_chunk_elements(kv_heads)
+                heads = min(sparse, max(1, elements // (batch * nq * nk)))
+                chunk = min(elements, batch * sparse * nq * nk)
                 scratch = 4 * (batch * head_dim * (q_heads * nq + kv_heads * nk + heads * (nq + nk)) + chunk)
             else:
                 # torch path: per-query-head pools, one chunk of scores and, per chunk row, its top-k
                 # values / indices, candidates, sort and prefix sums (~40 bytes per candidate).
-                rows = min(batch * q_heads * nq, max(1, BLOCK_SPARSE_CHUNK_ELEMENTS // nk))
+                rows = min(batch * q_heads * nq, max(1, _score_chunk_elements(kv_heads) // nk))
                 pools = 4 * batch * head_dim * (2 * q_heads * nq + q_heads * nk)
                 scratch = max(scratch, pools + 4 * rows * nk + 40 * rows * min(nk, a + 3))
     return 4 * batch * q_heads * nq * (width_r + width_c + 2) + estimation + scratch
