@@ -1,9 +1,10 @@
 """The block-sparse top-k kernel alone (``kernels.minference_index.block_top_k_``): warps per row
 program against row width and top-k, on pooled scores of the LLM-like input at 128K.
 
-One chunk as ``block_sparse_select_fast`` launches it: one head's rows (64-blocks: 2048 x 2048
-scores; 128-blocks: 1024 x 1024, four heads). Timed with CUDA events after warm-up; the row's
-bytes read are tiny, so the figure of merit is microseconds per launch.
+One head's rows as ``block_sparse_select_fast`` once launched them (64-blocks: 2048 x 2048 scores;
+128-blocks: 1024 x 1024, four heads). Timed with CUDA events after warm-up, so a figure is one
+launch as the host issues it: on the H100 machine ~70 us of it is Triton's host launch overhead
+against ~50 us of kernel (NOTES.md run 22g; ``probe_block_top_k.py`` reports kernel durations).
 
     python benchmarks/bench_block_top_k.py --out /tmp/out/block-top-k.json
 """
