@@ -1,5 +1,5 @@
 """Where the block-sparse top-k kernel's time goes: trimmed copies of ``_block_top_k_kernel`` timed
-beside it, on one head's pooled scores of the LLM-like input at 128K (64-blocks, 2048 rows of 2048).
+beside it, on ``--heads`` heads' pooled scores of the LLM-like input at 128K (64-blocks, 2048 rows of 2048).
 
 Variants (source edits of the kernel, imported from a temporary module):
   full        the kernel as shipped;
@@ -65,23 +65,26 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--length", type=int, default=131072)
     ap.add_argument("--top", type=int, default=64)
+    ap.add_argument("--heads", type=int, default=1, help="heads a launch (the mixes launch 4 at 128K)")
+    ap.add_argument("--warps", default="1,2,4,8", help="warps per row program, comma-separated")
     ap.add_argument("--out", required=True)
     args = ap.parse_args(argv)
     L, bs = args.length, 64
     q, k, _ = llm_like_qkv(1, 32, 8, L, 128, seed=1)
-    scores = (_block_mean_pool(q[:, :1], bs) @ _block_mean_pool(k[:, :1], bs).transpose(-1, -2)).contiguous()
+    H = args.heads
+    scores = (_block_mean_pool(q[:, :H], bs) @ _block_mean_pool(k[:, :1], bs).transpose(-1, -2)).contiguous()
     _, _, nq, nk = scores.shape
-    tops = torch.full((1,), args.top, dtype=torch.int64, device=q.device)
-    heads = torch.zeros(1, dtype=torch.int64, device=q.device)
-    indices = torch.empty(1, 1, nq, args.top + 3, dtype=torch.int32, device=q.device)
-    counts = torch.empty(1, 1, nq, dtype=torch.int32, device=q.device)
-    record = {"machine": machine_record(), "L": L, "top": args.top, "rows": []}
-    for warps in (4, 8):
+    tops = torch.full((H,), args.top, dtype=torch.int64, device=q.device)
+    heads = torch.arange(H, dtype=torch.int64, device=q.device)
+    indices = torch.empty(1, H, nq, args.top + 3, dtype=torch.int32, device=q.device)
+    counts = torch.empty(1, H, nq, dtype=torch.int32, device=q.device)
+    record = {"machine": machine_record(), "L": L, "top": args.top, "heads": H, "rows": []}
+    for warps in [int(w) for w in args.warps.split(",")]:
         for name, src in variants().items():
             kernel = load(name, src)
 
             def run():
-                kernel[(nq, 1)](scores, tops, heads, indices, counts, nq, nk, indices.shape[-1], L, L,
+                kernel[(H * nq, 1)](scores, tops, heads, indices, counts, nq, nk, indices.shape[-1], L, L,
                                 math.sqrt(128), *scores.stride()[:3], *indices.stride()[:3], *counts.stride()[:2],
                                 0, 0, BS=bs, UNIT=1, IS_CAUSAL=True, BLOCK_N=M._pow2(nk), num_warps=warps)
             us = 1000 * time_ms(run)["ms"]
@@ -91,8 +94,10 @@ def main(argv=None) -> int:
                 torch.cuda.synchronize()
             gpu = [e for e in prof.key_averages() if "_block_top_k_kernel" in e.key]
             kernel_us = gpu[0].self_device_time_total / gpu[0].count if gpu else float("nan")
-            record["rows"].append({"variant": name, "warps": warps, "us": us, "kernel_us": kernel_us})
-            print(f"{name:12s} warps {warps}: {us:7.1f} us (events), {kernel_us:7.1f} us (kernel)", flush=True)
+            record["rows"].append({"variant": name, "warps": warps, "us": us, "kernel_us": kernel_us,
+                                   "kernel_us_per_head": kernel_us / H})
+            print(f"{name:12s} warps {warps}: {us:7.1f} us (events), {kernel_us:7.1f} us (kernel, {H} heads: "
+                  f"{kernel_us / H:.1f} a head)", flush=True)
     with open(args.out, "w") as f:
         json.dump(record, f, indent=1)
     return 0

@@ -6,8 +6,8 @@ For each config of ``profile_minference_call.CONFIGS`` (128K, B=1, GQA 32/8, D=1
 LLM-like input, seed 1): ``host_ms`` and ``time_ms`` of one unchunked selection and of the call's
 chunked selections; the number of kernel launches of one selection (torch.profiler: CUDA runtime
 and driver launch calls); then cProfile's top functions of ``--iters`` unchunked selections, by
-own time and by cumulative time. The host cost of bare launches on this machine comes first
-(``triton_launch_overhead``'s cases), for scale.
+own time and by cumulative time, and the same of the call's chunked selections. The host cost of
+bare launches on this machine comes first (``triton_launch_overhead``'s cases), for scale.
 
     python benchmarks/probe_select_host.py --out /tmp/out/probe-select-host.json
 """
@@ -100,12 +100,16 @@ def main(argv=None) -> int:
                "chunks_ms": time_ms(chunks)["ms"], "chunks_host_ms": host_ms(chunks, iters=2),
                "whole_launches": launches(whole), "chunks_launches": launches(chunks)}
         row["by_own_time"], row["by_cumulative"] = python_profile(whole, args.iters, args.rows)
+        row["chunks_by_own_time"], row["chunks_by_cumulative"] = python_profile(chunks, args.iters, args.rows)
         record["configs"][name] = row
         print(f"=== {name}: whole {row['whole_ms']:.2f} ms (host {row['whole_host_ms']:.2f}), chunks "
               f"{row['chunks_ms']:.2f} ms (host {row['chunks_host_ms']:.2f}); launches whole "
               f"{row['whole_launches']}, chunks {row['chunks_launches']}", flush=True)
         print(row["by_own_time"], flush=True)
         print(row["by_cumulative"], flush=True)
+        print(f"--- {name}, the call's chunked selections", flush=True)
+        print(row["chunks_by_own_time"], flush=True)
+        print(row["chunks_by_cumulative"], flush=True)
         summary.append(f"{name:24s} whole {row['whole_ms']:6.2f} ms host {row['whole_host_ms']:6.2f} | chunks "
                        f"{row['chunks_ms']:6.2f} ms host {row['chunks_host_ms']:6.2f} | launches "
                        f"{sum(row['whole_launches'].values())} / {sum(row['chunks_launches'].values())}")

@@ -11,7 +11,10 @@ source "$(dirname "$0")/gpu_steps.sh"
 # Run 23: where the per-head mixes' selection spends host time (cProfile with the GPU asleep).
 TAIL=8 step gputests 300 python3 -m pytest -q -m gpu tests/test_minference.py tests/test_head_chunks.py \
   -k "not embedded_model" -rA
-TAIL=400 step host-probe 300 python3 benchmarks/probe_select_host.py --out "$OUT/probe-select-host-$RUN.json"
+TAIL=400 step host-probe 300 python3 benchmarks/probe_select_host.py --configs "${HOST_CONFIGS:-}" \
+  --out "$OUT/probe-select-host-$RUN.json"
+TAIL=12 step top-k-probe 150 python3 benchmarks/probe_block_top_k.py --warps "${WARPS:-1,2,4,8}" --heads "${HEADS:-4}" \
+  --out "$OUT/probe-block-top-k-$RUN.json"
 TAIL=40 step select-profile 240 python3 benchmarks/profile_minference_select.py \
   --out "$OUT/minference-select-profile-$RUN.json"
 TAIL=12 step call-profile 300 python3 benchmarks/profile_minference_call.py --out "$OUT/minference-call-profile-$RUN.json"
