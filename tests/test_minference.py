@@ -428,7 +428,8 @@ def test_block_sparse_triton_matches_reference(causal, ties, monkeypatch):
 
 def test_block_top_k_kernel_on_adversarial_rows():
     """``block_top_k_`` on rows of few distinct values (long tie runs at the cut),
-    negative scores, signed zeros (equal in the reference's sort) and huge magnitudes, for top 0, 1,
+    negative scores, signed zeros (equal in the reference's sort), huge magnitudes and values
+    spread over many decades or bunched near one, for top 0, 1,
     a cut inside a tie run, and more than a row holds: the rows of a stable descending sort."""
     from sparseattn.kernels.minference_index import block_top_k_
 
@@ -438,13 +439,20 @@ def test_block_top_k_kernel_on_adversarial_rows():
     scores = values[torch.randint(0, len(values), (1, 2, nq, nk), generator=g)]
     scores[0, 1, :, ::3] = -0.0  # head 1: signed zeros everywhere in the row
     scores[0, 1, :, 1::3] = 0.0
+    # head 2: distinct values of both signs spread over 60 decades (keys far apart: the search's
+    # interpolated guesses land poorly and it falls back to bisection); head 3: a few huge values
+    # above a dense cluster near 1 (the guesses skew to one end).
+    scores = torch.cat([scores, torch.empty(1, 2, nq, nk)], 1)
+    scores[0, 2] = torch.randn(nq, nk, generator=g) * 10.0 ** torch.randint(-30, 30, (nq, nk), generator=g)
+    scores[0, 3] = 1 + 1e-3 * torch.rand(nq, nk, generator=g)
+    scores[0, 3, :, ::9] = 1e30
     for top in (0, 1, 7, 200):
-        tops = torch.tensor([top, top + 3])
-        indices = torch.full((1, 2, nq, nk), -5, dtype=torch.int32)
-        counts = torch.full((1, 2, nq), -5, dtype=torch.int32)
+        tops = torch.tensor([top, top + 3, top + 5, top + 2])
+        indices = torch.full((1, 4, nq, nk), -5, dtype=torch.int32)
+        counts = torch.full((1, 4, nq), -5, dtype=torch.int32)
         block_top_k_(scores, tops, indices, counts, head0=0, row0=0, q_len=nq * 16, k_len=nk * 16, block_size=16,
-                     causal=True, head_dim=1, out_heads=torch.arange(2))
-        for h in range(2):
+                     causal=True, head_dim=1, out_heads=torch.arange(4))
+        for h in range(4):
             for r in range(nq):
                 row = scores[0, h, r, :r + 1] + 0.0  # causal: blocks 0..r; +0.0 makes -0.0 equal to 0.0
                 order = torch.sort(row, descending=True, stable=True).indices[:int(tops[h])]

@@ -23,7 +23,7 @@ on the calibration text (informative only). Heads are query heads, layers are ``
 
 from __future__ import annotations
 
-import dataclasses
+import copy
 import functools
 import json
 import math
@@ -354,7 +354,11 @@ def _block_sparse_triton(q_pool, k_pool, heads, top, Lq, Lk, bs, causal, G, shif
     for h0 in range(0, H, per):
         chunk = heads[h0:h0 + per]
         qp = _head_rows(q_pool, chunk)
-        kp_t = _head_rows(k_pool, [(h + shift) // G for h in chunk]).transpose(-1, -2)  # [B, c, D, nk]
+        kv = [(h + shift) // G for h in chunk]
+        if len(set(kv)) == 1:  # heads of one KV head: its pool broadcast (a zero batch stride), not copied
+            kp_t = k_pool[:, kv[0]:kv[0] + 1].expand(B, len(chunk), nk, D).transpose(-1, -2)
+        else:
+            kp_t = _head_rows(k_pool, kv).transpose(-1, -2)  # [B, c, D, nk]
         for r0 in range(0, nq, rows):
             r1 = min(nq, r0 + rows)
             scores = buf[:B * len(chunk) * (r1 - r0) * nk].view(B, len(chunk), r1 - r0, nk)
@@ -755,9 +759,19 @@ def index_bytes(config: MInferenceConfig, batch: int, q_heads: int, q_len: int, 
     candidates of a chunk: counted when the rows are that long. Not counted: the torch index builder
     (CPU) and a mix's non-causal vertical-slash heads (the reference's selection), which build their
     own index before it is copied in."""
+    kv_heads = q_heads if kv_heads is None else kv_heads
+    # The module's knobs are arguments of the cached arithmetic, so a changed knob is a new entry.
+    return _index_bytes(config, batch, q_heads, q_len, k_len, head_dim, kv_heads, _score_chunk_elements(kv_heads),
+                        _max_top_k_blocks())
+
+
+@functools.lru_cache(maxsize=1024)
+def _index_bytes(config: MInferenceConfig, batch: int, q_heads: int, q_len: int, k_len: int, head_dim: int,
+                 kv_heads: int, chunk_elements: int, max_top_k_blocks: int) -> int:
+    """``index_bytes``' arithmetic, cached: a call plans its chunks from ~10-20 of these, each a
+    Python loop over a table's heads (NOTES run 23b: ~1 ms of host a call before the cache)."""
     bs = config.block_size
     nq, nk = cdiv(q_len, bs), cdiv(k_len, bs)
-    kv_heads = q_heads if kv_heads is None else kv_heads
     patterns = config.head_patterns
     if not patterns:
         if config.pattern == "a_shape":
@@ -783,16 +797,15 @@ def index_bytes(config: MInferenceConfig, batch: int, q_heads: int, q_len: int, 
             width_r = max(width_r, min(nk, cdiv(a, bs) + cdiv(b, bs) + 2))
         else:
             width_r = max(width_r, min(nk, a + 3))
-            if nk <= _max_top_k_blocks():
+            if nk <= max_top_k_blocks:
                 # Triton path: the pools, a chunk of scores (whole heads, or rows of one) and its heads' pools.
-                elements = _score_chunk_elements(kv_heads)
-                heads = min(sparse, max(1, elements // (batch * nq * nk)))
-                chunk = min(elements, batch * sparse * nq * nk)
+                heads = min(sparse, max(1, chunk_elements // (batch * nq * nk)))
+                chunk = min(chunk_elements, batch * sparse * nq * nk)
                 scratch = 4 * (batch * head_dim * (q_heads * nq + kv_heads * nk + heads * (nq + nk)) + chunk)
             else:
                 # torch path: per-query-head pools, one chunk of scores and, per chunk row, its top-k
                 # values / indices, candidates, sort and prefix sums (~40 bytes per candidate).
-                rows = min(batch * q_heads * nq, max(1, _score_chunk_elements(kv_heads) // nk))
+                rows = min(batch * q_heads * nq, max(1, chunk_elements // nk))
                 pools = 4 * batch * head_dim * (2 * q_heads * nq + q_heads * nk)
                 scratch = max(scratch, pools + 4 * rows * nk + 40 * rows * min(nk, a + 3))
     return 4 * batch * q_heads * nq * (width_r + width_c + 2) + estimation + scratch
@@ -809,8 +822,17 @@ def _max_top_k_blocks() -> int:
 def head_slice(config: MInferenceConfig, start: int, stop: int, group: int) -> MInferenceConfig:
     """The config of query heads ``[start, stop)``: per-head ``head_patterns`` are sliced."""
     if config.head_patterns:
-        return dataclasses.replace(config, head_patterns=config.head_patterns[start:stop])
+        return _head_slice(config, start, stop)
     return config
+
+
+@functools.lru_cache(maxsize=1024)
+def _head_slice(config: MInferenceConfig, start: int, stop: int) -> MInferenceConfig:
+    """A slice of an already validated table, not validated again: ``dataclasses.replace`` re-ran
+    ``__post_init__`` over every head, ~0.1 ms a slice, ~10 slices a chunked call (NOTES run 23b)."""
+    sliced = copy.copy(config)
+    object.__setattr__(sliced, "head_patterns", config.head_patterns[start:stop])
+    return sliced
 
 
 def select_chunks(q: torch.Tensor, k: torch.Tensor, config: MInferenceConfig, bounds, *, causal: bool = True):
