@@ -33,7 +33,7 @@ from sparseattn.bench.timing import machine_record, time_ms  # noqa: E402
 from sparseattn.kernels import minference_index as M  # noqa: E402
 from sparseattn.methods.minference import _block_mean_pool  # noqa: E402
 
-CUT = "    cut = _search_cut(key, allowed, tl.maximum(k, 1))\n"
+CUT = "    cut = _bisect_cut(key, allowed, tl.maximum(k, 1))\n"
 TAIL = "    # top 0: a cut above every key"
 
 
@@ -54,7 +54,7 @@ def load(name: str, src: str):
     path = os.path.join(tempfile.mkdtemp(), f"probe_{name.replace('-', '_')}.py")
     with open(path, "w") as f:
         f.write("import triton\nimport triton.language as tl\n"
-                "from sparseattn.kernels.minference_index import _search_cut\n\n\n" + src)
+                "from sparseattn.kernels.minference_index import _bisect_cut\n\n\n" + src)
     spec = importlib.util.spec_from_file_location(f"probe_{name}", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

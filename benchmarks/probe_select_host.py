@@ -7,7 +7,8 @@ LLM-like input, seed 1): ``host_ms`` and ``time_ms`` of one unchunked selection 
 chunked selections; the number of kernel launches of one selection (torch.profiler: CUDA runtime
 and driver launch calls); then cProfile's top functions of ``--iters`` unchunked selections, by
 own time and by cumulative time, and the same of the call's chunked selections. The host cost of
-bare launches on this machine comes first (``triton_launch_overhead``'s cases), for scale.
+bare launches on this machine comes first (``triton_launch_overhead``'s cases), for scale, and
+the host and GPU time of the block-sparse pooled-score GEMM of 4 heads done three ways.
 
     python benchmarks/probe_select_host.py --out /tmp/out/probe-select-host.json
 """
@@ -89,6 +90,21 @@ def main(argv=None) -> int:
         record["bare_us"][name] = 1e3 * host_ms(fn, iters=200, sleep_cycles=3_000_000_000)
         print(f"bare {name}: {record['bare_us'][name]:.1f} us", flush=True)
     q, k, v = llm_like_qkv(1, 32, 8, args.length, 128, seed=args.seed)
+    # The block-sparse pooled scores of 4 query heads of one KV head (128K, 64-blocks), three ways.
+    nb = args.length // 64
+    qp, kp = torch.randn(4, nb, 128, device="cuda"), torch.randn(1, nb, 128, device="cuda")
+    out, zeros = torch.empty(4, nb, nb, device="cuda"), torch.zeros(4, dtype=torch.long, device="cuda")
+    gemms = {"bmm, KV pool copied (index_select)": lambda: torch.bmm(
+                 qp, kp.index_select(0, zeros).transpose(-1, -2), out=out),
+             "bmm, KV pool expanded (stride 0)": lambda: torch.bmm(qp, kp.expand(4, nb, 128).transpose(-1, -2),
+                                                                    out=out),
+             "mm, the 4 heads' rows as one matrix": lambda: torch.mm(qp.view(-1, 128), kp[0].t(), out=out.view(-1, nb))}
+    record["gemm"] = {}
+    for name, fn in gemms.items():
+        record["gemm"][name] = {"host_us": 1e3 * host_ms(fn, iters=50), "ms": time_ms(fn)["ms"]}
+        print(f"gemm {name}: host {record['gemm'][name]['host_us']:.1f} us, {record['gemm'][name]['ms']:.3f} ms",
+              flush=True)
+    qp = kp = out = None
     spec = get_method("minference")
     names = [n for n in args.configs.split(",") if n] or list(CONFIGS)
     summary = []

@@ -426,6 +426,21 @@ def test_block_sparse_triton_matches_reference(causal, ties, monkeypatch):
         assert_same_rows(fast, ref)
 
 
+@pytest.mark.parametrize("ties", [False, True], ids=["distinct", "tied"])
+def test_block_sparse_triton_one_gemm_per_kv_head(ties, monkeypatch):
+    # B = 1, whole heads of one KV head a chunk: their pooled scores are one torch.mm of all their
+    # rows against the KV head's pool (no copy of it); the rows equal the reference's.
+    B, Hq, Hkv, Lq, Lk, D = 1, 4, 1, 100, 165, 16
+    q, k = tied_qk(B, Hq, Hkv, Lq, Lk, D, seed=22) if ties else make_qkv(B, Hq, Hkv, Lq, Lk, D, seed=22)[:2]
+    calls = []
+    real_mm = torch.mm
+    monkeypatch.setattr(torch, "mm", lambda *a, **kw: calls.append(a[0].shape) or real_mm(*a, **kw))
+    for top_k in (0, 2, 50):
+        fast = block_sparse_select_fast(q, k, top_k=top_k, block_size=16, backend="triton")
+        assert_same_rows(fast, block_sparse_select(q, k, top_k=top_k, block_size=16))
+    assert calls and all(shape == (Hq * 7, D) for shape in calls)  # 4 heads x 7 query blocks
+
+
 def test_block_top_k_kernel_on_adversarial_rows():
     """``block_top_k_`` on rows of few distinct values (long tie runs at the cut),
     negative scores, signed zeros (equal in the reference's sort), huge magnitudes and values

@@ -416,39 +416,22 @@ def _cluster_lookup_kernel(
 
 
 @triton.jit
-def _search_cut(key, allowed, k):
-    """The ``k``-th largest of ``key[allowed]`` (``1 <= k <=`` their count) over the int32 key space,
-    by counting passes that stop at a threshold counting exactly ``k`` (nothing ties across it, so
-    it selects the same keys as the k-th largest itself).
-
-    Each pass guesses where the count falls to ``k`` by interpolating between the interval's ends
-    (the counts there are known), kept 1/16 of the width away from either end. A guess that does
-    not halve the interval is followed by a plain bisection, so the passes stay within ~2x of
-    bisection's 32 at worst. On the LLM-like input's 128K rows (64-blocks, top 64) that is 8.9
-    passes a row on average against bisection's 14.6 (a host simulation, NOTES run 23c).
-    """
-    lo = tl.min(tl.where(allowed, key, 2147483647), 0).to(tl.int64)
+def _bisect_cut(key, allowed, k):
+    """The ``k``-th largest of ``key[allowed]`` (``1 <= k <=`` their count), by bisecting the int32
+    key space: up to 32 counting passes, stopping at a threshold that counts exactly ``k`` (nothing
+    ties across it, so it selects the same keys as the k-th largest itself)."""
+    lo = tl.min(tl.where(allowed, key, 2147483647), 0).to(tl.int64)  # #(key >= lo) >= k
     hi = tl.max(key, 0).to(tl.int64)
-    c_lo = tl.sum(allowed.to(tl.int32), 0).to(tl.int64)  # #(key >= lo) >= k
-    c_hi = c_lo * 0  # #(key > hi) < k
-    hi = tl.where(c_lo == k, lo, hi)  # every allowed key is kept: the cut is the smallest
-    bisect = c_lo * 0
     while lo < hi:
-        width = hi - lo
-        guess = lo + width * (c_lo - k) // (c_lo - c_hi)
-        guess = tl.minimum(tl.maximum(guess, lo + width // 16 + 1), hi - width // 16)
-        mid = tl.where(bisect != 0, (lo + hi + 1) // 2, guess)  # in (lo, hi]
-        n_ge = tl.sum((key >= mid.to(tl.int32)).to(tl.int32), 0).to(tl.int64)
+        mid = (lo + hi + 1) // 2
+        n_ge = tl.sum((key >= mid.to(tl.int32)).to(tl.int32), 0)
         if n_ge == k:
             lo = mid
             hi = mid
         elif n_ge > k:
             lo = mid
-            c_lo = n_ge
         else:
             hi = mid - 1
-            c_hi = n_ge
-        bisect = ((bisect == 0) & (2 * (hi - lo) > width)).to(tl.int64)
     return lo.to(tl.int32)
 
 
@@ -463,11 +446,12 @@ def _block_top_k_kernel(
     block size: range starts), ``-1`` padded to ``width``, in output head ``OutHead[head]``.
 
     The top-k is a selection, not a sort: the ``top``-th largest score over the scores'
-    order-preserving int32 keys, held in registers (``_search_cut``), then the ties at that cut taken
-    lowest block first with a prefix sum, as the reference's stable sort does (only in rows where
-    the cut splits ties). Two alternatives to the search measured no faster on the H100: a radix
-    select (8 passes of a 16-bin histogram; 1.3-1.9x slower, NOTES run 22b) and a 5-way search (4
-    thresholds a pass in one packed reduction; within noise of bisection, run 22d).
+    order-preserving int32 keys, held in registers (``_bisect_cut``), then the ties at that cut taken
+    lowest block first with a prefix sum, as the reference's stable sort does. Three alternatives
+    measured no faster on the H100: a radix select (8 passes of a 16-bin histogram; 1.3-1.9x
+    slower, NOTES run 22b), a 5-way search (4 thresholds a pass in one packed reduction; within
+    noise of bisection, run 22d) and an interpolation search of ~40% fewer passes with the tie
+    prefix sum skipped where no ties split (within noise, run 23c).
     """
     pid_hr = tl.program_id(0)
     pid_b = tl.program_id(1).to(tl.int64)
@@ -490,16 +474,13 @@ def _block_top_k_kernel(
     key = tl.where(allowed, key, -2147483648)  # below every real key (-inf maps above it)
     n_allowed = tl.sum(allowed.to(tl.int32), 0)
     k = tl.minimum(tl.load(Top + head0 + h), n_allowed)
-    cut = _search_cut(key, allowed, tl.maximum(k, 1))
+    cut = _bisect_cut(key, allowed, tl.maximum(k, 1))
     # top 0: a cut above every key (the largest, +inf, is 0x7F800000) keeps none.
     cut = tl.where(k > 0, cut, 2147483647)
     above = allowed & (key > cut)
     tied = allowed & (key == cut)
     need = k - tl.sum(above.to(tl.int32), 0)
-    if need < tl.sum(tied.to(tl.int32), 0):  # the cut splits ties: the lowest blocks first
-        top = above | (tied & (tl.cumsum(tied.to(tl.int32), 0) <= need))
-    else:  # the usual case: a cut counting exactly k keeps all its ties, no prefix sum
-        top = above | tied
+    top = above | (tied & (tl.cumsum(tied.to(tl.int32), 0) <= need))
     forced = (cols == 0) | ((cols >= first) & (cols <= last))
     keep = top | (forced & allowed)
     kept = keep.to(tl.int32)
