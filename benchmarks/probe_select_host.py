@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import cProfile
 import io
+import json
 import os
 import pstats
 import sys
@@ -30,6 +31,7 @@ from sparseattn.api import selection_chunks  # noqa: E402
 from sparseattn.bench.inputs import llm_like_qkv  # noqa: E402
 from sparseattn.bench.timing import host_ms, machine_record, time_ms, write_json  # noqa: E402
 from sparseattn.methods import get_method  # noqa: E402
+from sparseattn.methods.minference import MInferenceConfig  # noqa: E402
 
 from profile_minference_call import CONFIGS  # noqa: E402
 from triton_launch_overhead import _k16, _k48  # noqa: E402
@@ -77,6 +79,9 @@ def main(argv=None) -> int:
     ap.add_argument("--iters", type=int, default=5)
     ap.add_argument("--rows", type=int, default=28)
     ap.add_argument("--configs", default="", help="comma-separated names of CONFIGS (default: all)")
+    ap.add_argument("--tables", default="", help="a bench_calibrated_methods JSON: also its MInference "
+                    "tables whose config names contain --table-match")
+    ap.add_argument("--table-match", default="every head")
     ap.add_argument("--out", required=True)
     args = ap.parse_args(argv)
     x = torch.zeros(4, device="cuda", dtype=torch.int32)
@@ -106,10 +111,17 @@ def main(argv=None) -> int:
               flush=True)
     qp = kp = out = None
     spec = get_method("minference")
-    names = [n for n in args.configs.split(",") if n] or list(CONFIGS)
+    configs = dict(CONFIGS)
+    if args.tables:
+        with open(args.tables) as f:
+            for r in json.load(f)["records"]:
+                if r["method"] == "minference" and args.table_match in r["config"] and "table" in r:
+                    configs[f"seed {r['seed']} {r['config']}"] = MInferenceConfig(
+                        head_patterns=tuple(tuple(p) for p in r["table"]), block_size=64)
+    names = ([n for n in args.configs.split(",") if n] or list(CONFIGS)) + [n for n in configs if n not in CONFIGS]
     summary = []
     for name in names:
-        cfg = CONFIGS[name]
+        cfg = configs[name]
         whole = lambda: spec.select(q, k, cfg, causal=True)  # noqa: E731
         chunks = lambda: [None for _ in selection_chunks(q, k, v, "minference", cfg)]  # noqa: E731
         row = {"whole_ms": time_ms(whole)["ms"], "whole_host_ms": host_ms(whole, iters=2),
@@ -126,7 +138,7 @@ def main(argv=None) -> int:
         print(f"--- {name}, the call's chunked selections", flush=True)
         print(row["chunks_by_own_time"], flush=True)
         print(row["chunks_by_cumulative"], flush=True)
-        summary.append(f"{name:24s} whole {row['whole_ms']:6.2f} ms host {row['whole_host_ms']:6.2f} | chunks "
+        summary.append(f"{name[:40]:40s} whole {row['whole_ms']:6.2f} ms host {row['whole_host_ms']:6.2f} | chunks "
                        f"{row['chunks_ms']:6.2f} ms host {row['chunks_host_ms']:6.2f} | launches "
                        f"{sum(row['whole_launches'].values())} / {sum(row['chunks_launches'].values())}")
         torch.cuda.empty_cache()
