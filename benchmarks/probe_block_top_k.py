@@ -25,7 +25,6 @@ import sys
 import tempfile
 
 import torch
-import triton
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
@@ -42,12 +41,12 @@ def variants() -> dict[str, str]:
     src = inspect.getsource(M._block_top_k_kernel.fn)
     assert CUT in src and TAIL in src
     head = src[:src.index(TAIL)]
-    store = "    tl.store(Counts + pid_b * c_b + h * c_h + qb, cut, mask=row_ok)\n"
+    store = "    tl.store(Counts + pid_b * c_b + h * c_h + qb, cut)\n"
     return {
         "full": src,
-        "no-search": src.replace(CUT, "    cut = tl.min(tl.where(allowed, key, 2147483647), 1)\n"),
+        "no-search": src.replace(CUT, "    cut = tl.min(tl.where(allowed, key, 2147483647), 0)\n"),
         "search-only": head + store,
-        "load-only": head.replace(CUT, "    cut = tl.max(key, 1)\n") + store,
+        "load-only": head.replace(CUT, "    cut = tl.max(key, 0)\n") + store,
     }
 
 
@@ -67,9 +66,7 @@ def main(argv=None) -> int:
     ap.add_argument("--length", type=int, default=131072)
     ap.add_argument("--top", type=int, default=64)
     ap.add_argument("--heads", type=int, default=1, help="heads a launch (the mixes launch 4 at 128K)")
-    ap.add_argument("--warps", default="1,2,4,8", help="warps a program, comma-separated")
-    ap.add_argument("--rows", default="1", help="query blocks a program, comma-separated (variants other "
-                    "than 'full' only at 1)")
+    ap.add_argument("--warps", default="1,2,4,8", help="warps per row program, comma-separated")
     ap.add_argument("--out", required=True)
     args = ap.parse_args(argv)
     L, bs = args.length, 64
@@ -80,33 +77,29 @@ def main(argv=None) -> int:
     tops = torch.full((H,), args.top, dtype=torch.int64, device=q.device)
     heads = torch.arange(H, dtype=torch.int64, device=q.device)
     # Rows padded to top + 3 as in the library, in a buffer as wide as a row of blocks: "no-search"
-    # keeps every allowed block, which would overrun a buffer of the padded width.
+    # keeps every allowed block, which would overrun a buffer of the padded width (it did until run 23g).
     indices, width = torch.empty(1, H, nq, nk, dtype=torch.int32, device=q.device), args.top + 3
     counts = torch.empty(1, H, nq, dtype=torch.int32, device=q.device)
     record = {"machine": machine_record(), "L": L, "top": args.top, "heads": H, "rows": []}
-    for rows_a in [int(r) for r in args.rows.split(",")]:
-        for warps in [int(w) for w in args.warps.split(",")]:
-            for name, src in variants().items():
-                if rows_a > 1 and name != "full":
-                    continue
-                kernel = load(name, src)
+    for warps in [int(w) for w in args.warps.split(",")]:
+        for name, src in variants().items():
+            kernel = load(name, src)
 
-                def run():
-                    kernel[(H * triton.cdiv(nq, rows_a), 1)](
-                        scores, tops, heads, indices, counts, nq, nk, width, L, L, math.sqrt(128),
-                        *scores.stride()[:3], *indices.stride()[:3], *counts.stride()[:2], 0, 0, BS=bs, UNIT=1,
-                        IS_CAUSAL=True, BLOCK_N=M._pow2(nk), ROWS=rows_a, num_warps=warps)
-                us = 1000 * time_ms(run)["ms"]
-                with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-                    for _ in range(20):
-                        run()
-                    torch.cuda.synchronize()
-                gpu = [e for e in prof.key_averages() if "_block_top_k_kernel" in e.key]
-                kernel_us = gpu[0].self_device_time_total / gpu[0].count if gpu else float("nan")
-                record["rows"].append({"variant": name, "warps": warps, "rows": rows_a, "us": us,
-                                       "kernel_us": kernel_us, "kernel_us_per_head": kernel_us / H})
-                print(f"{name:12s} rows {rows_a:2d} warps {warps:2d}: {us:7.1f} us (events), {kernel_us:7.1f} us "
-                      f"(kernel, {H} heads: {kernel_us / H:.1f} a head)", flush=True)
+            def run():
+                kernel[(H * nq, 1)](scores, tops, heads, indices, counts, nq, nk, width, L, L,
+                                math.sqrt(128), *scores.stride()[:3], *indices.stride()[:3], *counts.stride()[:2],
+                                0, 0, BS=bs, UNIT=1, IS_CAUSAL=True, BLOCK_N=M._pow2(nk), num_warps=warps)
+            us = 1000 * time_ms(run)["ms"]
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+                for _ in range(20):
+                    run()
+                torch.cuda.synchronize()
+            gpu = [e for e in prof.key_averages() if "_block_top_k_kernel" in e.key]
+            kernel_us = gpu[0].self_device_time_total / gpu[0].count if gpu else float("nan")
+            record["rows"].append({"variant": name, "warps": warps, "us": us, "kernel_us": kernel_us,
+                                   "kernel_us_per_head": kernel_us / H})
+            print(f"{name:12s} warps {warps}: {us:7.1f} us (events), {kernel_us:7.1f} us (kernel, {H} heads: "
+                  f"{kernel_us / H:.1f} a head)", flush=True)
     with open(args.out, "w") as f:
         json.dump(record, f, indent=1)
     return 0

@@ -412,16 +412,12 @@ def tied_qk(B, Hq, Hkv, Lq, Lk, D, seed):
 
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "noncausal"])
 @pytest.mark.parametrize("ties", [False, True], ids=["distinct", "tied"])
-@pytest.mark.parametrize("rows", [1, 4], ids=["row-a-program", "4-rows-a-program"])
-def test_block_sparse_triton_matches_reference(causal, ties, rows, monkeypatch):
+def test_block_sparse_triton_matches_reference(causal, ties, monkeypatch):
     # The Triton selection kernel (interpreted on a CPU), on scores chunked by rows of one head
-    # (2 heads x 7 rows x 11 blocks > 64): Lq < Lk, a partial last block, top 0 / 2 / all; with
-    # 4 rows a program, a chunk's 7 rows end in a partial program.
-    import sparseattn.kernels.minference_index as kernels
+    # (2 heads x 7 rows x 11 blocks > 64): Lq < Lk, a partial last block, top 0 / 2 / all.
     import sparseattn.methods.minference as minference
 
     monkeypatch.setattr(minference, "BLOCK_SPARSE_CHUNK_ELEMENTS", 64)
-    monkeypatch.setattr(kernels, "BLOCK_TOP_K_ROWS", {16: rows})
     B, Hq, Hkv, Lq, Lk, D = 2, 4, 2, 100, 165, 16
     q, k = tied_qk(B, Hq, Hkv, Lq, Lk, D, seed=21) if ties else make_qkv(B, Hq, Hkv, Lq, Lk, D, seed=21)[:2]
     for top_k in (0, 2, 50):
@@ -445,12 +441,10 @@ def test_block_sparse_triton_broadcasts_one_kv_pool(ties, monkeypatch):
     assert strides and all(s == 0 for s in strides)
 
 
-@pytest.mark.parametrize("rows", [1, 16], ids=["row-a-program", "16-rows-a-program"])
-def test_block_top_k_kernel_on_adversarial_rows(rows):
+def test_block_top_k_kernel_on_adversarial_rows():
     """``block_top_k_`` on rows of few distinct values (long tie runs at the cut),
     negative scores, signed zeros (equal in the reference's sort), huge magnitudes and values
-    spread over many decades or bunched near one (40 rows: with 16 a program, rows of every length
-    search together and the last program is partial), for top 0, 1,
+    spread over many decades or bunched near one, for top 0, 1,
     a cut inside a tie run, and more than a row holds: the rows of a stable descending sort."""
     from sparseattn.kernels.minference_index import block_top_k_
 
@@ -472,7 +466,7 @@ def test_block_top_k_kernel_on_adversarial_rows(rows):
         indices = torch.full((1, 4, nq, nk), -5, dtype=torch.int32)
         counts = torch.full((1, 4, nq), -5, dtype=torch.int32)
         block_top_k_(scores, tops, indices, counts, head0=0, row0=0, q_len=nq * 16, k_len=nk * 16, block_size=16,
-                     causal=True, head_dim=1, out_heads=torch.arange(4), rows=rows)
+                     causal=True, head_dim=1, out_heads=torch.arange(4))
         for h in range(4):
             for r in range(nq):
                 row = scores[0, h, r, :r + 1] + 0.0  # causal: blocks 0..r; +0.0 makes -0.0 equal to 0.0

@@ -417,19 +417,21 @@ def _cluster_lookup_kernel(
 
 @triton.jit
 def _bisect_cut(key, allowed, k):
-    """Per row of ``key [ROWS, N]``: the ``k``-th largest of ``key[allowed]`` (``1 <= k <=`` the row's
-    count), by bisecting the int32 key space. Up to 32 counting passes; a row stops at a threshold
-    that counts exactly ``k`` (nothing ties across it, so it selects the same keys as the k-th
-    largest itself). The rows search together: each pass is one reduction over the tile, and the
-    loop runs until its slowest row is done."""
-    lo = tl.min(tl.where(allowed, key, 2147483647), 1).to(tl.int64)  # #(key >= lo) >= k
-    hi = tl.max(key, 1).to(tl.int64)  # rows with no allowed key: lo > hi, never searched
-    while tl.max(hi - lo, 0) > 0:
+    """The ``k``-th largest of ``key[allowed]`` (``1 <= k <=`` their count), by bisecting the int32
+    key space: up to 32 counting passes, stopping at a threshold that counts exactly ``k`` (nothing
+    ties across it, so it selects the same keys as the k-th largest itself)."""
+    lo = tl.min(tl.where(allowed, key, 2147483647), 0).to(tl.int64)  # #(key >= lo) >= k
+    hi = tl.max(key, 0).to(tl.int64)
+    while lo < hi:
         mid = (lo + hi + 1) // 2
-        n_ge = tl.sum((key >= mid.to(tl.int32)[:, None]).to(tl.int32), 1)
-        open_ = lo < hi
-        lo = tl.where(open_ & (n_ge >= k), mid, lo)
-        hi = tl.where(open_ & (n_ge == k), mid, tl.where(open_ & (n_ge < k), mid - 1, hi))
+        n_ge = tl.sum((key >= mid.to(tl.int32)).to(tl.int32), 0)
+        if n_ge == k:
+            lo = mid
+            hi = mid
+        elif n_ge > k:
+            lo = mid
+        else:
+            hi = mid - 1
     return lo.to(tl.int32)
 
 
@@ -437,65 +439,60 @@ def _bisect_cut(key, allowed, k):
 def _block_top_k_kernel(
     Scores, Top, OutHead, Indices, Counts,
     n_rows, nk, width, q_len, k_len, sqrt_d, s_b, s_h, s_r, i_b, i_h, i_r, c_b, c_h, head0, row0,
-    BS: tl.constexpr, UNIT: tl.constexpr, IS_CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr, ROWS: tl.constexpr,
+    BS: tl.constexpr, UNIT: tl.constexpr, IS_CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """``ROWS`` query blocks' key blocks: each row's ``top`` highest-scoring allowed blocks (ties:
-    lower block first), key block 0 and its diagonal blocks, ascending, times ``UNIT`` (1: block
-    numbers; the block size: range starts), ``-1`` padded to ``width``, in output head
-    ``OutHead[head]``.
+    """One query block's key blocks: its ``top`` highest-scoring allowed blocks (ties: lower block
+    first), key block 0 and its diagonal blocks, ascending, times ``UNIT`` (1: block numbers; the
+    block size: range starts), ``-1`` padded to ``width``, in output head ``OutHead[head]``.
 
     The top-k is a selection, not a sort: the ``top``-th largest score over the scores'
     order-preserving int32 keys, held in registers (``_bisect_cut``), then the ties at that cut taken
     lowest block first with a prefix sum, as the reference's stable sort does. Three alternatives
-    measured no faster on the H100 with one row a program: a radix select (8 passes of a 16-bin
-    histogram; 1.3-1.9x slower, NOTES run 22b), a 5-way search (4 thresholds a pass in one packed
-    reduction; within noise of bisection, run 22d) and an interpolation search of ~40% fewer
-    passes with the tie prefix sum skipped where no ties split (within noise, run 23c).
+    measured no faster on the H100: a radix select (8 passes of a 16-bin histogram; 1.3-1.9x
+    slower, NOTES run 22b), a 5-way search (4 thresholds a pass in one packed reduction; within
+    noise of bisection, run 22d) and an interpolation search of ~40% fewer passes with the tie
+    prefix sum skipped where no ties split (within noise, run 23c).
     """
-    pid = tl.program_id(0)
+    pid_hr = tl.program_id(0)
     pid_b = tl.program_id(1).to(tl.int64)
-    tiles = tl.cdiv(n_rows, ROWS)
-    h = pid // tiles
-    r = (pid % tiles) * ROWS + tl.arange(0, ROWS)  # [ROWS]
-    row_ok = r < n_rows
+    h = pid_hr // n_rows
+    r = pid_hr % n_rows
     qb = row0 + r
-    cols = tl.arange(0, BLOCK_N)[None, :]  # [1, BLOCK_N]
-    # Diagonal key blocks of each query block (index.diagonal_block_range).
+    cols = tl.arange(0, BLOCK_N)
+    # Diagonal key blocks of query block qb (index.diagonal_block_range).
     off = k_len - q_len
-    first = ((off + qb * BS) // BS)[:, None]
-    last = ((off + tl.minimum((qb + 1) * BS, q_len) - 1) // BS)[:, None]
-    allowed = (cols < nk) & row_ok[:, None]
+    first = (off + qb * BS) // BS
+    last = (off + tl.minimum((qb + 1) * BS, q_len) - 1) // BS
+    allowed = cols < nk
     if IS_CAUSAL:
         allowed = allowed & (cols <= last)
-    x = tl.load(Scores + pid_b * s_b + h.to(tl.int64) * s_h + r.to(tl.int64)[:, None] * s_r + cols,
-                mask=allowed, other=0.0)
+    x = tl.load(Scores + pid_b * s_b + h.to(tl.int64) * s_h + r.to(tl.int64) * s_r + cols, mask=allowed, other=0.0)
     x = tl.math.div_rn(x, sqrt_d)  # the reference's "/ sqrt(D)", correctly rounded
     x = tl.where(x == 0.0, 0.0, x)  # -0.0 ties with +0.0 in the reference's sort: one key for both
     bits = x.to(tl.int32, bitcast=True)
     key = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)  # monotone in x (x not NaN)
     key = tl.where(allowed, key, -2147483648)  # below every real key (-inf maps above it)
-    n_allowed = tl.sum(allowed.to(tl.int32), 1)
-    k = tl.minimum(tl.load(Top + head0 + h), n_allowed)  # [ROWS]
+    n_allowed = tl.sum(allowed.to(tl.int32), 0)
+    k = tl.minimum(tl.load(Top + head0 + h), n_allowed)
     cut = _bisect_cut(key, allowed, tl.maximum(k, 1))
     # top 0: a cut above every key (the largest, +inf, is 0x7F800000) keeps none.
-    cut = tl.where(k > 0, cut, 2147483647)[:, None]
+    cut = tl.where(k > 0, cut, 2147483647)
     above = allowed & (key > cut)
     tied = allowed & (key == cut)
-    need = (k - tl.sum(above.to(tl.int32), 1))[:, None]
-    top = above | (tied & (tl.cumsum(tied.to(tl.int32), 1) <= need))
+    need = k - tl.sum(above.to(tl.int32), 0)
+    top = above | (tied & (tl.cumsum(tied.to(tl.int32), 0) <= need))
     forced = (cols == 0) | ((cols >= first) & (cols <= last))
     keep = top | (forced & allowed)
     kept = keep.to(tl.int32)
-    slot = tl.cumsum(kept, 1) - kept
-    count = tl.sum(kept, 1)
+    slot = tl.cumsum(kept, 0) - kept
+    count = tl.sum(kept, 0)
     out_h = tl.load(OutHead + head0 + h)
-    out = Indices + pid_b * i_b + out_h * i_h + qb.to(tl.int64)[:, None] * i_r  # [ROWS, 1]
-    tl.store(out + slot, tl.broadcast_to(cols * UNIT, [ROWS, BLOCK_N]), mask=keep)
+    out = Indices + pid_b * i_b + out_h * i_h + qb.to(tl.int64) * i_r
+    tl.store(out + slot, cols * UNIT, mask=keep)
     for c0 in range(0, width, BLOCK_N):  # the padding (the output may be wider than a row of blocks)
         c = c0 + cols
-        tl.store(out + c, tl.full([ROWS, BLOCK_N], -1, tl.int32),
-                 mask=(c >= count[:, None]) & (c < width) & row_ok[:, None])
-    tl.store(Counts + pid_b * c_b + out_h * c_h + qb, count, mask=row_ok)
+        tl.store(out + c, tl.full([BLOCK_N], -1, tl.int32), mask=(c >= count) & (c < width))
+    tl.store(Counts + pid_b * c_b + out_h * c_h + qb, count)
 
 
 # ==================================================================================================
@@ -512,14 +509,11 @@ def _pow2(x: int, low: int = 16) -> int:
 MAX_TOP_K_BLOCKS = 1 << 15
 # Warps per row program by row width (power of two), where measured (benchmarks/bench_block_top_k.py).
 BLOCK_TOP_K_WARPS: dict[int, int] = {}
-# Query blocks (rows) per program by row width, where measured; 1 otherwise.
-BLOCK_TOP_K_ROWS: dict[int, int] = {}
 
 
 def block_top_k_(scores: torch.Tensor, top: torch.Tensor, indices: torch.Tensor, counts: torch.Tensor, *,
                  head0: int, row0: int, q_len: int, k_len: int, block_size: int, causal: bool, head_dim: int,
-                 out_heads: torch.Tensor, as_ranges: bool = False, num_warps: int | None = None,
-                 rows: int | None = None) -> None:
+                 out_heads: torch.Tensor, as_ranges: bool = False, num_warps: int | None = None) -> None:
     """Writes MInference's block_sparse rows from pooled block scores into ``indices`` / ``counts``.
 
     Args:
@@ -532,26 +526,22 @@ def block_top_k_(scores: torch.Tensor, top: torch.Tensor, indices: torch.Tensor,
         out_heads: `[H]` int64, the output head of each selected head.
         as_ranges: write range starts (``block * block_size``) instead of block numbers: the rows of
             a ``VerticalSlashIndex`` (``range_starts``, ``range_counts``).
-        num_warps: warps a program (default: ``BLOCK_TOP_K_WARPS``, else by row width).
-        rows: query blocks a program, a power of two (default: ``BLOCK_TOP_K_ROWS``, else 1); its
-            rows search together, one reduction a pass for all of them.
+        num_warps: warps per row program (default: ``BLOCK_TOP_K_WARPS``, else by row width).
         q_len, k_len, block_size, causal, head_dim: the attention's shape (the queries are the last ``q_len``).
 
     Equal to ``reference.minference.block_sparse_select`` on the same scores, ties included (lower
-    block first). ``rows`` query blocks a program; no host sync.
+    block first). One program per row; no host sync.
     """
     B, Hc, R, nk = scores.shape
     if scores.stride(-1) != 1 or nk > MAX_TOP_K_BLOCKS:
         raise ValueError(f"block_top_k_: scores need a contiguous last dim of at most {MAX_TOP_K_BLOCKS} blocks")
     block_n = _pow2(nk)
-    if rows is None:
-        rows = BLOCK_TOP_K_ROWS.get(block_n, 1)
     if num_warps is None:
         num_warps = BLOCK_TOP_K_WARPS.get(block_n, 4 if block_n <= 2048 else (8 if block_n <= 8192 else 16))
-    _block_top_k_kernel[(Hc * triton.cdiv(R, rows), B)](
+    _block_top_k_kernel[(Hc * R, B)](
         scores, top, out_heads, indices, counts, R, nk, indices.shape[-1], q_len, k_len, math.sqrt(head_dim),
         *scores.stride()[:3], *indices.stride()[:3], *counts.stride()[:2], head0, row0,
-        BS=block_size, UNIT=block_size if as_ranges else 1, IS_CAUSAL=causal, BLOCK_N=block_n, ROWS=rows,
+        BS=block_size, UNIT=block_size if as_ranges else 1, IS_CAUSAL=causal, BLOCK_N=block_n,
         num_warps=num_warps)
 
 
