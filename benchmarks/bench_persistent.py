@@ -41,23 +41,27 @@ from bench_block_locality import gate  # this folder is sys.path[0] when run as 
 HEADS, KV_HEADS, D = 32, 8, 128
 
 
-def variants(cfg: bs.KernelConfig, per_sm: int, num_rows: int) -> dict:
+VARIANTS = ("grid", "persistent split", "persistent one loop", "rows split", "rows one loop")
+
+
+def variants(cfg: bs.KernelConfig, per_sm: int, num_rows: int, names=VARIANTS) -> dict:
     """name -> (config, PERSISTENT_PROGRAMS override)."""
     one = dataclasses.replace(cfg, split_masked=False)
-    return {
+    every = {
         "grid": (cfg, 0),
         "persistent split": (dataclasses.replace(cfg, persistent=per_sm), 0),
         "persistent one loop": (dataclasses.replace(one, persistent=per_sm), 0),
         "rows split": (dataclasses.replace(cfg, persistent=1), num_rows),
         "rows one loop": (dataclasses.replace(one, persistent=1), num_rows),
     }
+    return {name: every[name] for name in names}
 
 
-def run_case(q, k, v, index, per_sm, record, records, cudnn):
+def run_case(q, k, v, index, per_sm, record, records, cudnn, names=VARIANTS):
     cfg = bs.default_configs(D, q.dtype).forward_for(index)
     num_rows = HEADS * index.num_q_blocks * (index.block_q // min(cfg.block_m, index.block_q))
     outs, times = {}, {}
-    for name, (vcfg, programs) in variants(cfg, per_sm, num_rows).items():
+    for name, (vcfg, programs) in variants(cfg, per_sm, num_rows, names).items():
         def call(vcfg=vcfg, programs=programs):
             bs.PERSISTENT_PROGRAMS = programs
             try:
@@ -83,7 +87,12 @@ def main() -> None:
     parser.add_argument("--narrow-densities", default="0.05,0.10")
     parser.add_argument("--per-sm", type=int, default=1, help="persistent programs per SM, 128x128 tiles")
     parser.add_argument("--narrow-per-sm", type=int, default=2, help="persistent programs per SM, 64x64 tiles")
+    parser.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, of {VARIANTS}")
+    parser.add_argument("--skip-every", action="store_true", help="leave out every causal block through the index")
     args = parser.parse_args()
+    names = tuple(n for n in args.variants.split(",") if n)
+    if "grid" not in names or not set(names) <= set(VARIANTS):
+        parser.error(f"--variants must include grid and name only {VARIANTS}")
     L = args.length
     q, k, v = random_qkv(1, HEADS, KV_HEADS, L, D, seed=L)
     cudnn = time_ms(DENSE_PEERS[0].make(q, k, v, True))["ms"]
@@ -94,11 +103,13 @@ def main() -> None:
     print(f"cuDNN dense {cudnn:.2f} ms", flush=True)
     dense_ms = time_ms(lambda: bs.block_sparse_forward(q, k, v, None)[0])["ms"]
     result["dense_mode_ms"] = dense_ms
-    every = BlockIndex.dense(1, HEADS, L, L, 128, 128, device=q.device)
-    run_case(q, k, v, every, args.per_sm, {"case": "every causal block", "block": 128, "density": 1.0}, recs, cudnn)
-    every = None
+    if not args.skip_every:
+        every = BlockIndex.dense(1, HEADS, L, L, 128, 128, device=q.device)
+        run_case(q, k, v, every, args.per_sm, {"case": "every causal block", "block": 128, "density": 1.0}, recs,
+                 cudnn, names)
+        every = None
     for block, per_sm, densities in ((128, args.per_sm, args.densities), (64, args.narrow_per_sm, args.narrow_densities)):
-        for target in [float(x) for x in densities.split(",") if x]:
+        for target in [float(x) for x in densities.split(",") if x.strip()]:
             index = random_block_index(1, HEADS, L, L, block, target, seed=L + 1)
             d = float(index.density().mean())
             err = gate(q, k, v, index, bs.block_sparse_forward(q, k, v, index)[0])
@@ -108,7 +119,7 @@ def main() -> None:
                 recs.append(rec)
                 print(json.dumps(rec), flush=True)
                 continue
-            run_case(q, k, v, index, per_sm, rec, recs, cudnn)
+            run_case(q, k, v, index, per_sm, rec, recs, cudnn, names)
             index = None
     fits = {}
     pts = [r for r in recs if r.get("block") == 128 and "target" in r and "ms" in r and r["target"] <= 0.2]
