@@ -102,7 +102,7 @@ def main():
         compiled = triton.compile(ASTSource(fn, signature, constexprs, attrs), target=target,
                                   options=dict(num_warps=args.warps, num_stages=args.stages))
         base = os.path.join(args.out, name)
-        for ext in ("ttgir", "ptx"):
+        for ext in ("ttir", "ttgir", "ptx"):
             with open(f"{base}.{ext}", "w") as f:
                 f.write(compiled.asm[ext])
         tools = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")

@@ -313,19 +313,27 @@ def _kv_major_row(r, n_m, group_size, num_kv, REVERSE: tl.constexpr):
 
 @triton.jit
 def _persistent_row(r, num_rows, n_m, group_size, num_kv, Indices, Counts,
-                    stride_ib, stride_ih, stride_iq, stride_ik, stride_cb, stride_ch, stride_cq,
-                    BLOCK_M: tl.constexpr, SEL_BLOCK_Q: tl.constexpr, REVERSE: tl.constexpr,
-                    MAX_MASKED: tl.constexpr):
-    """What a persistent program loads of row ``r`` ahead of time: its index row pointer, count
-    (0 past the last row), first entry and last ``MAX_MASKED`` entries (-1 where absent)."""
+                    stride_ib, stride_ih, stride_iq, stride_cb, stride_ch, stride_cq,
+                    BLOCK_M: tl.constexpr, SEL_BLOCK_Q: tl.constexpr, REVERSE: tl.constexpr):
+    """What a persistent program loads of row ``r`` a row ahead: its index row pointer, count (0
+    past the last row) and first entry."""
     b, h, kvh, pid_m = _kv_major_row(r, n_m, group_size, num_kv, REVERSE)
     qb = pid_m * BLOCK_M // SEL_BLOCK_Q
     row_ptr = Indices + b * stride_ib + h * stride_ih + qb * stride_iq
     count = tl.load(Counts + b * stride_cb + h * stride_ch + qb * stride_cq, mask=r < num_rows, other=0)
     first = tl.load(row_ptr, mask=count > 0, other=0)
-    tail = count - 1 - tl.arange(0, MAX_MASKED)  # [MAX_MASKED]
-    tail_blocks = tl.load(row_ptr + tail * stride_ik, mask=tail >= 0, other=-1)
-    return row_ptr, count, first, tail_blocks
+    return row_ptr, count, first
+
+
+@triton.jit
+def _unmasked_prefix(row_ptr, count, mask_from, stride_ik, MAX_MASKED: tl.constexpr):
+    """``_fwd_kernel``'s ``n_plain``: the row's entries before its masked suffix (at most
+    ``MAX_MASKED`` entries at or past ``mask_from``), from scalar loads of the row's last entries."""
+    n_plain = count
+    for i in tl.static_range(MAX_MASKED):
+        entry = tl.load(row_ptr + (count - 1 - i) * stride_ik, mask=count - 1 - i >= 0, other=-1)
+        n_plain -= (entry >= mask_from).to(tl.int32)
+    return n_plain
 
 
 @triton.jit
@@ -370,10 +378,14 @@ def _fwd_persistent_kernel(
     v_tile_offs = offs_n[:, None] * stride_vn + offs_d[None, :]
 
     n_rows = _warp_uniform(tl.cdiv(num_rows - pid, num_programs), UNIFORM)
-    row_ptr, count, first, tail_blocks = _persistent_row(
-        pid, num_rows, n_m, group_size, num_kv, Indices, Counts, stride_ib, stride_ih, stride_iq, stride_ik,
-        stride_cb, stride_ch, stride_cq, BLOCK_M, SEL_BLOCK_Q, REVERSE, MAX_MASKED)
+    row_ptr, count, first = _persistent_row(pid, num_rows, n_m, group_size, num_kv, Indices, Counts, stride_ib,
+                                            stride_ih, stride_iq, stride_cb, stride_ch, stride_cq, BLOCK_M,
+                                            SEL_BLOCK_Q, REVERSE)
     for i in range(0, n_rows):
+        # Every warp is done with the last row's shared memory (its q tile, K/V stages and the
+        # epilogue's layout scratch) before any warp writes this row's: without the barrier the
+        # second and later rows of a program came out wrong on the H100 (run 24).
+        tl.debug_barrier()
         r = pid + i * num_programs
         b, h, kvh, pid_m = _kv_major_row(r, n_m, group_size, num_kv, REVERSE)
         count = _warp_uniform(count, UNIFORM)
@@ -389,20 +401,22 @@ def _fwd_persistent_kernel(
         acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
         m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-        mask_from = k_len // SEL_BLOCK_K
-        if IS_CAUSAL:
-            mask_from = tl.minimum(mask_from, (q_first + 1) // SEL_BLOCK_K)
+        # The unmasked prefix is found here, not a row ahead: carried through the row loop, Triton 3.6's
+        # layout pass dropped it from the loop's values and every row used the first row's (wrong
+        # rows, and illegal addresses at 128K; NOTES.md run 24). Its loads need only the count.
+        n_unmasked = 0
         if SPLIT_MASKED:
-            n_plain = _warp_uniform(count - tl.sum((tail_blocks >= mask_from).to(tl.int32), axis=0), UNIFORM)
-        else:
-            n_plain = 0
+            mask_from = k_len // SEL_BLOCK_K
+            if IS_CAUSAL:
+                mask_from = tl.minimum(mask_from, (q_first + 1) // SEL_BLOCK_K)
+            n_unmasked = _warp_uniform(_unmasked_prefix(row_ptr, count, mask_from, stride_ik, MAX_MASKED), UNIFORM)
         cur_ptr = row_ptr
         j_next = first
-        # The next row's count, first entry and tail load while this row computes.
-        row_ptr, count_next, first, tail_blocks = _persistent_row(
-            r + num_programs, num_rows, n_m, group_size, num_kv, Indices, Counts, stride_ib, stride_ih, stride_iq,
-            stride_ik, stride_cb, stride_ch, stride_cq, BLOCK_M, SEL_BLOCK_Q, REVERSE, MAX_MASKED)
-        for t in range(0, n_plain * SUB_N):
+        # The next row's count and first entry load while this row computes.
+        row_ptr, count_next, first = _persistent_row(r + num_programs, num_rows, n_m, group_size, num_kv, Indices,
+                                                     Counts, stride_ib, stride_ih, stride_iq, stride_cb, stride_ch,
+                                                     stride_cq, BLOCK_M, SEL_BLOCK_Q, REVERSE)
+        for t in range(0, n_unmasked * SUB_N):
             j = j_next
             j_next = tl.load(cur_ptr + (tl.minimum(t + 1, count * SUB_N - 1) // SUB_N) * stride_ik)
             start_n = j * SEL_BLOCK_K + (t % SUB_N) * BLOCK_N
@@ -410,7 +424,7 @@ def _fwd_persistent_kernel(
                                       offs_n, d_ok, q_pos, k_len, qk_scale, stride_kn, stride_vn,
                                       0, IS_CAUSAL, PAD_D, DOT_PREC)
         if SPLIT_MASKED:
-            for t in range(n_plain * SUB_N, count * SUB_N):
+            for t in range(n_unmasked * SUB_N, count * SUB_N):
                 j = tl.load(cur_ptr + (t // SUB_N) * stride_ik)
                 start_n = j * SEL_BLOCK_K + (t % SUB_N) * BLOCK_N
                 acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, k_base, v_base, start_n, k_tile_offs, v_tile_offs,
