@@ -1,10 +1,12 @@
-"""Compile the sparse forward kernels for sm_90a on a machine without a GPU, as a launch would.
+"""Compile the sparse forward kernel for sm_90a on a machine without a GPU, as a launch would.
 
 Run it with the device's Triton (3.6), e.g. in a venv that has it:
     /tmp/t36/bin/python benchmarks/offline_compile.py --out /tmp/fwd
 
-For each kernel it prints registers, spills and shared memory, and writes the TTGIR, PTX and SASS
-under ``--out``. The arguments are those of the 128K benchmark shape (B=1, 32/8 heads, D=128, bf16,
+For each kernel it prints registers, spills and shared memory, and writes the TTIR, TTGIR, PTX and
+SASS under ``--out``: whether the pipeliner gave the K/V tiles cp.async stages, what a loop carries,
+and what ptxas made of it, before any device time is spent (NOTES.md, run 24, found a miscompile
+this way). The arguments are those of the 128K benchmark shape (B=1, 32/8 heads, D=128, bf16,
 128-blocks): pointers and strides get the ``tt.divisibility = 16`` hints and unit strides the
 constant 1 that a real launch derives from them (without the hints Triton cannot prove 16-byte
 alignment and compiles register loads instead of cp.async; NOTES.md, run 13).
@@ -77,11 +79,9 @@ def _common_values():
 
 def kernels():
     values, pointers = _common_values()
-    yield "fwd_split", bs._fwd_kernel, dict(values, SPARSE=True, VARLEN=False, MAX_MASKED=2, SPLIT_MASKED=True,
-                                             KV_MAJOR=True), pointers
-    for split in (True, False):
-        yield (f"fwd_persistent_{'split' if split else 'one_loop'}", bs._fwd_persistent_kernel,
-               dict(values, num_rows=HQ * NQ, MAX_MASKED=2, SPLIT_MASKED=split), pointers)
+    common = dict(values, VARLEN=False, MAX_MASKED=2, SPLIT_MASKED=True, KV_MAJOR=True)
+    yield "fwd_sparse", bs._fwd_kernel, dict(common, SPARSE=True), pointers
+    yield "fwd_dense", bs._fwd_kernel, dict(common, SPARSE=False), pointers
 
 
 def main():
@@ -97,7 +97,6 @@ def main():
     for name, fn, values, pointers in kernels():
         if only and name not in only:
             continue
-        fn = fn.fn if hasattr(fn, "fn") and not hasattr(fn, "arg_names") else fn
         signature, constexprs, attrs = _signature(fn, values, pointers)
         compiled = triton.compile(ASTSource(fn, signature, constexprs, attrs), target=target,
                                   options=dict(num_warps=args.warps, num_stages=args.stages))

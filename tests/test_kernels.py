@@ -168,54 +168,6 @@ def test_sparse_forward(B, Hq, Hkv, Lq, Lk, D, bq, bk, causal, dtype):
     assert rel_err(lse, ref_lse) < TOL[dtype]
 
 
-PERSISTENT = [
-    pytest.param(KernelConfig(16, 16, num_warps=4, num_stages=1, persistent=1), id="split-16x16"),
-    pytest.param(KernelConfig(16, 16, num_warps=4, num_stages=1, persistent=1, split_masked=False), id="one-loop-16x16"),
-    pytest.param(KernelConfig(32, 16, num_warps=4, num_stages=1, persistent=1), id="split-32x16"),
-    pytest.param(KernelConfig(16, 32, num_warps=4, num_stages=1, persistent=1, split_masked=False),
-                 id="one-loop-16x32"),
-]
-
-
-@pytest.mark.parametrize("config", PERSISTENT)
-@pytest.mark.parametrize("causal", [True, False], ids=["causal", "noncausal"])
-@pytest.mark.parametrize("B,Hq,Hkv,Lq,Lk,D,bq,bk", SPARSE_SHAPES[:4])
-def test_persistent_forward(B, Hq, Hkv, Lq, Lk, D, bq, bk, causal, config, monkeypatch, programs=3):
-    """Persistent programs (rows p, p + P, ... in turn; the next row's index data loaded ahead)
-    compute what the grid kernel computes, bit for bit, with one program for every row, a few
-    programs of several rows each, or more programs than rows."""
-    from sparseattn.kernels import block_sparse as bs
-
-    monkeypatch.setattr(bs, "PERSISTENT_PROGRAMS", programs)
-    q, k, v = make_qkv(B, Hq, Hkv, Lq, Lk, D, seed=5)
-    index = random_index(B, Hq, Lq, Lk, bq, bk, causal, seed=6)
-    out, lse = block_sparse_forward(q, k, v, index, causal=causal, config=config)
-    grid_config = KernelConfig(config.block_m, config.block_n, num_warps=4, num_stages=1)
-    grid_out, grid_lse = block_sparse_forward(q, k, v, index, causal=causal, config=grid_config)
-    ref, ref_lse = reference(q, k, v, element_mask(index, causal))
-    assert rel_err(out, ref) < 1e-5 and rel_err(lse, ref_lse) < 1e-5
-    assert torch.equal(out, grid_out) and torch.equal(lse, grid_lse)
-
-
-@pytest.mark.parametrize("programs", [1, 1000], ids=["1-program", "program-per-row"])
-@pytest.mark.parametrize("config", PERSISTENT[:2])
-def test_persistent_program_counts(config, programs, monkeypatch):
-    test_persistent_forward(2, 4, 2, 63, 257, 16, 16, 32, True, config, monkeypatch, programs=programs)
-
-
-def test_persistent_rows_without_keys():
-    """A persistent program's empty row (an invalid index) runs one fully masked tile: 0 and -inf."""
-    mask = torch.zeros(1, 1, 4, 4, dtype=torch.bool)
-    mask[0, 0, 1, 2] = True  # rows 16..31 see keys 32..47 only (all causally masked); others see nothing
-    index = BlockIndex.from_mask(mask.to(DEVICE), block_q=16, block_k=16, q_len=64, k_len=64, max_k=4)
-    q, k, v = make_qkv(1, 1, 1, 64, 64, 16)
-    for split in (True, False):
-        config = KernelConfig(16, 16, num_warps=4, num_stages=1, persistent=1, split_masked=split)
-        out, lse = block_sparse_forward(q, k, v, index, config=config)
-        assert torch.equal(out, torch.zeros_like(out))
-        assert torch.isneginf(lse).all()
-
-
 @settings(max_examples=25, deadline=None, derandomize=True)
 @given(B=st.integers(1, 2), Hkv=st.integers(1, 2), G=st.sampled_from([1, 2, 4]), Lq=st.integers(1, 80),
        extra=st.integers(0, 40), D=st.sampled_from([16, 32]), bq=st.sampled_from([16, 32, 64]),
@@ -600,23 +552,12 @@ def test_gpu_dense_32k_vs_sdpa():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("persistent", [None, 1, 2], ids=["default", "persistent-1", "persistent-2"])
 @pytest.mark.parametrize("D,bs", [(64, 64), (128, 128), (128, 64)], ids=["D64-bs64", "D128-bs128", "D128-bs64"])
-def test_gpu_sparse_8k(D, bs, persistent):
-    import dataclasses
-
-    from sparseattn.kernels.block_sparse import default_configs
-
+def test_gpu_sparse_8k(D, bs):
     L = 8192
     q, k, v = make_qkv(1, 4, 2, L, L, D, torch.bfloat16, seed=21)
     index = random_index(1, 4, L, L, bs, bs, density=0.1, seed=22)
-    if persistent is None:
-        out = block_sparse_attention(q, k, v, index)
-    else:
-        config = dataclasses.replace(default_configs(D, q.dtype).forward_for(index), persistent=persistent)
-        out = block_sparse_forward(q, k, v, index, config=config)[0]
-        assert torch.equal(out, block_sparse_forward(q, k, v, index, config=dataclasses.replace(
-            config, persistent=0))[0])
+    out = block_sparse_attention(q, k, v, index)
     bmask = block_mask(index)
     pos = torch.arange(L, device=DEVICE)
 

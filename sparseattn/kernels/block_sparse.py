@@ -13,7 +13,9 @@ Tiles. A program owns ``BLOCK_M`` query rows and walks key tiles of ``BLOCK_N`` 
 mode ``BLOCK_M`` divides ``block_q`` and ``BLOCK_N`` divides ``block_k`` (both powers of two), so a
 selected key block is ``block_k // BLOCK_N`` consecutive key tiles and the math stays exact.
 (128-row tiles over pairs of 64-row selection blocks, walking the union of their key blocks, were
-measured slower than 64-row tiles in every configuration and removed: benchmarks/NOTES.md, run 8.)
+measured slower than 64-row tiles in every configuration and removed: benchmarks/NOTES.md, run 8.
+Persistent programs, one an SM computing rows in turn with the next row's index data loaded a row
+ahead, were 6-11% slower at 5% density and 7-20% slower over every causal block, and removed: run 24.)
 
 Masking. Dense mode splits the key loop: full tiles first with no element mask, then the tiles
 that straddle the causal diagonal or the end of the keys, with a constexpr ``MASK``. Sparse mode
@@ -293,173 +295,6 @@ def _fwd_kernel(
     o_ptrs = o_base + tl.cast(start_m, tl.int64) * stride_om + offs_m[:, None] * stride_om + offs_d[None, :]
     tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
     tl.store(lse_base + start_m + offs_m, lse, mask=row_ok)
-
-
-@triton.jit
-def _kv_major_row(r, n_m, group_size, num_kv, REVERSE: tl.constexpr):
-    """``(b, h, kvh, pid_m)`` of row ``r`` of ``_query_program``'s KV-major launch order (scalars or
-    vectors): KV heads slowest, then query tiles (last first when ``REVERSE``), then the G heads."""
-    per_bk = group_size * n_m
-    pid_bk = r // per_bk
-    rem = r - pid_bk * per_bk
-    b = pid_bk // num_kv
-    kvh = pid_bk - b * num_kv
-    h = kvh * group_size + rem % group_size
-    pid_m = rem // group_size
-    if REVERSE:
-        pid_m = n_m - 1 - pid_m
-    return b, h, kvh, pid_m
-
-
-@triton.jit
-def _persistent_row(r, num_rows, n_m, group_size, num_kv, Indices, Counts,
-                    stride_ib, stride_ih, stride_iq, stride_cb, stride_ch, stride_cq,
-                    BLOCK_M: tl.constexpr, SEL_BLOCK_Q: tl.constexpr, REVERSE: tl.constexpr):
-    """What a persistent program loads of row ``r`` a row ahead: its index row pointer, count (0
-    past the last row) and first entry."""
-    b, h, kvh, pid_m = _kv_major_row(r, n_m, group_size, num_kv, REVERSE)
-    qb = pid_m * BLOCK_M // SEL_BLOCK_Q
-    row_ptr = Indices + b * stride_ib + h * stride_ih + qb * stride_iq
-    count = tl.load(Counts + b * stride_cb + h * stride_ch + qb * stride_cq, mask=r < num_rows, other=0)
-    first = tl.load(row_ptr, mask=count > 0, other=0)
-    return row_ptr, count, first
-
-
-@triton.jit
-def _unmasked_prefix(row_ptr, count, mask_from, stride_ik, MAX_MASKED: tl.constexpr):
-    """``_fwd_kernel``'s ``n_plain``: the row's entries before its masked suffix (at most
-    ``MAX_MASKED`` entries at or past ``mask_from``), from scalar loads of the row's last entries."""
-    n_plain = count
-    for i in tl.static_range(MAX_MASKED):
-        entry = tl.load(row_ptr + (count - 1 - i) * stride_ik, mask=count - 1 - i >= 0, other=-1)
-        n_plain -= (entry >= mask_from).to(tl.int32)
-    return n_plain
-
-
-@triton.jit
-def _fwd_persistent_kernel(
-    Q, K, V, Out, Lse, Indices, Counts,
-    stride_qb, stride_qh, stride_qm,
-    stride_kb, stride_kh, stride_kn,
-    stride_vb, stride_vh, stride_vn,
-    stride_ob, stride_oh, stride_om,
-    stride_lb, stride_lh,
-    stride_ib, stride_ih, stride_iq, stride_ik,
-    stride_cb, stride_ch, stride_cq,
-    num_heads, group_size, q_len, k_len, qk_scale, num_rows,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    SEL_BLOCK_Q: tl.constexpr, SEL_BLOCK_K: tl.constexpr,
-    IS_CAUSAL: tl.constexpr, REVERSE: tl.constexpr, DOT_PREC: tl.constexpr, UNIFORM: tl.constexpr,
-    MAX_MASKED: tl.constexpr, SPLIT_MASKED: tl.constexpr,
-):
-    """The sparse forward as persistent programs: program ``p`` of ``P`` computes the query-tile
-    rows ``p, p + P, p + 2P, ...`` of ``_query_program``'s KV-major order, one after another.
-
-    While a row runs, the next row's count, first index entry and masked tail are already loaded, so
-    a row starts with its q tile and first K/V tiles in flight at once instead of after a chain of
-    three dependent loads (count, entries, tiles), and no program launch sits between rows. The
-    row's tiles are one loop with a run-time element mask (``SPLIT_MASKED=False``) or an unmasked
-    prefix loop and a masked suffix loop, as in ``_fwd_kernel``. (Walking all rows' tiles in ONE
-    loop, so the pipeliner would prefetch across rows, does not compile in Triton 3.6: an epilogue
-    inside the loop that reads the accumulator stops the pipeliner, NOTES.md run 24.)
-    """
-    pid = tl.program_id(0)
-    num_programs = tl.num_programs(0)
-    num_kv = num_heads // group_size
-    n_m = tl.cdiv(q_len, BLOCK_M)
-    SUB_N: tl.constexpr = SEL_BLOCK_K // BLOCK_N
-    off = k_len - q_len
-    offs_m = tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    d_ok = offs_d < HEAD_DIM
-    PAD_D: tl.constexpr = BLOCK_D != HEAD_DIM
-    k_tile_offs = offs_n[:, None] * stride_kn + offs_d[None, :]  # [BLOCK_N, BLOCK_D]
-    v_tile_offs = offs_n[:, None] * stride_vn + offs_d[None, :]
-
-    n_rows = _warp_uniform(tl.cdiv(num_rows - pid, num_programs), UNIFORM)
-    row_ptr, count, first = _persistent_row(pid, num_rows, n_m, group_size, num_kv, Indices, Counts, stride_ib,
-                                            stride_ih, stride_iq, stride_cb, stride_ch, stride_cq, BLOCK_M,
-                                            SEL_BLOCK_Q, REVERSE)
-    for i in range(0, n_rows):
-        # Every warp is done with the last row's shared memory (its q tile, K/V stages and the
-        # epilogue's layout scratch) before any warp writes this row's: without the barrier the
-        # second and later rows of a program came out wrong on the H100 (run 24).
-        tl.debug_barrier()
-        r = pid + i * num_programs
-        b, h, kvh, pid_m = _kv_major_row(r, n_m, group_size, num_kv, REVERSE)
-        count = _warp_uniform(count, UNIFORM)
-        start_m = pid_m * BLOCK_M
-        row_ok = (start_m + offs_m) < q_len
-        q_pos = off + start_m + offs_m  # [BLOCK_M]
-        q_first = off + start_m
-        q_ptr = Q + b * stride_qb + h * stride_qh + tl.cast(start_m, tl.int64) * stride_qm
-        q = tl.load(q_ptr + offs_m[:, None] * stride_qm + offs_d[None, :], mask=row_ok[:, None] & d_ok[None, :],
-                    other=0.0)  # [BLOCK_M, BLOCK_D]
-        k_base = K + b * stride_kb + kvh * stride_kh
-        v_base = V + b * stride_vb + kvh * stride_vh
-        acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-        m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-        # The unmasked prefix is found here, not a row ahead: carried through the row loop, Triton 3.6's
-        # layout pass dropped it from the loop's values and every row used the first row's (wrong
-        # rows, and illegal addresses at 128K; NOTES.md run 24). Its loads need only the count.
-        n_unmasked = 0
-        if SPLIT_MASKED:
-            mask_from = k_len // SEL_BLOCK_K
-            if IS_CAUSAL:
-                mask_from = tl.minimum(mask_from, (q_first + 1) // SEL_BLOCK_K)
-            n_unmasked = _warp_uniform(_unmasked_prefix(row_ptr, count, mask_from, stride_ik, MAX_MASKED), UNIFORM)
-        cur_ptr = row_ptr
-        j_next = first
-        # The next row's count and first entry load while this row computes.
-        row_ptr, count_next, first = _persistent_row(r + num_programs, num_rows, n_m, group_size, num_kv, Indices,
-                                                     Counts, stride_ib, stride_ih, stride_iq, stride_cb, stride_ch,
-                                                     stride_cq, BLOCK_M, SEL_BLOCK_Q, REVERSE)
-        for t in range(0, n_unmasked * SUB_N):
-            j = j_next
-            j_next = tl.load(cur_ptr + (tl.minimum(t + 1, count * SUB_N - 1) // SUB_N) * stride_ik)
-            start_n = j * SEL_BLOCK_K + (t % SUB_N) * BLOCK_N
-            acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, k_base, v_base, start_n, k_tile_offs, v_tile_offs,
-                                      offs_n, d_ok, q_pos, k_len, qk_scale, stride_kn, stride_vn,
-                                      0, IS_CAUSAL, PAD_D, DOT_PREC)
-        if SPLIT_MASKED:
-            for t in range(n_unmasked * SUB_N, count * SUB_N):
-                j = tl.load(cur_ptr + (t // SUB_N) * stride_ik)
-                start_n = j * SEL_BLOCK_K + (t % SUB_N) * BLOCK_N
-                acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, k_base, v_base, start_n, k_tile_offs, v_tile_offs,
-                                          offs_n, d_ok, q_pos, k_len, qk_scale, stride_kn, stride_vn,
-                                          1, IS_CAUSAL, PAD_D, DOT_PREC)
-        else:
-            # One loop; the element mask is a run-time branch on a warp-uniform test.
-            for t in range(0, count * SUB_N):
-                j = j_next
-                j_next = tl.load(cur_ptr + (tl.minimum(t + 1, count * SUB_N - 1) // SUB_N) * stride_ik)
-                start_n = j * SEL_BLOCK_K + (t % SUB_N) * BLOCK_N
-                k_pos = start_n + offs_n  # [BLOCK_N]
-                kv_ok = (k_pos < k_len)[:, None] & d_ok[None, :]
-                s64 = tl.cast(start_n, tl.int64)
-                k = tl.load(k_base + s64 * stride_kn + k_tile_offs, mask=kv_ok, other=0.0)
-                qk = _dot(q, tl.trans(k), DOT_PREC)  # [BLOCK_M, BLOCK_N], unscaled
-                need_mask = start_n + BLOCK_N > k_len
-                if IS_CAUSAL:
-                    need_mask = need_mask | (start_n + BLOCK_N - 1 > q_first)
-                if need_mask:
-                    keep = k_pos[None, :] < k_len
-                    if IS_CAUSAL:
-                        keep = keep & (k_pos[None, :] <= q_pos[:, None])
-                    qk = tl.where(keep, qk, float("-inf"))
-                v = tl.load(v_base + s64 * stride_vn + v_tile_offs, mask=kv_ok, other=0.0)
-                acc, l_i, m_i = _softmax_update(acc, l_i, m_i, qk, v, qk_scale, True, DOT_PREC)
-        count = count_next
-
-        l_safe = tl.where(l_i == 0.0, 1.0, l_i)
-        out = acc / l_safe[:, None]
-        lse = (m_i + tl.math.log2(l_safe)) * _LN2
-        o_ptr = Out + b * stride_ob + h * stride_oh + tl.cast(start_m, tl.int64) * stride_om
-        tl.store(o_ptr + offs_m[:, None] * stride_om + offs_d[None, :], out.to(Out.dtype.element_ty),
-                 mask=row_ok[:, None] & d_ok[None, :])
-        tl.store(Lse + b * stride_lb + h * stride_lh + start_m + offs_m, lse, mask=row_ok)
 
 
 @triton.jit
@@ -841,9 +676,6 @@ class KernelConfig:
     # (its G query heads fastest, then the query tiles) instead of all heads of a few query tiles,
     # so the resident programs share K/V tiles in L2 (see _query_program; NOTES.md, run 10).
     kv_major: bool = True
-    # Sparse forward (not varlen): launch this many persistent programs per SM, each computing many
-    # query-tile rows in turn (_fwd_persistent_kernel); 0 = one program per query tile.
-    persistent: int = 0
 
     def __post_init__(self):
         for name in ("block_m", "block_n"):
@@ -1007,19 +839,6 @@ def block_sparse_forward(q, k, v, block_index: BlockIndex | None = None, *, caus
     if Lq == 0:
         return out, lse
     indices, counts = _index_tensors(block_index, q.device)
-    if cfg.persistent and block_index is not None and cu_seqlens is None:
-        num_rows = batch * Hq * triton.cdiv(Lq, BLOCK_M)
-        _fwd_persistent_kernel[(min(num_rows, persistent_programs(q.device, cfg.persistent)),)](
-            q, k, v, out, lse, indices, counts,
-            *_bhl(q), *_bhl(k), *_bhl(v), *_bhl(out), lse.stride(0), lse.stride(1),
-            *indices.stride(), *counts.stride(),
-            Hq, Hq // Hkv, Lq, Lk, scale * LOG2E, num_rows,
-            HEAD_DIM=D, BLOCK_D=_padded_head_dim(D), BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
-            SEL_BLOCK_Q=SEL_Q, SEL_BLOCK_K=SEL_K, IS_CAUSAL=causal, REVERSE=causal,
-            DOT_PREC=_dot_precision(q.dtype), UNIFORM=_uniform_hints(q), MAX_MASKED=_max_masked_blocks(BLOCK_M, SEL_K),
-            SPLIT_MASKED=cfg.split_masked and BLOCK_N == SEL_K, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-        )
-        return out, lse
     grid = _query_grid(batch, Hq, Hkv, triton.cdiv(grid_len, BLOCK_M), cfg.kv_major)
     _fwd_kernel[grid](
         q, k, v, out, lse, indices, counts, cu_seqlens if cu_seqlens is not None else counts,
@@ -1036,28 +855,6 @@ def block_sparse_forward(q, k, v, block_index: BlockIndex | None = None, *, caus
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return out, lse
-
-
-# Persistent programs under the interpreter (CPU): a few, so each walks several rows in the tests.
-INTERPRETER_PROGRAMS = 3
-
-
-@functools.lru_cache(maxsize=None)
-def _multiprocessors(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
-# Programs of a persistent launch; 0 = one per SM. Benchmarks set it to compare grid sizes.
-PERSISTENT_PROGRAMS = 0
-
-
-def persistent_programs(device: torch.device, per_sm: int) -> int:
-    """Programs of a persistent launch: ``per_sm`` per SM (as many as fit at once)."""
-    if PERSISTENT_PROGRAMS:
-        return PERSISTENT_PROGRAMS
-    if device.type != "cuda":
-        return INTERPRETER_PROGRAMS
-    return per_sm * _multiprocessors(device.index if device.index is not None else torch.cuda.current_device())
 
 
 def _query_grid(batch: int, q_heads: int, kv_heads: int, num_tiles: int, kv_major: bool) -> tuple[int, int]:
