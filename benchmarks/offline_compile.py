@@ -18,6 +18,7 @@ import argparse
 import os
 import subprocess
 
+import torch
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
@@ -29,11 +30,7 @@ NQ = L // BLOCK
 
 
 def _strides(*shape):
-    out, acc = [], 1
-    for n in reversed(shape):
-        out.append(acc)
-        acc *= n
-    return out[::-1]
+    return torch.empty(shape, device="meta").stride()
 
 
 def _signature(fn, values, pointer_types):
@@ -79,7 +76,8 @@ def _common_values():
 
 def kernels():
     values, pointers = _common_values()
-    common = dict(values, VARLEN=False, MAX_MASKED=2, SPLIT_MASKED=True, KV_MAJOR=True)
+    common = dict(values, VARLEN=False, MAX_MASKED=bs._max_masked_blocks(BLOCK, BLOCK), SPLIT_MASKED=True,
+                  KV_MAJOR=True)
     yield "fwd_sparse", bs._fwd_kernel, dict(common, SPARSE=True), pointers
     yield "fwd_dense", bs._fwd_kernel, dict(common, SPARSE=False), pointers
 

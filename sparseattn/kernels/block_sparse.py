@@ -15,7 +15,7 @@ selected key block is ``block_k // BLOCK_N`` consecutive key tiles and the math 
 (128-row tiles over pairs of 64-row selection blocks, walking the union of their key blocks, were
 measured slower than 64-row tiles in every configuration and removed: benchmarks/NOTES.md, run 8.
 Persistent programs, one an SM computing rows in turn with the next row's index data loaded a row
-ahead, were 6-11% slower at 5% density and 7-20% slower over every causal block, and removed: run 24.)
+ahead, were 6-11% slower at 5% density and 15-20% slower over every causal block, and removed: run 24.)
 
 Masking. Dense mode splits the key loop: full tiles first with no element mask, then the tiles
 that straddle the causal diagonal or the end of the keys, with a constexpr ``MASK``. Sparse mode
