@@ -1,4 +1,4 @@
-"""Compile the sparse forward kernel for sm_90a on a machine without a GPU, as a launch would.
+"""Compile the sparse forward kernel (and MInference's sums kernels) for sm_90a without a GPU, as a launch would.
 
 Run it with the device's Triton (3.6), e.g. in a venv that has it:
     /tmp/t36/bin/python benchmarks/offline_compile.py --out /tmp/fwd
@@ -24,6 +24,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from sparseattn.kernels import block_sparse as bs
+from sparseattn.kernels import minference_index as mi
 
 L, HQ, HKV, D, BLOCK = 131072, 32, 8, 128, 128
 NQ = L // BLOCK
@@ -74,30 +75,40 @@ def _common_values():
     return values, pointers
 
 
-def kernels():
+def kernels(warps: int, stages: int):
+    """``(name, kernel, argument values, pointer types, options)`` of each kernel compiled."""
     values, pointers = _common_values()
     common = dict(values, VARLEN=False, MAX_MASKED=bs._max_masked_blocks(BLOCK, BLOCK), SPLIT_MASKED=True,
                   KV_MAJOR=True)
-    yield "fwd_sparse", bs._fwd_kernel, dict(common, SPARSE=True), pointers
-    yield "fwd_dense", bs._fwd_kernel, dict(common, SPARSE=False), pointers
+    options = dict(num_warps=warps, num_stages=stages)
+    yield "fwd_sparse", bs._fwd_kernel, dict(common, SPARSE=True), pointers, options
+    yield "fwd_dense", bs._fwd_kernel, dict(common, SPARSE=False), pointers, options
+    # MInference's vertical and slash sums (last 64 queries of 32 heads), as last_query_scores_fast launches them.
+    q, k = _strides(1, HQ, 64, D), _strides(1, HKV, L, D)
+    sums = dict(stride_qb=q[0], stride_qh=q[1], stride_qm=q[2], stride_kb=k[0], stride_kh=k[1], stride_kn=k[2],
+                num_heads=HQ, q_first=0, n_rows=64, k_len=L, n_off=L, min_offset=0, qk_scale=0.127,
+                HEAD_DIM=D, BLOCK_D=D, N_ROWS=64, BLOCK_O=64, IS_CAUSAL=True, IEEE=False)
+    ptrs = dict(Q="*bf16", K="*bf16", KvHead="*i64", Lse="*fp32", Vertical="*fp32", Slash="*fp32")
+    yield "sums_window", mi._vertical_slash_sums_kernel, dict(sums, ROWS=64), ptrs, dict(num_warps=8, num_stages=1)
+    yield "sums_loop", mi._vertical_slash_sums_loop_kernel, dict(sums, blocks_per_program=16), ptrs, dict(
+        num_warps=mi.SUMS_WARPS, num_stages=mi.SUMS_STAGES)
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="/tmp/offline-compile")
-    parser.add_argument("--warps", type=int, default=8)
-    parser.add_argument("--stages", type=int, default=3)
+    parser.add_argument("--warps", type=int, default=8, help="the forward kernels' warps")
+    parser.add_argument("--stages", type=int, default=3, help="the forward kernels' stages")
     parser.add_argument("--only", default="", help="comma-separated kernel names (default: all)")
     args = parser.parse_args()
     os.makedirs(args.out, exist_ok=True)
     target = GPUTarget("cuda", 90, 32)
     only = {s for s in args.only.split(",") if s}
-    for name, fn, values, pointers in kernels():
+    for name, fn, values, pointers, options in kernels(args.warps, args.stages):
         if only and name not in only:
             continue
         signature, constexprs, attrs = _signature(fn, values, pointers)
-        compiled = triton.compile(ASTSource(fn, signature, constexprs, attrs), target=target,
-                                  options=dict(num_warps=args.warps, num_stages=args.stages))
+        compiled = triton.compile(ASTSource(fn, signature, constexprs, attrs), target=target, options=options)
         base = os.path.join(args.out, name)
         for ext in ("ttir", "ttgir", "ptx"):
             with open(f"{base}.{ext}", "w") as f:

@@ -32,7 +32,11 @@ def bench():
         return lambda: torch.nn.functional.scaled_dot_product_attention(
             q, k.repeat_interleave(G, 1), v.repeat_interleave(G, 1), is_causal=causal)
 
+    def call_ms(fn):  # no CUDA kernels to profile here: the whole call's wall time counts as selection
+        return {"attend_ms": 0.0, "select_ms": wall_ms(fn)["ms"]}
+
     mod.time_ms = wall_ms
+    mod.call_gpu_ms = call_ms
     mod.DENSE_PEERS = [types.SimpleNamespace(make=dense)]
     return mod
 
@@ -56,11 +60,13 @@ def test_one_input_rows_table_and_plot(bench, tmp_path):
     m = by["minference", "layer mean 0.9 (held-out)"]
     assert m["calibration_recall"] >= 0.9 - 1e-9 and sum(m["patterns"].values()) == 32
     assert m["select_run_ms"] > 0 and m["select_run_share"] == m["select_run_ms"] / m["dense_ms"]
+    assert m["select_gpu_ms"] > 0 and m["select_gpu_share"] == m["select_gpu_ms"] / m["dense_ms"]
     for r in rows:
         if r["method"] in ("xattention", "minference"):
             assert 0 <= r["rel_err"] < 1 and 0 < r["recall"] <= 1 + 1e-6
     table = bench.table(rows, True)
-    assert "layer mean 0.9 (held-out)" in table and "oracle" in table
+    assert "layer mean 0.9 (held-out)" in table and "oracle" in table and "select GPU in the call" in table
+    assert all(line.count("|") == 11 for line in table.splitlines())  # every row has every column
     path = tmp_path / "r.json"
     path.write_text(json.dumps({"machine": {"device": "cpu"}, "records": rows}))
     png = bench.plot([str(path)], str(tmp_path / "p.png"))

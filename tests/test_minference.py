@@ -115,6 +115,25 @@ def test_last_query_scores_fast_matches_reference(B, Hq, Hkv, Lq, Lk, D, last_q,
     assert torch.allclose(slash.sum(-1), torch.full_like(slash[..., 0], n), rtol=1e-5)
 
 
+@pytest.mark.parametrize("sums", ["window", "runs of 3 blocks"])
+@pytest.mark.parametrize("B,Hq,Hkv,Lq,Lk,D,last_q", ESTIMATE_SHAPES[1:])
+def test_vertical_slash_sums_kernels_match_reference(B, Hq, Hkv, Lq, Lk, D, last_q, sums, monkeypatch):
+    """Both sums kernels: one window of two blocks a program, and runs of blocks a program whose
+    probabilities carry to the next block (3 blocks a run here, so runs start and end mid-row)."""
+    import sparseattn.kernels.minference_index as MI
+
+    monkeypatch.setattr(MI, "SUMS_LOOP", sums != "window")
+    monkeypatch.setattr(MI, "SUMS_PROGRAMS", 1)
+    monkeypatch.setattr(MI, "SUMS_MAX_BLOCKS", 3)
+    q, k, _ = make_qkv(B, Hq, Hkv, Lq, Lk, D, seed=2)
+    n = min(last_q, Lq)
+    for causal in (True, False):
+        vertical, slash, _ = last_query_scores_fast(q, k, n, causal)
+        ref_v, ref_s, _ = last_query_scores(q, k, n, causal)
+        torch.testing.assert_close(vertical, ref_v, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(slash, ref_s, rtol=1e-5, atol=1e-6)
+
+
 def test_last_query_scores_fast_on_a_subset_of_heads():
     """``kv_heads``: three query heads' last rows (of a 6/3 GQA layout: KV heads 2, 0, 2), scored against
     the full k without a copy, equal to the reference on those heads; bad maps are refused."""
@@ -882,6 +901,24 @@ def test_gpu_select_equals_reference(L):
     want = torch.nn.functional.scaled_dot_product_attention(
         q[:, :, first:].float(), repeat_kv(k, 4).float(), repeat_kv(v, 4).float(), attn_mask=tail.to_element_mask())
     assert ((out[:, :, first:].float() - want).norm() / want.norm()).item() < 2e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("runs", [1, 16], ids=["window", "runs-of-16"])
+def test_gpu_vertical_slash_sums_match_reference(runs, monkeypatch):
+    """Both sums kernels at 32K + 77 on the GPU (the default launch would pick one block a program at
+    this size), against the fp32 reference."""
+    import sparseattn.kernels.minference_index as MI
+
+    monkeypatch.setattr(MI, "SUMS_LOOP", runs > 1)
+    monkeypatch.setattr(MI, "SUMS_PROGRAMS", 1)
+    monkeypatch.setattr(MI, "SUMS_MAX_BLOCKS", runs)
+    q, k, _ = make_qkv(1, 8, 2, 32768 + 77, 32768 + 77, 128, seed=14, dtype=torch.bfloat16)
+    for causal in (True, False):
+        vertical, slash, _ = last_query_scores_fast(q, k, 64, causal)
+        ref_v, ref_s, _ = last_query_scores(q, k, 64, causal)
+        torch.testing.assert_close(vertical, ref_v, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(slash, ref_s, rtol=1e-4, atol=1e-6)
 
 
 @pytest.mark.gpu

@@ -233,6 +233,67 @@ def _vertical_slash_sums_kernel(
 
 
 @triton.jit
+def _probs_tile(q, lse, k_base, stride_kn, j0, offs_o, offs_d, d_ok, row_ok, pos, k_len, qk_scale,
+                IS_CAUSAL: tl.constexpr, IEEE: tl.constexpr):
+    """``[rows, BLOCK_O]`` exact probabilities of the estimation rows against keys ``j0 + offs_o``."""
+    k_pos = j0 + offs_o
+    k_ok = (k_pos >= 0) & (k_pos < k_len)
+    k = tl.load(k_base + k_pos.to(tl.int64)[:, None] * stride_kn + offs_d[None, :],
+                mask=k_ok[:, None] & d_ok[None, :], other=0.0)  # [BLOCK_O, BLOCK_D]
+    s = _dot(q, tl.trans(k), IEEE) * qk_scale
+    keep = row_ok[:, None] & k_ok[None, :]
+    if IS_CAUSAL:
+        keep = keep & (k_pos[None, :] <= pos[:, None])
+    return tl.where(keep, tl.math.exp2(s - lse[:, None]), 0.0)
+
+
+@triton.jit
+def _vertical_slash_sums_loop_kernel(
+    Q, K, KvHead, Lse, Vertical, Slash,
+    stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
+    num_heads, q_first, n_rows, k_len, n_off, min_offset, qk_scale, blocks_per_program,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, N_ROWS: tl.constexpr, BLOCK_O: tl.constexpr,
+    IS_CAUSAL: tl.constexpr, IEEE: tl.constexpr,
+):
+    """``_vertical_slash_sums_kernel``'s sums over a run of ``blocks_per_program`` key blocks: each
+    block's probabilities are computed once (not twice, as the left half of a window) and carried to
+    the next block, whose diagonals reach back into them. Needs ``N_ROWS <= BLOCK_O``."""
+    pid_bh = tl.program_id(0).to(tl.int64)
+    first = tl.program_id(1) * blocks_per_program * BLOCK_O
+    last = tl.minimum(first + blocks_per_program * BLOCK_O, n_off)
+    b = pid_bh // num_heads
+    h = pid_bh % num_heads
+    kvh = tl.load(KvHead + h)
+    offs_t = tl.arange(0, N_ROWS)
+    offs_o = tl.arange(0, BLOCK_O)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+    row_ok = offs_t < n_rows
+    q = tl.load(Q + b * stride_qb + h * stride_qh + (q_first + offs_t).to(tl.int64)[:, None] * stride_qm
+                + offs_d[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)  # [N_ROWS, BLOCK_D]
+    lse = tl.load(Lse + pid_bh * N_ROWS + offs_t, mask=row_ok, other=0.0)
+    pos = k_len - n_rows + offs_t
+    k_base = K + b * stride_kb + kvh * stride_kh
+    # Row t meets the offset of key J at key J - (n - 1 - t): up to n - 1 <= BLOCK_O keys back.
+    # (Padding rows t >= n hold zeros; their indices are only kept in bounds.)
+    src = offs_o[None, :] - (n_rows - 1 - offs_t)[:, None]  # [N_ROWS, BLOCK_O], real rows: [1 - n, BLOCK_O)
+    here = src >= 0
+    idx_here = tl.minimum(tl.maximum(src, 0), BLOCK_O - 1)
+    idx_back = tl.minimum(tl.maximum(src + BLOCK_O, 0), BLOCK_O - 1)
+    p_prev = _probs_tile(q, lse, k_base, stride_kn, first - BLOCK_O, offs_o, offs_d, d_ok, row_ok, pos, k_len,
+                         qk_scale, IS_CAUSAL, IEEE)
+    for j0 in range(first, last, BLOCK_O):
+        p = _probs_tile(q, lse, k_base, stride_kn, j0, offs_o, offs_d, d_ok, row_ok, pos, k_len, qk_scale,
+                        IS_CAUSAL, IEEE)
+        k_pos = j0 + offs_o
+        tl.store(Vertical + pid_bh * k_len + k_pos, tl.sum(p, 0), mask=k_pos < k_len)
+        diag = tl.where(here, tl.gather(p, idx_here, axis=1), tl.gather(p_prev, idx_back, axis=1))
+        slot = k_len - 1 - min_offset - k_pos  # slash index of the offset o = Lk - 1 - J
+        tl.store(Slash + pid_bh * n_off + slot, tl.sum(diag, 0), mask=slot >= 0)
+        p_prev = p
+
+
+@triton.jit
 def _fill_index_kernel(
     Params, Tiles, ClusterMap, Keys, OutHead, RangeStarts, RangeCounts, Columns, ColumnCounts,
     num_heads, nq, width_r, num_cols, tiles_width, k_len,
@@ -604,16 +665,37 @@ def last_query_scores_fast(q: torch.Tensor, k: torch.Tensor, num_last: int, caus
     m_safe = torch.where(m == float("-inf"), torch.zeros((), device=device), m)
     lse = (m_safe + torch.log2((sums * torch.exp2(maxes - m_safe)).sum(1, keepdim=True))).squeeze(1).contiguous()
 
-    # 2. Vertical and slash sums: one program per BLOCK_O keys / offsets.
-    block_o = n_rows if interpret else max(64, n_rows)
-    rows = min(rows, max(16, 8192 // (2 * block_o)))
-    common["ROWS"] = rows
+    # 2. Vertical and slash sums.
     vertical = _alloc(B, Hq, Lk, dtype=torch.float32, device=device)
     slash = _alloc(B, Hq, n_off, dtype=torch.float32, device=device)
+    block_o = n_rows if interpret else max(64, n_rows)
+    if SUMS_LOOP and n_rows <= 64:
+        # Runs of key blocks a program (each block's scores computed once), about SUMS_PROGRAMS programs.
+        blocks = triton.cdiv(n_off, block_o)
+        per = max(1, min(SUMS_MAX_BLOCKS, blocks * B * Hq // SUMS_PROGRAMS))
+        common.pop("ROWS")
+        _vertical_slash_sums_loop_kernel[(B * Hq, triton.cdiv(blocks, per))](
+            q, k, kv, lse, vertical, slash, *strides, Hq, Lq - n, n, Lk, n_off, min_offset, qk_scale, per,
+            BLOCK_O=block_o, **common, num_warps=4 if interpret else SUMS_WARPS,
+            num_stages=1 if interpret else SUMS_STAGES)
+        return vertical, slash, min_offset
+    # One program per BLOCK_O keys / offsets, over a window of 2 BLOCK_O keys.
+    rows = min(rows, max(16, 8192 // (2 * block_o)))
+    common["ROWS"] = rows
     _vertical_slash_sums_kernel[(B * Hq, triton.cdiv(n_off, block_o))](
         q, k, kv, lse, vertical, slash, *strides, Hq, Lq - n, n, Lk, n_off, min_offset, qk_scale,
         BLOCK_O=block_o, **common, num_warps=4 if interpret else 8, num_stages=1)
     return vertical, slash, min_offset
+
+
+# The vertical and slash sums as runs of key blocks a program (``_vertical_slash_sums_loop_kernel``,
+# for ``last_q <= 64``), else one window a program (``_vertical_slash_sums_kernel``). A switch for
+# benchmarks/probe_sums.py; the programs' target count, the longest run, warps and stages.
+SUMS_LOOP = True
+SUMS_PROGRAMS = 132 * 16
+SUMS_MAX_BLOCKS = 16
+SUMS_WARPS = 4
+SUMS_STAGES = 2
 
 
 @functools.lru_cache(maxsize=256)
