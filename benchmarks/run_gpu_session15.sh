@@ -15,6 +15,6 @@ TAIL=20 step sums-probe 200 python3 benchmarks/probe_sums.py --out "$OUT/probe-s
 TAIL=40 step select-profile 240 python3 benchmarks/profile_minference_select.py \
   --out "$OUT/minference-select-profile-$RUN.json"
 # MInference at equal fidelity (held-out calibration, extended candidates), seeds L, 1, 2, 128K.
-TAIL=30 step minf-extended 560 python3 benchmarks/bench_calibrated_methods.py --length 131072 --seeds L,1,2 \
+TAIL=30 step minf-extended 560 python3 benchmarks/bench_calibrated_methods.py --length 131072 --seeds "${SEEDS:-L,1,2}" \
   --methods minference --candidates extended --out "$OUT/calibrated-minference-extended-$RUN.json"
 printf '%s\n' "${summary[@]}"
