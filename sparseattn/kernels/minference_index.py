@@ -688,10 +688,12 @@ def last_query_scores_fast(q: torch.Tensor, k: torch.Tensor, num_last: int, caus
     return vertical, slash, min_offset
 
 
-# The vertical and slash sums as runs of key blocks a program (``_vertical_slash_sums_loop_kernel``,
-# for ``last_q <= 64``), else one window a program (``_vertical_slash_sums_kernel``). A switch for
-# benchmarks/probe_sums.py; the programs' target count, the longest run, warps and stages.
-SUMS_LOOP = True
+# True: the vertical and slash sums as runs of key blocks a program (``_vertical_slash_sums_loop_kernel``,
+# for ``last_q <= 64``); False: one window a program (``_vertical_slash_sums_kernel``), the kernel
+# measured on the GPU (runs 22-23). The runs kernel is tested in the interpreter and compiles for
+# sm_90a, but stays off until the GPU tests and benchmarks/probe_sums.py have run it (NOTES.md, run 25).
+# Then the programs' target count, the longest run, warps and stages.
+SUMS_LOOP = False
 SUMS_PROGRAMS = 132 * 16
 SUMS_MAX_BLOCKS = 16
 SUMS_WARPS = 4
