@@ -34,7 +34,6 @@ VARIANTS = {  # name: (SUMS_LOOP, SUMS_MAX_BLOCKS, SUMS_WARPS, SUMS_STAGES)
     "runs 16, 4w / 2s": (True, 16, 4, 2),
     "runs 16, 8w / 2s": (True, 16, 8, 2),
     "runs 16, 4w / 1s": (True, 16, 4, 1),
-    "runs 16, 8w / 3s": (True, 16, 8, 3),
     "runs 4, 4w / 2s": (True, 4, 4, 2),
     "runs 64, 4w / 2s": (True, 64, 4, 2),
 }

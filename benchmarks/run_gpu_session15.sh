@@ -10,7 +10,7 @@ RUN=${RUN:-run25}
 source "$(dirname "$0")/gpu_steps.sh"
 # Run 25: the vertical and slash sums as runs of key blocks a program (NOTES.md, run 25).
 TAIL=8 step gputests 300 python3 -m pytest -q -m gpu tests/test_minference.py tests/test_head_chunks.py \
-  -k "not embedded_model" -rA
+  -k "${TESTS:-not embedded_model}" -rA
 TAIL=20 step sums-probe 200 python3 benchmarks/probe_sums.py --out "$OUT/probe-sums-$RUN.json"
 TAIL=40 step select-profile 240 python3 benchmarks/profile_minference_select.py \
   --out "$OUT/minference-select-profile-$RUN.json"
