@@ -5,7 +5,7 @@ indices built here are equal to it, entry for entry. Nothing here reads a value 
 every shape is fixed by the input shapes and the configured sizes.
 
 Levels (STYLE.md; selection has no gradient, so no autograd level): the ``@triton.jit`` kernels
-``_row_lse_kernel``, ``_vertical_slash_sums_kernel``, ``_cluster_scan_kernel``,
+``_row_lse_kernel``, ``_vertical_slash_sums_kernel`` (or ``_vertical_slash_sums_loop_kernel``), ``_cluster_scan_kernel``,
 ``_cluster_lookup_kernel`` and ``_fill_index_kernel`` -> their launchers (``last_query_scores_fast``,
 ``_cluster_tables_triton``, ``fill_vertical_slash_index``) -> ``minference_select_fast`` (the public
 selector). MInference's block_sparse pattern: ``_block_top_k_kernel`` -> ``block_top_k_``, called by
@@ -21,6 +21,9 @@ selector). MInference's block_sparse pattern: ``_block_top_k_kernel`` -> ``block
    program scores the window ``[J0 - BLOCK_O, J0 + BLOCK_O)`` and sums each diagonal with one
    ``tl.gather`` (row ``t`` shifted by ``n - 1 - t``). Scores cost ``2 x 2 Hq n Lk D`` FLOPs:
    2 x 69 GFLOP at 128K (Hq 32, D 128), ~0.3-0.5 ms of tensor-core time; nothing ``L x L`` exists.
+   ``_vertical_slash_sums_loop_kernel`` (``SUMS_LOOP``, off until measured on the GPU) scores each
+   key once: a program takes a run of blocks, and a block's diagonals gather from its own
+   probabilities and the previous block's, carried over from the last iteration.
 
 2. Top-k (torch). Forced keys/offsets set to +inf as the reference; ``torch.topk`` of the largest
    size over heads, then per-head sizes by masking; sorted ascending, padded with a sentinel.
