@@ -8,8 +8,9 @@ Levels (STYLE.md; selection has no gradient, so no autograd level): the ``@trito
 ``_row_lse_kernel``, ``_vertical_slash_sums_kernel`` (or ``_vertical_slash_sums_loop_kernel``),
 ``_cluster_scan_kernel``, ``_cluster_lookup_kernel`` and ``_fill_index_kernel`` -> their launchers
 (``last_query_scores_fast``, ``_cluster_tables_triton``, ``fill_vertical_slash_index``) ->
-``minference_select_fast`` (the public selector). MInference's block_sparse pattern: ``_block_top_k_kernel`` -> ``block_top_k_``, called by
-``methods.minference.block_sparse_select_fast`` on chunks of pooled scores (section 4).
+``minference_select_fast`` (the public selector). MInference's block_sparse pattern:
+``_block_top_k_kernel`` -> ``block_top_k_``, called by ``methods.minference.block_sparse_select_fast``
+on chunks of pooled scores (section 4).
 
 1. Estimation (two Triton launches). The last ``n = min(last_q, Lq)`` queries of each head against
    all keys, exactly as the reference: scale ``1/sqrt(D)``, causal, fp32 softmax. Launch one
