@@ -57,7 +57,7 @@ from sparseattn.allocation import allocate_mean  # noqa: E402
 from sparseattn.api import attend, selection_chunks, sparse_attention  # noqa: E402
 from sparseattn.bench.inputs import llm_like_qkv, oracle_density_from_mass, parse_seeds  # noqa: E402
 from sparseattn.bench.peers import DENSE_PEERS  # noqa: E402
-from sparseattn.bench.timing import machine_record, time_ms  # noqa: E402
+from sparseattn.bench.timing import kernel_us, machine_record, time_ms  # noqa: E402
 from sparseattn.calibrate import (DEFAULT_CANDIDATES, coverage_curve, estimated_block_mass,  # noqa: E402
                                   exact_block_mass, smallest_reaching)
 from sparseattn.index import causal_block_mask  # noqa: E402
@@ -182,26 +182,14 @@ ATTENTION_KERNELS = ("_fwd_kernel",)
 
 
 def call_gpu_ms(fn, iters: int = 3) -> dict:
-    """GPU time of one call of ``fn`` (mean of ``iters``), split into its attention kernels and the
-    rest (the selection): the kernels' own durations from torch.profiler (CUDA activity only, so no
-    CPU op is counted twice). In a call the selection of one head chunk is queued while the GPU
-    still runs the previous chunk's attention, so its host time (Python, launches) is hidden and
-    this GPU time is what it adds; ``selection_chunks`` timed alone (``select_run_ms``) is not."""
-    fn()
-    torch.cuda.synchronize()
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        for _ in range(iters):
-            fn()
-        torch.cuda.synchronize()
-    attend = select = 0.0
-    for e in prof.key_averages():
-        if e.self_device_time_total <= 0:
-            continue
-        if any(name in e.key for name in ATTENTION_KERNELS):
-            attend += e.self_device_time_total
-        else:
-            select += e.self_device_time_total
-    return {"attend_ms": attend / 1e3 / iters, "select_ms": select / 1e3 / iters}
+    """GPU time of one call of ``fn``, split into its attention kernels and the rest (the selection),
+    from the kernels' own durations (``kernel_us``). In a call the selection of one head chunk is
+    queued while the GPU still runs the previous chunk's attention, so its host time (Python,
+    launches) is hidden and this GPU time is what it adds; ``selection_chunks`` timed alone
+    (``select_run_ms``) is not."""
+    times = kernel_us(fn, iters=iters)
+    attend = sum(us for name, us in times.items() if any(a in name for a in ATTENTION_KERNELS))
+    return {"attend_ms": attend / 1e3, "select_ms": (sum(times.values()) - attend) / 1e3}
 
 
 def bench_seed(L, seed, targets, log, methods=("xattention", "minference")) -> list[dict]:

@@ -26,7 +26,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from sparseattn.bench.inputs import llm_like_qkv  # noqa: E402
 from sparseattn.bench.peers import DENSE_PEERS  # noqa: E402
-from sparseattn.bench.timing import machine_record, time_ms, write_json  # noqa: E402
+from sparseattn.bench.timing import kernel_us, machine_record, time_ms, write_json  # noqa: E402
 from sparseattn.kernels import minference_index as M  # noqa: E402
 
 VARIANTS = {  # name: (SUMS_LOOP, SUMS_MAX_BLOCKS, SUMS_WARPS, SUMS_STAGES)
@@ -41,18 +41,6 @@ VARIANTS = {  # name: (SUMS_LOOP, SUMS_MAX_BLOCKS, SUMS_WARPS, SUMS_STAGES)
 
 def configure(loop: bool, blocks: int, warps: int, stages: int) -> None:
     M.SUMS_LOOP, M.SUMS_MAX_BLOCKS, M.SUMS_WARPS, M.SUMS_STAGES = loop, blocks, warps, stages
-
-
-def kernel_us(fn, iters: int) -> float:
-    """Mean duration (us) of the sums kernel over ``iters`` calls of ``fn`` (torch.profiler)."""
-    fn()
-    torch.cuda.synchronize()
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        for _ in range(iters):
-            fn()
-        torch.cuda.synchronize()
-    gpu = [e for e in prof.key_averages() if "_vertical_slash_sums" in e.key]
-    return gpu[0].self_device_time_total / gpu[0].count if gpu else float("nan")
 
 
 def main(argv=None) -> int:
@@ -81,7 +69,8 @@ def main(argv=None) -> int:
             diff = max(((a - b).abs() / (b.abs() + 1e-6)).max().item() for a, b in zip(got, want))
             row = {"heads": heads, "variant": name, "max_rel_diff": diff, "equal": diff <= 1e-4}
             if row["equal"]:
-                row["sums_us"] = kernel_us(fn, args.iters)
+                row["sums_us"] = sum(us for name, us in kernel_us(fn, iters=args.iters).items()
+                                     if "_vertical_slash_sums" in name)
                 row["estimation_ms"] = time_ms(fn)["ms"]
                 row["estimation_share"] = row["estimation_ms"] / dense_ms
             record["rows"].append(row)

@@ -42,6 +42,19 @@ def time_ms(fn, *, min_runs: int = 5, max_runs: int = 100, budget_ms: float = 15
     return {"ms": statistics.median(times), "min": min(times), "max": max(times), "runs": runs, "peak_mib": peak_mib}
 
 
+def kernel_us(fn, *, iters: int = 20) -> dict[str, float]:
+    """Each GPU kernel's (and memset's, copy's) own time per call of ``fn`` (us), by name: the mean
+    over ``iters`` calls after one warm-up, from torch.profiler with CUDA activity only (so no CPU op
+    also counts its kernels' time)."""
+    fn()
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(iters):
+            fn()
+        torch.cuda.synchronize()
+    return {e.key: e.self_device_time_total / iters for e in prof.key_averages() if e.self_device_time_total > 0}
+
+
 def host_ms(fn, *, iters: int = 20, sleep_cycles: int = 2_000_000_000) -> float:
     """Host time to queue one call of ``fn`` (ms), with the GPU kept busy by a sleep kernel.
 
