@@ -61,12 +61,15 @@ def test_one_input_rows_table_and_plot(bench, tmp_path):
     assert m["calibration_recall"] >= 0.9 - 1e-9 and sum(m["patterns"].values()) == 32
     assert m["select_run_ms"] > 0 and m["select_run_share"] == m["select_run_ms"] / m["dense_ms"]
     assert m["select_gpu_ms"] > 0 and m["select_gpu_share"] == m["select_gpu_ms"] / m["dense_ms"]
+    assert m["attend_run_ms"] > 0 and m["select_added_ms"] == m["e2e_ms"] - m["attend_run_ms"]
+    assert m["select_added_share"] == m["select_added_ms"] / m["dense_ms"]
     for r in rows:
         if r["method"] in ("xattention", "minference"):
             assert 0 <= r["rel_err"] < 1 and 0 < r["recall"] <= 1 + 1e-6
     table = bench.table(rows, True)
     assert "layer mean 0.9 (held-out)" in table and "oracle" in table and "select GPU in the call" in table
-    assert all(line.count("|") == 11 for line in table.splitlines())  # every row has every column
+    assert "select added to the call" in table
+    assert all(line.count("|") == 12 for line in table.splitlines())  # every row has every column
     path = tmp_path / "r.json"
     path.write_text(json.dumps({"machine": {"device": "cpu"}, "records": rows}))
     png = bench.plot([str(path)], str(tmp_path / "p.png"))
