@@ -123,7 +123,7 @@ def test_vertical_slash_sums_kernels_match_reference(B, Hq, Hkv, Lq, Lk, D, last
     import sparseattn.kernels.minference_index as MI
 
     monkeypatch.setattr(MI, "SUMS_LOOP", sums != "window")
-    monkeypatch.setattr(MI, "SUMS_PROGRAMS", 1)
+    monkeypatch.setattr(MI, "SUMS_PROGRAMS_PER_SM", 1)
     monkeypatch.setattr(MI, "SUMS_MAX_BLOCKS", 3)
     q, k, _ = make_qkv(B, Hq, Hkv, Lq, Lk, D, seed=2)
     n = min(last_q, Lq)
@@ -911,7 +911,7 @@ def test_gpu_vertical_slash_sums_match_reference(runs, monkeypatch):
     import sparseattn.kernels.minference_index as MI
 
     monkeypatch.setattr(MI, "SUMS_LOOP", runs > 1)
-    monkeypatch.setattr(MI, "SUMS_PROGRAMS", 1)
+    monkeypatch.setattr(MI, "SUMS_PROGRAMS_PER_SM", 1)
     monkeypatch.setattr(MI, "SUMS_MAX_BLOCKS", runs)
     q, k, _ = make_qkv(1, 8, 2, 32768 + 77, 32768 + 77, 128, seed=14, dtype=torch.bfloat16)
     for causal in (True, False):

@@ -674,9 +674,10 @@ def last_query_scores_fast(q: torch.Tensor, k: torch.Tensor, num_last: int, caus
     slash = _alloc(B, Hq, n_off, dtype=torch.float32, device=device)
     block_o = n_rows if interpret else max(64, n_rows)
     if SUMS_LOOP and n_rows <= 64:
-        # Runs of key blocks a program (each block's scores computed once), about SUMS_PROGRAMS programs.
+        # Runs of key blocks a program (each block's scores computed once), about SUMS_PROGRAMS_PER_SM
+        # programs an SM.
         blocks = triton.cdiv(n_off, block_o)
-        per = max(1, min(SUMS_MAX_BLOCKS, blocks * B * Hq // SUMS_PROGRAMS))
+        per = max(1, min(SUMS_MAX_BLOCKS, blocks * B * Hq // (SUMS_PROGRAMS_PER_SM * _sm_count(device))))
         common.pop("ROWS")
         _vertical_slash_sums_loop_kernel[(B * Hq, triton.cdiv(blocks, per))](
             q, k, kv, lse, vertical, slash, *strides, Hq, Lq - n, n, Lk, n_off, min_offset, qk_scale, per,
@@ -696,12 +697,20 @@ def last_query_scores_fast(q: torch.Tensor, k: torch.Tensor, num_last: int, caus
 # for ``last_q <= 64``); False: one window a program (``_vertical_slash_sums_kernel``), the kernel
 # measured on the GPU (runs 22-23). The runs kernel is tested in the interpreter and compiles for
 # sm_90a, but stays off until the GPU tests and benchmarks/probe_sums.py have run it (NOTES.md, run 25).
-# Then the programs' target count, the longest run, warps and stages.
+# Then the programs' target count an SM, the longest run, warps and stages.
 SUMS_LOOP = False
-SUMS_PROGRAMS = 132 * 16
+SUMS_PROGRAMS_PER_SM = 16
 SUMS_MAX_BLOCKS = 16
 SUMS_WARPS = 4
 SUMS_STAGES = 2
+
+
+@functools.lru_cache(maxsize=16)
+def _sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device (1 elsewhere: the interpreter runs one program at a time)."""
+    if device.type != "cuda":
+        return 1
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 @functools.lru_cache(maxsize=256)
