@@ -979,3 +979,33 @@ def test_docstring_examples(name):
 
     result = doctest.testmod(importlib.import_module(name), optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
     assert result.failed == 0 and result.attempted > 0
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("block_backend", ["torch", "triton"])
+def test_head_patterns_mix_rows_are_padded(block_backend, causal, monkeypatch):
+    """A mix's index is allocated unfilled (poisoned here): every entry past a row's count is -1, and the
+    heads of the block patterns have no columns. Widths differ by kind (the A-shape rows and the block
+    rows narrower than the vertical-slash ranges, and wider), so each kind's tail is checked."""
+    import sparseattn.methods.minference as minference
+
+    monkeypatch.setattr(minference, "SELECT_BACKEND", block_backend)
+    mixed = [["vertical_and_slash", 8, 16], ["block_sparse", 6, 0], ["a_shape", 16, 32],
+             ["a_shape", 64, 128], ["block_sparse", 1, 0], ["vertical_and_slash", 4, 8]]
+    # 64 queries over 3400 keys in 16-blocks (213 key blocks): the vertical-slash ranges (2 x 100
+    # forced diagonals) are narrower than the wide A-shape rows, so their tails are -1 too.
+    wide = [["vertical_and_slash", 8, 16], ["a_shape", 16, 3300], ["block_sparse", 2, 0], ["a_shape", 16, 32]]
+    for (Lq, Lk, bs), patterns in (((300, 300, 32), HEAD_PATTERNS), ((300, 300, 32), mixed),
+                                   ((64, 3400, 16), wide)):
+        q, k, _ = make_qkv(1, len(patterns), len(patterns) // 2, Lq, Lk, 16, seed=21)
+        cfg = MInferenceConfig(head_patterns=patterns, block_size=bs, last_q=16)
+        index = select_blocks(q, k, cfg, causal=causal)
+        for rows, counts in ((index.range_starts, index.range_counts), (index.columns, index.column_counts)):
+            assert (counts >= 0).all() and (counts <= rows.shape[-1]).all()
+            past = torch.arange(rows.shape[-1]) >= counts[..., None]
+            assert (rows[past] == -1).all() and (rows[~past] >= 0).all()
+        for h, (p, *_) in enumerate(patterns):
+            if p != "vertical_and_slash":
+                assert (index.column_counts[:, h] == 0).all(), h
+        widths = {p: int(index.range_counts[:, h].max()) for h, (p, *_) in enumerate(patterns)}
+        assert len(set(widths.values())) > 1, widths  # the kinds' rows differ in width

@@ -410,6 +410,16 @@ def _a_shape_ranges(q_len: int, k_len: int, sink: int, window: int, bs: int, dev
     return _as_ranges(index, index.indices.shape[-1])[0, 0], index.counts[0, 0]
 
 
+def _alloc(*shape, dtype, device) -> torch.Tensor:
+    """``kernels.minference_index._alloc`` (poisoned under ``SPARSEATTN_NAN_FILL=1``), or ``torch.empty``
+    where Triton is not installed."""
+    try:
+        from ..kernels.minference_index import _alloc as alloc
+    except ImportError:  # pragma: no cover - platforms without Triton
+        return torch.empty(shape, dtype=dtype, device=device)
+    return alloc(*shape, dtype=dtype, device=device)
+
+
 def _select_backend(device: torch.device) -> str:
     """``SELECT_BACKEND`` resolved for ``device`` (``"triton"`` or ``"torch"``)."""
     from ..kernels.minference_index import _backend
@@ -445,9 +455,9 @@ def _select_head_patterns(q, k, config: MInferenceConfig, causal: bool, vs_table
         _, sink, window = patterns[0]
         return a_shape_select(Lq, Lk, B, Hq, sink=sink, window=window, block_size=bs, device=q.device)
 
-    # An index of ranges (-1) and columns (none) for every head, then each kind fills its heads: the
-    # vertical-slash heads' rows written by the fill kernel, A-shape's static rows as block-aligned
-    # ranges, block-sparse rows written into the ranges by its top-k kernel (no index in between).
+    # One index for every head, each kind writing its heads: the vertical-slash heads' rows by the fill
+    # kernel, A-shape's static rows as block-aligned ranges, block-sparse rows into the ranges by its
+    # top-k kernel (no index in between); the heads of the block patterns have no columns.
     parts: list[tuple[list[int], torch.Tensor, torch.Tensor]] = []
     sparse_heads = [h for h, (p, _, _) in enumerate(patterns) if p == "block_sparse"]
     sparse_top = [patterns[h][1] for h in sparse_heads]
@@ -475,10 +485,20 @@ def _select_head_patterns(q, k, config: MInferenceConfig, causal: bool, vs_table
             vs = _vertical_and_slash_reference(q, k, vs_heads, v_sizes, s_sizes, config, causal)
             width_r, width_c = vs.range_starts.shape[-1], vs.columns.shape[-1]
     width = max([width_r] + [r.shape[-1] for _, r, _ in parts] + widths)
-    starts = torch.full((B, Hq, nq, width), -1, dtype=torch.int32, device=q.device)
-    counts = torch.zeros(B, Hq, nq, dtype=torch.int32, device=q.device)
-    columns = torch.full((B, Hq, nq, width_c), -1, dtype=torch.int32, device=q.device)
-    column_counts = torch.zeros(B, Hq, nq, dtype=torch.int32, device=q.device)
+    # Unfilled (poisoned under the tests' SPARSEATTN_NAN_FILL=1): every head's count and its rows up to
+    # its kind's width are written below, so only what no writer reaches is filled here: the columns of
+    # the heads without any, and the -1 tails of rows narrower than the index. (A -1 memset of the
+    # whole index was 0.33 ms of a 128K seed-L-like mix's 3.76 ms of GPU, NOTES.md run 23c.)
+    starts, counts, columns, column_counts = (_alloc(*shape, dtype=torch.int32, device=q.device) for shape in (
+        (B, Hq, nq, width), (B, Hq, nq), (B, Hq, nq, width_c), (B, Hq, nq)))
+    vs_set = set(vs_heads)
+    others = [h for h in range(Hq) if h not in vs_set]
+    if others:
+        idx = _device_ints(tuple(others), q.device)
+        columns.index_fill_(1, idx, -1)
+        column_counts.index_fill_(1, idx, 0)
+    if vs_heads and width_r < width:
+        starts.narrow(-1, width_r, width - width_r).index_fill_(1, _device_ints(tuple(vs_heads), q.device), -1)
     if vs_tables is not None:
         fill_vertical_slash_index(*vs_tables, backend=_select_backend(q.device), into=(
             VerticalSlashIndex(starts, counts, columns, column_counts, bs, bs, Lq, Lk), vs_heads))
@@ -489,9 +509,12 @@ def _select_head_patterns(q, k, config: MInferenceConfig, causal: bool, vs_table
         columns.index_copy_(1, idx, vs.columns)
         column_counts.index_copy_(1, idx, vs.column_counts)
         vs = None
-    for heads, ranges, n in parts:  # only the part's own width: the rest of each row is already -1
+    for heads, ranges, n in parts:
         idx = _device_ints(tuple(heads), q.device)
-        starts.narrow(-1, 0, ranges.shape[-1]).index_copy_(1, idx, ranges.expand(B, len(heads), -1, -1))
+        w = ranges.shape[-1]
+        starts.narrow(-1, 0, w).index_copy_(1, idx, ranges.expand(B, len(heads), -1, -1))
+        if w < width:
+            starts.narrow(-1, w, width - w).index_fill_(1, idx, -1)
         counts.index_copy_(1, idx, n.expand(B, len(heads), -1))
     if sparse_heads:
         _block_sparse_rows(q, k, sparse_top, sparse_heads, bs, causal, SELECT_BACKEND, into=(starts, counts))
