@@ -942,6 +942,17 @@ def test_gpu_cluster_tables_kernels_match_torch_builders(ns):
 
 
 @pytest.mark.gpu
+def test_gpu_head_patterns_mix_rows_are_padded():
+    """A per-head mix at 32K + 77 (GQA 8/2, wide and narrow vertical-slash heads beside A-shape and
+    block-sparse ones), its index allocated poisoned: every entry past a row's count is -1."""
+    patterns = [["vertical_and_slash", 1000, 6096], ["block_sparse", 64, 0], ["a_shape", 64, 512],
+                ["vertical_and_slash", 128, 128], ["block_sparse", 16, 0], ["a_shape", 128, 8192],
+                ["block_sparse", 256, 0], ["vertical_and_slash", 2048, 3072]]
+    q, k, _ = make_qkv(1, 8, 2, 32768 + 77, 32768 + 77, 128, seed=15, dtype=torch.bfloat16)
+    assert_padded(select_blocks(q, k, MInferenceConfig(head_patterns=patterns)), patterns)
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("top_k", [16, 256])
 def test_gpu_block_sparse_select_equals_reference(top_k):
     """The Triton top-k at 32K + 77 (bf16, GQA 8/2), chunked by rows (a head's 514 x 514 scores with a
@@ -999,13 +1010,18 @@ def test_head_patterns_mix_rows_are_padded(block_backend, causal, monkeypatch):
                                    ((64, 3400, 16), wide)):
         q, k, _ = make_qkv(1, len(patterns), len(patterns) // 2, Lq, Lk, 16, seed=21)
         cfg = MInferenceConfig(head_patterns=patterns, block_size=bs, last_q=16)
-        index = select_blocks(q, k, cfg, causal=causal)
-        for rows, counts in ((index.range_starts, index.range_counts), (index.columns, index.column_counts)):
-            assert (counts >= 0).all() and (counts <= rows.shape[-1]).all()
-            past = torch.arange(rows.shape[-1]) >= counts[..., None]
-            assert (rows[past] == -1).all() and (rows[~past] >= 0).all()
-        for h, (p, *_) in enumerate(patterns):
-            if p != "vertical_and_slash":
-                assert (index.column_counts[:, h] == 0).all(), h
-        widths = {p: int(index.range_counts[:, h].max()) for h, (p, *_) in enumerate(patterns)}
-        assert len(set(widths.values())) > 1, widths  # the kinds' rows differ in width
+        assert_padded(select_blocks(q, k, cfg, causal=causal), patterns)
+
+
+def assert_padded(index: VerticalSlashIndex, patterns):
+    """Every entry past a row's count is -1 and none before it is; block-pattern heads have no columns;
+    the kinds' rows differ in length (so each kind's tail is looked at)."""
+    for rows, counts in ((index.range_starts, index.range_counts), (index.columns, index.column_counts)):
+        assert (counts >= 0).all() and (counts <= rows.shape[-1]).all()
+        past = torch.arange(rows.shape[-1], device=rows.device) >= counts[..., None]
+        assert (rows[past] == -1).all() and (rows[~past] >= 0).all()
+    for h, (p, *_) in enumerate(patterns):
+        if p != "vertical_and_slash":
+            assert (index.column_counts[:, h] == 0).all(), h
+    widths = {p: int(index.range_counts[:, h].max()) for h, (p, *_) in enumerate(patterns)}
+    assert len(set(widths.values())) > 1, widths
