@@ -29,6 +29,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from sparseattn.bench.inputs import llm_like_qkv  # noqa: E402
+from sparseattn.bench import timing  # noqa: E402
 from sparseattn.bench.timing import machine_record, time_ms  # noqa: E402
 from sparseattn.kernels import minference_index as M  # noqa: E402
 from sparseattn.methods.minference import _block_mean_pool  # noqa: E402
@@ -90,12 +91,8 @@ def main(argv=None) -> int:
                                 math.sqrt(128), *scores.stride()[:3], *indices.stride()[:3], *counts.stride()[:2],
                                 0, 0, BS=bs, UNIT=1, IS_CAUSAL=True, BLOCK_N=M._pow2(nk), num_warps=warps)
             us = 1000 * time_ms(run)["ms"]
-            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-                for _ in range(20):
-                    run()
-                torch.cuda.synchronize()
-            gpu = [e for e in prof.key_averages() if "_block_top_k_kernel" in e.key]
-            kernel_us = gpu[0].self_device_time_total / gpu[0].count if gpu else float("nan")
+            own = [t for key, t in timing.kernel_us(run).items() if "_block_top_k_kernel" in key]
+            kernel_us = own[0] if own else float("nan")
             record["rows"].append({"variant": name, "warps": warps, "us": us, "kernel_us": kernel_us,
                                    "kernel_us_per_head": kernel_us / H})
             print(f"{name:12s} warps {warps}: {us:7.1f} us (events), {kernel_us:7.1f} us (kernel, {H} heads: "
