@@ -361,7 +361,8 @@ def test_default_block_size_is_128():
 
 
 def test_fidelity_reports_every_layer_and_grows_with_gamma():
-    transformers = pytest.importorskip("transformers")
+    import transformers
+
     cfg = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
                                    num_key_value_heads=2, vocab_size=256)
     torch.manual_seed(0)

@@ -712,7 +712,8 @@ def test_model_key():
 
 
 def test_integration_layer_configs(tiny_llama):
-    transformers_integration = pytest.importorskip("sparseattn.integrations.transformers")
+    import sparseattn.integrations.transformers as transformers_integration
+
     settings = transformers_integration.build_settings("minference", layer_configs=minference_layer_configs("smollm2"),
                                                        num_layers=30)
     assert settings.route(3).config.head_patterns == load_minference_patterns("smollm2").layers[3]
@@ -813,7 +814,8 @@ class CharTokenizer:
 
 @pytest.fixture(scope="module")
 def tiny_llama():
-    transformers = pytest.importorskip("transformers")
+    import transformers
+
     torch.manual_seed(0)
     cfg = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
                                    num_key_value_heads=2, vocab_size=128, attn_implementation="sdpa")
