@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Device calls of session 16: each step under its own time limit, everything under $OUT, short
 # tables last. STEPS picks steps (comma-separated); RUN names the outputs.
-#   STEPS=gputests,sums-probe RUN=run26 bash benchmarks/run_gpu_session16.sh
+#   STEPS=gputests,sums-probe,select-profile RUN=run26 bash benchmarks/run_gpu_session16.sh
 #   STEPS=minf-extended SEEDS=L,1 RUN=run26b bash benchmarks/run_gpu_session16.sh   (then SEEDS=2, run26c)
 # (Session 15 wrote these steps and got no machine; this script replaces its run_gpu_session15.sh.)
 set -uo pipefail
