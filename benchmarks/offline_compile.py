@@ -1,4 +1,4 @@
-"""Compile the sparse forward kernel (and MInference's sums kernels) for sm_90a without a GPU, as a launch would.
+"""Compile the sparse forward kernel and MInference's sums and top-k kernels for sm_90a, without a GPU.
 
 Run it with the device's Triton (3.6), e.g. in a venv that has it:
     /tmp/t36/bin/python benchmarks/offline_compile.py --out /tmp/fwd
@@ -51,7 +51,7 @@ def _signature(fn, values, pointer_types):
             signature[name] = "constexpr"
             constexprs[name] = 1
         else:
-            signature[name] = "i32"
+            signature[name] = "i32" if -2**31 <= value < 2**31 else "i64"
             if value % 16 == 0:
                 attrs[(i,)] = [["tt.divisibility", 16]]
     return signature, constexprs, attrs
@@ -92,6 +92,10 @@ def kernels(warps: int, stages: int):
     yield "sums_window", mi._vertical_slash_sums_kernel, dict(sums, ROWS=64), ptrs, dict(num_warps=8, num_stages=1)
     yield "sums_loop", mi._vertical_slash_sums_loop_kernel, dict(sums, blocks_per_program=16), ptrs, dict(
         num_warps=mi.SUMS_WARPS, num_stages=mi.SUMS_STAGES)
+    # The top-k offsets of the vertical-slash tables (6196 a head), as _top_sorted_fast launches it.
+    yield "row_top_k", mi._row_top_k_kernel, dict(num_heads=HQ, length=L, width=6196, pad=1 << 40, s_row=L,
+                                                  o_row=6196, BLOCK=mi.TOP_K_BLOCK), dict(
+        Scores="*fp32", Sizes="*i64", Out="*i64"), dict(num_warps=mi.TOP_K_WARPS, num_stages=1)
 
 
 def main():

@@ -296,6 +296,64 @@ def test_index_per_head_sizes_match_reference_heads(backend):
             assert torch.equal(got, want), (h, name)
 
 
+def stable_top_sorted(scores, sizes, pad):
+    """The ``sizes[h]`` highest positions of each row, ascending, ``pad`` after; ties at the cut lowest
+    position first (a stable descending sort; -0.0 ties +0.0)."""
+    B, H, L = scores.shape
+    out = torch.full((B, H, max(sizes)), pad, dtype=torch.int64)
+    order = torch.sort(scores.where(scores != 0, 0.0), dim=-1, descending=True, stable=True).indices
+    for h, n in enumerate(sizes):
+        out[:, h, :n] = torch.sort(order[:, h, :n], dim=-1).values
+    return out
+
+
+@pytest.mark.parametrize("values", ["distinct", "ties", "one ulp apart"])
+def test_row_top_k_kernel_matches_a_stable_sort(values):
+    """``_row_top_k_kernel`` (radix select + ordered compaction) against a stable sort, per-head sizes
+    (one the whole row), rows of 1000 (chunks of 64 in the interpreter, the last partial), negative
+    values, infinities, -0.0, and cuts inside runs of ties or among keys that differ in the last bits
+    (so each of the three radix passes decides)."""
+    from sparseattn.kernels.minference_index import _top_sorted, _top_sorted_fast
+
+    g = torch.Generator().manual_seed(7)
+    B, H, L = 2, 5, 1000
+    if values == "distinct":
+        scores = torch.randn(B, H, L, generator=g)
+        scores[..., :30] = float("inf")
+        scores[0, 1, 500:510] = float("-inf")
+    elif values == "ties":
+        scores = torch.randint(-2, 4, (B, H, L), generator=g).float()
+        scores[scores == 0] = -0.0
+        scores[..., ::7] = 0.0  # +0.0 among the -0.0
+    else:  # runs of keys one ulp apart around 1.0, below and above it
+        steps = torch.randint(-300, 300, (B, H, L), generator=g)
+        scores = torch.ones(B, H, L) + steps * torch.finfo(torch.float32).eps / 2
+    sizes = [1, 137, 500, 999, 1000]  # "ties": 500 cuts the run of zeros (-0.0 and +0.0 alike)
+    for dtype, pad in ((torch.int64, 1 << 40), (torch.int32, 1 << 30)):
+        got = _top_sorted_fast(scores.to(DEVICE), sizes, pad, dtype)
+        assert got.dtype == dtype
+        assert torch.equal(got.cpu().long(), stable_top_sorted(scores, sizes, pad)), (values, dtype)
+    if values == "distinct":  # where no tie sits at the cut (not head 0's, inside the infinities) it is
+        # the torch path's selection
+        assert torch.equal(got.cpu().long()[:, 1:], _top_sorted(scores, sizes, 1 << 30)[:, 1:])
+    with pytest.raises(ValueError, match="one size in"):
+        _top_sorted_fast(scores.to(DEVICE), [1, 2, 3, 4, 1001], 0, torch.int64)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_index_with_the_top_k_kernel_matches_reference_heads(backend, monkeypatch):
+    """``TOP_K_KERNEL``: the tables' top-k keys and offsets from the kernel; each head's index still
+    equals the reference's (per-head sizes; the torch backend ignores the switch)."""
+    import sparseattn.kernels.minference_index as MI
+
+    monkeypatch.setattr(MI, "TOP_K_KERNEL", True)
+    calls = []
+    kernel = MI._top_sorted_fast
+    monkeypatch.setattr(MI, "_top_sorted_fast", lambda *a: calls.append(1) or kernel(*a))
+    test_index_per_head_sizes_match_reference_heads(backend)
+    assert len(calls) == (2 if backend == "triton" else 0)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_fill_into_writes_only_the_given_heads(backend):
     """``fill_vertical_slash_index(into=)``: two heads' rows land in output heads 3 and 0 of a wider
@@ -941,6 +999,42 @@ def test_gpu_cluster_tables_kernels_match_torch_builders(ns):
     got = _cluster_tables_triton(offsets, bs, L - 1000, L)
     for name, want, have in zip(("tiles", "cluster_map", "params"), (tiles, cluster_map, params), got):
         assert torch.equal(have, want), name
+
+
+@pytest.mark.gpu
+def test_gpu_row_top_k_matches_a_stable_sort():
+    """``_row_top_k_kernel`` as compiled for the GPU (its default block and warps) at 128K + 77: the
+    seed's sizes, a whole row, sizes inside the forced infinities, and rows of rounded scores (ties at
+    every cut), against a stable sort."""
+    from sparseattn.kernels.minference_index import _top_sorted_fast
+
+    g = torch.Generator().manual_seed(16)
+    L = 131072 + 77
+    scores = torch.rand(1, 8, L, generator=g)
+    scores[:, 4:] = (scores[:, 4:] * 64).round()
+    scores[..., :100] = float("inf")
+    sizes = [1030, 6196, 17, L, 1030, 6196, 5000, 100]
+    got = _top_sorted_fast(scores.to(DEVICE), sizes, 1 << 40, torch.int64)
+    assert torch.equal(got.cpu(), stable_top_sorted(scores, sizes, 1 << 40))
+
+
+@pytest.mark.gpu
+def test_gpu_select_with_the_top_k_kernel_equals_torch_top_k(monkeypatch):
+    """``TOP_K_KERNEL`` on: the 32K + 77 selection equals the torch top-k's, head for head, wherever no
+    tie sits at a cut (at least 95% of the heads)."""
+    import sparseattn.kernels.minference_index as MI
+
+    q, k, _ = make_qkv(1, 8, 2, 32768 + 77, 32768 + 77, 128, seed=17, dtype=torch.bfloat16)
+    kwargs = dict(vertical_size=1000, slash_size=2048, last_q=64, block_size=64)
+    off = minference_select_fast(q, k, **kwargs)
+    monkeypatch.setattr(MI, "TOP_K_KERNEL", True)
+    on = minference_select_fast(q, k, **kwargs)
+    same = torch.ones(on.range_counts.shape[:2], dtype=torch.bool, device=q.device)
+    for name in INDEX_FIELDS:
+        a, b = getattr(on, name), getattr(off, name)
+        assert a.shape == b.shape, name
+        same &= (a == b).flatten(2).all(-1)
+    assert same.float().mean().item() >= 0.95
 
 
 @pytest.mark.gpu

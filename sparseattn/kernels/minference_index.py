@@ -6,8 +6,9 @@ every shape is fixed by the input shapes and the configured sizes.
 
 Levels (STYLE.md; selection has no gradient, so no autograd level): the ``@triton.jit`` kernels
 ``_row_lse_kernel``, ``_vertical_slash_sums_kernel`` (or ``_vertical_slash_sums_loop_kernel``),
-``_cluster_scan_kernel``, ``_cluster_lookup_kernel`` and ``_fill_index_kernel`` -> their launchers
-(``last_query_scores_fast``, ``_cluster_tables_triton``, ``fill_vertical_slash_index``) ->
+(``_row_top_k_kernel``,) ``_cluster_scan_kernel``, ``_cluster_lookup_kernel`` and ``_fill_index_kernel``
+-> their launchers (``last_query_scores_fast``, ``_top_sorted_fast``, ``_cluster_tables_triton``,
+``fill_vertical_slash_index``) ->
 ``minference_select_fast`` (the public selector). MInference's block_sparse pattern:
 ``_block_top_k_kernel`` -> ``block_top_k_``, called by ``methods.minference.block_sparse_select_fast``
 on chunks of pooled scores (section 4).
@@ -28,6 +29,9 @@ on chunks of pooled scores (section 4).
 
 2. Top-k (torch). Forced keys/offsets set to +inf as the reference; ``torch.topk`` of the largest
    size over heads, then per-head sizes by masking; sorted ascending, padded with a sentinel.
+   ``_row_top_k_kernel`` (``TOP_K_KERNEL``, off until measured on the GPU) does the same in one
+   launch a score tensor: a radix select of each row's cut (three histogram passes), then the kept
+   positions written in order, so no sort.
 
 3. Index building. The reference merges, per query block, the ranges ``[p1 - o - bs + 1, +bs)`` of
    the sorted offsets into *clusters* (a new cluster where two starts differ by ``>= 2 bs``) and
@@ -560,6 +564,81 @@ def _block_top_k_kernel(
     tl.store(Counts + pid_b * c_b + out_h * c_h + qb, count)
 
 
+@triton.jit
+def _order_key(x):
+    """fp32 -> int32 keys in the same order (``-0.0`` and ``+0.0`` one key; no NaN)."""
+    x = tl.where(x == 0.0, 0.0, x)
+    bits = x.to(tl.int32, bitcast=True)
+    return tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
+
+
+@triton.jit
+def _radix_bin(hist, k, BINS: tl.constexpr):
+    """The bin of a histogram (higher bins = larger keys) that holds the ``k``-th largest key, and ``k``
+    within that bin (``k`` less the keys of the bins above it)."""
+    idx = tl.arange(0, BINS)
+    above_or_in = tl.sum(hist, 0) - tl.cumsum(hist, 0) + hist  # keys in bins >= idx
+    b = tl.max(tl.where(above_or_in >= k, idx, -1), 0)
+    return b, k - tl.sum(tl.where(idx > b, hist, 0), 0)
+
+
+@triton.jit
+def _row_top_k_kernel(Scores, Sizes, Out, num_heads, length, width, pad, s_row, o_row, BLOCK: tl.constexpr):
+    """One row's ``Sizes[head]`` highest scores: their positions ascending, then ``pad`` up to ``width``.
+
+    A radix select of the cut: three passes over the row, each a histogram of the next 11, 11 and
+    10 bits of the order-preserving key (``_order_key``; its top 11 bits shifted to 0..2047) among
+    the keys that share the bits already fixed. That gives the cut key exactly, and how many keys
+    equal to it are kept. A fourth pass writes the positions of the keys above the cut and of the
+    first ties at it, in position order (a prefix sum), so they come out ascending with no sort.
+    Ties at the cut are kept lowest position first, as a stable descending sort would.
+    """
+    row = tl.program_id(0).to(tl.int64)
+    k = tl.load(Sizes + row % num_heads).to(tl.int32)
+    src = Scores + row * s_row
+    out = Out + row * o_row
+    offs = tl.arange(0, BLOCK)
+    # 1-3. The cut's bits 21-31 (signed: -1024..1023, binned from 0), 10-20, then 0-9.
+    hist = tl.zeros([2048], dtype=tl.int32)
+    for start in range(0, length, BLOCK):
+        ok = start + offs < length
+        key = _order_key(tl.load(src + start + offs, mask=ok, other=0.0))
+        hist += tl.histogram((key >> 21) + 1024, 2048, mask=ok)
+    b1, k = _radix_bin(hist, k, 2048)
+    top = b1 - 1024
+    hist = tl.zeros([2048], dtype=tl.int32)
+    for start in range(0, length, BLOCK):
+        ok = start + offs < length
+        key = _order_key(tl.load(src + start + offs, mask=ok, other=0.0))
+        hist += tl.histogram((key >> 10) & 0x7FF, 2048, mask=ok & ((key >> 21) == top))
+    b2, k = _radix_bin(hist, k, 2048)
+    prefix = top * 2048 + b2  # the cut's key >> 10
+    hist3 = tl.zeros([1024], dtype=tl.int32)
+    for start in range(0, length, BLOCK):
+        ok = start + offs < length
+        key = _order_key(tl.load(src + start + offs, mask=ok, other=0.0))
+        hist3 += tl.histogram(key & 0x3FF, 1024, mask=ok & ((key >> 10) == prefix))
+    b3, need = _radix_bin(hist3, k, 1024)
+    cut = prefix * 1024 + b3
+    # 4. The kept positions in order: above the cut, and the first `need` ties at it.
+    written = tl.sum(tl.zeros([BLOCK], dtype=tl.int32), 0)  # int32 scalars carried through the loop
+    ties = written
+    for start in range(0, length, BLOCK):
+        pos = start + offs
+        ok = pos < length
+        key = _order_key(tl.load(src + pos, mask=ok, other=0.0))
+        tie = (ok & (key == cut)).to(tl.int32)
+        keep = (ok & (key > cut)) | ((tie != 0) & (ties + tl.cumsum(tie, 0) - tie < need))
+        kept = keep.to(tl.int32)
+        tl.store(out + written + tl.cumsum(kept, 0) - kept, pos.to(Out.dtype.element_ty), mask=keep)
+        written += tl.sum(kept, 0)
+        ties += tl.sum(tie, 0)
+    for start in range(0, width, BLOCK):
+        c = start + offs
+        tl.store(out + c, (tl.zeros([BLOCK], dtype=tl.int64) + pad).to(Out.dtype.element_ty),
+                 mask=(c >= written) & (c < width))
+
+
 # ==================================================================================================
 # Launchers
 # ==================================================================================================
@@ -717,6 +796,32 @@ def _sm_count(device: torch.device) -> int:
 def _device_ints(values: tuple, device: torch.device) -> torch.Tensor:
     """A cached int64 device tensor of host constants (a fresh copy per call would wait for the GPU)."""
     return torch.tensor(values, dtype=torch.int64, device=device)
+
+
+# True: the top-k keys and offsets of the vertical-slash tables by ``_row_top_k_kernel`` (one launch
+# each, ascending, no sort); False: ``torch.topk`` of the largest size, masked to each head's and
+# sorted (``_top_sorted``; ~0.4 ms of host a call on the H100 machine, run 22c's profile). The kernel
+# is tested in the interpreter, but stays off until it has run on a GPU (NOTES.md, run 26).
+# Then the scores a loop iteration and the warps (offline ptxas, sm_90a: 2048 / 16 warps 128 registers,
+# no spills; 4096 at 8 or 16 warps spills or takes 255).
+TOP_K_KERNEL = False
+TOP_K_BLOCK = 2048
+TOP_K_WARPS = 16
+
+
+def _top_sorted_fast(scores: torch.Tensor, sizes: list[int], pad: int, dtype: torch.dtype) -> torch.Tensor:
+    """``_top_sorted`` by ``_row_top_k_kernel``, in ``dtype``: equal to it wherever no tie sits at a
+    head's cut; ties at the cut are kept lowest position first."""
+    B, H, L = scores.shape
+    if len(sizes) != H or not all(1 <= n <= L for n in sizes):
+        raise ValueError(f"_top_sorted_fast: one size in [1, {L}] per head ({H}), got {sizes}")
+    scores = scores.contiguous()
+    width = max(sizes)
+    out = _alloc(B, H, width, dtype=dtype, device=scores.device)
+    interpret = _interpreting() or scores.device.type == "cpu"
+    _row_top_k_kernel[(B * H,)](scores, _device_ints(tuple(sizes), scores.device), out, H, L, width, pad, L, width,
+                                BLOCK=64 if interpret else TOP_K_BLOCK, num_warps=4 if interpret else TOP_K_WARPS)
+    return out
 
 
 def _top_sorted(scores: torch.Tensor, sizes: list[int], pad: int) -> torch.Tensor:
@@ -906,8 +1011,12 @@ def vertical_slash_tables(vertical: torch.Tensor, slash: torch.Tensor, *, vertic
         vertical, slash = vertical.clone(), slash.clone()
     vertical[..., :FORCED_VERTICALS] = float("inf")
     slash[..., :FORCED_SLASHES] = float("inf")
-    keys = _top_sorted(vertical, nv, _BIG_KEY).to(torch.int32).contiguous()  # [B, H, max nv]
-    offsets = _top_sorted(slash, ns, _BIG_OFFSET).contiguous()  # [B, H, max ns]
+    if TOP_K_KERNEL and _backend(backend, vertical.device) == "triton":
+        keys = _top_sorted_fast(vertical, nv, _BIG_KEY, torch.int32)  # [B, H, max nv]
+        offsets = _top_sorted_fast(slash, ns, _BIG_OFFSET, torch.int64)  # [B, H, max ns]
+    else:
+        keys = _top_sorted(vertical, nv, _BIG_KEY).to(torch.int32).contiguous()
+        offsets = _top_sorted(slash, ns, _BIG_OFFSET).contiguous()
     vertical = slash = None
     if _backend(backend, offsets.device) == "triton" and offsets.shape[-1] <= MAX_SCAN_OFFSETS:
         tiles, cluster_map, params = _cluster_tables_triton(offsets, bs, q_len, Lk)
