@@ -485,6 +485,14 @@ def _cluster_lookup_kernel(
 
 
 @triton.jit
+def _order_key(x):
+    """fp32 -> int32 keys in the same order (``-0.0`` and ``+0.0`` one key; no NaN)."""
+    x = tl.where(x == 0.0, 0.0, x)
+    bits = x.to(tl.int32, bitcast=True)
+    return tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
+
+
+@triton.jit
 def _bisect_cut(key, allowed, k):
     """The ``k``-th largest of ``key[allowed]`` (``1 <= k <=`` their count), by bisecting the int32
     key space: up to 32 counting passes, stopping at a threshold that counts exactly ``k`` (nothing
@@ -537,10 +545,8 @@ def _block_top_k_kernel(
         allowed = allowed & (cols <= last)
     x = tl.load(Scores + pid_b * s_b + h.to(tl.int64) * s_h + r.to(tl.int64) * s_r + cols, mask=allowed, other=0.0)
     x = tl.math.div_rn(x, sqrt_d)  # the reference's "/ sqrt(D)", correctly rounded
-    x = tl.where(x == 0.0, 0.0, x)  # -0.0 ties with +0.0 in the reference's sort: one key for both
-    bits = x.to(tl.int32, bitcast=True)
-    key = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)  # monotone in x (x not NaN)
-    key = tl.where(allowed, key, -2147483648)  # below every real key (-inf maps above it)
+    # -0.0 ties with +0.0 in the reference's sort: one key for both.
+    key = tl.where(allowed, _order_key(x), -2147483648)  # below every real key (-inf maps above it)
     n_allowed = tl.sum(allowed.to(tl.int32), 0)
     k = tl.minimum(tl.load(Top + head0 + h), n_allowed)
     cut = _bisect_cut(key, allowed, tl.maximum(k, 1))
@@ -562,14 +568,6 @@ def _block_top_k_kernel(
         c = c0 + cols
         tl.store(out + c, tl.full([BLOCK_N], -1, tl.int32), mask=(c >= count) & (c < width))
     tl.store(Counts + pid_b * c_b + out_h * c_h + qb, count)
-
-
-@triton.jit
-def _order_key(x):
-    """fp32 -> int32 keys in the same order (``-0.0`` and ``+0.0`` one key; no NaN)."""
-    x = tl.where(x == 0.0, 0.0, x)
-    bits = x.to(tl.int32, bitcast=True)
-    return tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
 
 
 @triton.jit
